@@ -1,0 +1,92 @@
+"""Copy-on-write block store for VM root disks, on S3, a local directory or memory.
+
+Layers, bottom up: :class:`ObjectStore` (get/put with conditions/list), :class:`BlockStore`
+(blocks by index + durable flush; :class:`ObjectBlockStore` is the reference one on any
+object store) and :class:`Disk` (byte offsets, base image, write-back cache).
+"""
+
+from .api import create, open_disk, resolve
+from .disk import HOLE, ZERO_FLAG, BaseImage, Disk, sha256_file
+from .disks import (
+    DEFAULT_BLOCK_SIZE,
+    checkpoint_disk,
+    collect_garbage,
+    create_disk,
+    disk_info,
+    fork_disk,
+    list_checkpoints,
+    list_disks,
+)
+from .errors import (
+    BaseMismatch,
+    BlockStoreError,
+    CorruptBlock,
+    DiskExists,
+    DiskNotFound,
+    Fenced,
+    InvalidKey,
+    InvalidURL,
+    LeaseHeld,
+    ObjectNotFound,
+    OutOfRange,
+    PreconditionFailed,
+    ReadOnly,
+    StoreUnavailable,
+)
+from .lease import force_release
+from .objectstore import (
+    LocalObjectStore,
+    MemoryObjectStore,
+    ObjectInfo,
+    ObjectStore,
+    S3ObjectStore,
+    StoredObject,
+)
+from .store import BlockStore, BlockValue, ObjectBlockStore
+from .url import DiskURL, open_store, parse_disk_url
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "HOLE",
+    "ZERO_FLAG",
+    "BaseImage",
+    "BaseMismatch",
+    "BlockStore",
+    "BlockStoreError",
+    "BlockValue",
+    "CorruptBlock",
+    "Disk",
+    "DiskExists",
+    "DiskNotFound",
+    "DiskURL",
+    "Fenced",
+    "InvalidKey",
+    "InvalidURL",
+    "LeaseHeld",
+    "LocalObjectStore",
+    "MemoryObjectStore",
+    "ObjectBlockStore",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ObjectStore",
+    "OutOfRange",
+    "PreconditionFailed",
+    "ReadOnly",
+    "S3ObjectStore",
+    "StoreUnavailable",
+    "StoredObject",
+    "checkpoint_disk",
+    "collect_garbage",
+    "create",
+    "create_disk",
+    "disk_info",
+    "force_release",
+    "fork_disk",
+    "list_checkpoints",
+    "list_disks",
+    "open_disk",
+    "open_store",
+    "parse_disk_url",
+    "resolve",
+    "sha256_file",
+]

@@ -1,0 +1,417 @@
+"""Object stores: the lowest plug-in layer (get, ranged get, conditional put, delete, list).
+
+Implementations are synchronous and thread-safe; the block store calls them from worker
+threads (``trio.to_thread``) so that boto3 and file I/O never block the trio loop.
+Conditional puts are the foundation of leases and manifest commits:
+``if_none_match=True`` creates only if absent, ``if_match=etag`` replaces only that version.
+Both raise :class:`PreconditionFailed` when they lose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidKey, ObjectNotFound, PreconditionFailed, StoreUnavailable
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9._@=-]+(/[A-Za-z0-9._@=-]+)*$")
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, slash-separated, with no empty, '.' or '..' parts."""
+    if not _KEY_RE.match(key) or any(p in (".", "..") for p in key.split("/")):
+        raise InvalidKey(f"invalid object key {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: float
+    """Seconds since the epoch, as the store's clock saw the last write."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    data: bytes
+    etag: str
+
+
+class ObjectStore(ABC):
+    """Flat key/value object storage with S3's conditional-write semantics."""
+
+    @abstractmethod
+    def get(self, key: str) -> StoredObject:
+        """The whole object and its etag; ObjectNotFound if absent."""
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer only at the end of the object)."""
+
+    @abstractmethod
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """Store ``data`` durably and return its etag; conditional forms may raise
+        PreconditionFailed (a missing key under ``if_match`` loses too)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; absent keys are not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default has nothing to release."""
+
+
+class MemoryObjectStore(ObjectStore):
+    """A dict, for tests and ephemeral disks. Counts requests like a billing meter."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, tuple[bytes, str, float]] = {}
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {"get": 0, "put": 0, "delete": 0, "list": 0}
+
+    def get(self, key: str) -> StoredObject:
+        with self._lock:
+            self.counts["get"] += 1
+            try:
+                data, etag, _ = self._objects[check_key(key)]
+            except KeyError:
+                raise ObjectNotFound(key) from None
+        return StoredObject(data, etag)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self.get(key).data[offset : offset + length]
+
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        etag = hashlib.md5(data, usedforsecurity=False).hexdigest() + uuid.uuid4().hex[:8]
+        with self._lock:
+            self.counts["put"] += 1
+            current = self._objects.get(check_key(key))
+            if if_none_match and current is not None:
+                raise PreconditionFailed(key)
+            if if_match is not None and (current is None or current[1] != if_match):
+                raise PreconditionFailed(key)
+            self._objects[key] = (bytes(data), etag, time.time())
+        return etag
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self.counts["delete"] += 1
+            self._objects.pop(check_key(key), None)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        with self._lock:
+            self.counts["list"] += 1
+            items = sorted(
+                (k, len(v[0]), v[2]) for k, v in self._objects.items() if k.startswith(prefix)
+            )
+        for k, size, mtime in items:
+            yield ObjectInfo(k, size, mtime)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalObjectStore(ObjectStore):
+    """Objects as files under a directory: the embedded default.
+
+    Durability: data is written to a temporary file, fsynced, renamed (or hard-linked, for
+    create-only puts) into place, and the directory is fsynced. Conditional replaces take an
+    exclusive ``flock`` on a per-store lock file, so they are safe between processes.
+    The etag is a hash of the content, so it is stable across processes and restarts.
+    """
+
+    _TMP = ".tmp"
+    _LOCK = ".lock"
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root).absolute()
+        if create:
+            (self.root / self._TMP).mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise ObjectNotFound(str(self.root))
+        self._thread_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    def get(self, key: str) -> StoredObject:
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        return StoredObject(data, self._etag(data))
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def _write_temp(self, data: bytes) -> Path:
+        tmp = self.root / self._TMP / uuid.uuid4().hex
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._thread_lock:
+            fd = os.open(self.root / self._LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_temp(data)
+        try:
+            if if_none_match:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise PreconditionFailed(key) from None
+            elif if_match is not None:
+                with self._exclusive():
+                    try:
+                        current = self._etag(path.read_bytes())
+                    except FileNotFoundError:
+                        raise PreconditionFailed(key) from None
+                    if current != if_match:
+                        raise PreconditionFailed(key)
+                    os.rename(tmp, path)
+            else:
+                with self._exclusive():
+                    os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return self._etag(data)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._exclusive():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+        _fsync_dir(path.parent)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Walk only the directory that can hold the prefix.
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / base if base else self.root
+        if not start.is_dir():
+            return
+        found: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            if rel_dir == ".":
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel_dir = ""
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                if key.startswith(prefix):
+                    try:
+                        st = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue
+                    found.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        found.sort(key=lambda o: o.key)
+        yield from found
+
+
+class S3ObjectStore(ObjectStore):
+    """An S3 bucket (and key prefix) through boto3.
+
+    Endpoint, region and credentials come from the standard AWS settings unless given.
+    Retries with backoff on 5xx, throttling and connection errors (botocore's ``standard``
+    mode, more attempts than its default); a bounded connection pool shared by all threads.
+    A conditional put retried after an ambiguous failure can lose to its own first attempt;
+    callers that care (manifest and lease commits) recognise their own write by content.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        path_style: bool = True,
+        max_connections: int = 16,
+        max_attempts: int = 8,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        client: Any = None,
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        if client is None:
+            endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+            config = Config(
+                s3={"addressing_style": "path" if path_style else "auto"},
+                retries={"mode": "standard", "max_attempts": max_attempts},
+                max_pool_connections=max_connections,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+            )
+            region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
+            )
+        self.client = client
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _k(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _call(self, key: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                if "IfMatch" in kwargs:
+                    raise PreconditionFailed(key) from None
+                raise ObjectNotFound(key) from None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
+                409,
+                412,
+            ):
+                raise PreconditionFailed(key) from None
+            if code == "InvalidRange":
+                return None
+            if (status is not None and status >= 500) or code in ("SlowDown", "Throttling"):
+                raise StoreUnavailable(f"{self.describe()}: {e}") from e
+            raise
+        except BotoCoreError as e:
+            raise StoreUnavailable(f"{self.describe()}: {e}") from e
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
+                self.client.create_bucket(Bucket=self.bucket)
+
+    def get(self, key: str) -> StoredObject:
+        r = self._call(key, self.client.get_object, Key=self._k(key))
+        return StoredObject(r["Body"].read(), r["ETag"])
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        r = self._call(
+            key,
+            self.client.get_object,
+            Key=self._k(key),
+            Range=f"bytes={offset}-{offset + length - 1}",
+        )
+        return b"" if r is None else bytes(r["Body"].read())
+
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        kwargs: dict[str, Any] = {"Key": self._k(key), "Body": data}
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        r = self._call(key, self.client.put_object, **kwargs)
+        return str(r["ETag"])
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(ObjectNotFound):
+            self._call(key, self.client.delete_object, Key=self._k(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(
+                        obj["Key"][len(self.prefix) :],
+                        int(obj["Size"]),
+                        obj["LastModified"].timestamp(),
+                    )
+        except Exception as e:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(e, BotoCoreError | ClientError):
+                raise StoreUnavailable(f"{self.describe()}: {e}") from e
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, StoreUnavailable) or (
+        isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.EINTR)
+    )

@@ -1,0 +1,58 @@
+"""Disk and store URLs: ``file:///abs/dir/name[@tag]`` and ``s3://bucket/prefix/name[@tag]``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .errors import InvalidURL
+from .layout import check_name
+from .objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
+
+
+@dataclass(frozen=True)
+class DiskURL:
+    store_url: str
+    name: str
+    checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        tag = f"@{self.checkpoint}" if self.checkpoint else ""
+        return f"{self.store_url.rstrip('/')}/{self.name}{tag}"
+
+
+def parse_disk_url(url: str) -> DiskURL:
+    parts = urlsplit(url)
+    if parts.scheme not in ("file", "s3") or parts.query or parts.fragment:
+        raise InvalidURL(
+            f"unsupported disk URL {url!r}: use file:///ABSOLUTE/DIR/NAME or s3://BUCKET/PREFIX/NAME"
+        )
+    path = parts.path.rstrip("/")
+    store_path, _, last = path.rpartition("/")
+    name, _, tag = last.partition("@")
+    check_name(name)
+    if tag:
+        check_name(tag, "checkpoint tag")
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not store_path.startswith("/"):
+            raise InvalidURL(f"{url!r}: file URLs need an absolute path (file:///dir/name)")
+    elif not parts.netloc:
+        raise InvalidURL(f"{url!r}: s3 URLs need a bucket (s3://bucket/prefix/name)")
+    store_url = f"{parts.scheme}://{parts.netloc}{store_path}"
+    return DiskURL(store_url, name, tag or None)
+
+
+def open_store(store_url: str, *, s3_endpoint: str | None = None) -> ObjectStore:
+    """An object store for ``file:///dir`` or ``s3://bucket[/prefix]``."""
+    parts = urlsplit(store_url)
+    if parts.scheme == "file":
+        if not parts.path.startswith("/"):
+            raise InvalidURL(f"{store_url!r}: file URLs need an absolute path")
+        return LocalObjectStore(parts.path)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise InvalidURL(f"{store_url!r}: s3 URLs need a bucket")
+        endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+        return S3ObjectStore(parts.netloc, parts.path.strip("/"), endpoint_url=endpoint)
+    raise InvalidURL(f"unsupported store URL {store_url!r}: use file:///DIR or s3://BUCKET/PREFIX")

@@ -1,0 +1,116 @@
+"""The foundation: the fixture S3 server honours the conditional writes leases depend on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.conftest import S3Endpoint
+
+
+def _status(e: ClientError) -> int:
+    return int(e.response["ResponseMetadata"]["HTTPStatusCode"])
+
+
+def test_put_get_roundtrip(s3: S3Endpoint) -> None:
+    c = s3.client()
+    bucket = s3.new_bucket()
+    body = os.urandom(100_000)
+    c.put_object(Bucket=bucket, Key="a/b", Body=body)
+    assert c.get_object(Bucket=bucket, Key="a/b")["Body"].read() == body
+    ranged = c.get_object(Bucket=bucket, Key="a/b", Range="bytes=10-19")["Body"].read()
+    assert ranged == body[10:20]
+
+
+def test_if_none_match_creates_once(s3: S3Endpoint) -> None:
+    c = s3.client()
+    bucket = s3.new_bucket()
+    c.put_object(Bucket=bucket, Key="lease", Body=b"first", IfNoneMatch="*")
+    with pytest.raises(ClientError) as err:
+        c.put_object(Bucket=bucket, Key="lease", Body=b"second", IfNoneMatch="*")
+    assert _status(err.value) == 412
+    assert c.get_object(Bucket=bucket, Key="lease")["Body"].read() == b"first"
+
+
+def test_if_match_is_compare_and_swap(s3: S3Endpoint) -> None:
+    c = s3.client()
+    bucket = s3.new_bucket()
+    etag1 = c.put_object(Bucket=bucket, Key="head", Body=b"v1")["ETag"]
+    etag2 = c.put_object(Bucket=bucket, Key="head", Body=b"v2", IfMatch=etag1)["ETag"]
+    assert etag2 != etag1
+    with pytest.raises(ClientError) as err:
+        c.put_object(Bucket=bucket, Key="head", Body=b"stale", IfMatch=etag1)
+    assert _status(err.value) == 412
+    assert c.get_object(Bucket=bucket, Key="head")["Body"].read() == b"v2"
+    # On a missing key SeaweedFS answers 412 where AWS answers 404: both mean "lost".
+    with pytest.raises(ClientError) as err:
+        c.put_object(Bucket=bucket, Key="missing", Body=b"x", IfMatch=etag2)
+    assert _status(err.value) in (404, 412)
+
+
+def test_wrong_credentials_are_refused(s3: S3Endpoint) -> None:
+    import boto3
+
+    kwargs = dict(s3.client_kwargs, aws_secret_access_key="wrong")
+    with pytest.raises(ClientError):
+        boto3.client("s3", **kwargs).list_buckets()
+
+
+def _weed_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "weed"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+@pytest.mark.slow
+def test_s3_serve_cli_runs_until_ctrl_c(tmp_path: Path) -> None:
+    import boto3
+
+    before = _weed_pids()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "s3", "serve", "--dir", str(tmp_path / "s3")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        env: dict[str, str] = {}
+        deadline = time.monotonic() + 90
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.strip().startswith("export "):
+                k, _, v = line.strip().removeprefix("export ").partition("=")
+                env[k] = v
+            if "Ctrl-C" in line:
+                break
+        assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env.keys()
+        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+        c = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+        c.create_bucket(Bucket="cli-test")
+        c.put_object(Bucket="cli-test", Key="k", Body=b"v")
+        assert c.get_object(Bucket="cli-test", Key="k")["Body"].read() == b"v"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "stopped" in out
+        assert _weed_pids() - before == set()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

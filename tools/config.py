@@ -1,0 +1,31 @@
+"""Where lanekit keeps its state: one directory, ``$LANEKIT_HOME``, so tests can isolate it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def lanekit_home() -> Path:
+    env = os.environ.get("LANEKIT_HOME")
+    if env:
+        return Path(env).absolute()
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "lanekit"
+
+
+def parse_size(text: str) -> int:
+    """'512', '64K', '10M', '2G', '1T' (binary units) -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = t[-1:] if t[-1:] in units and t[-1:] else ""
+    number = t[: len(t) - len(suffix)]
+    try:
+        value = float(number) * units[suffix]
+    except ValueError:
+        raise ValueError(
+            f"invalid size {text!r}: use a number with an optional K, M, G or T"
+        ) from None
+    if value <= 0 or value != int(value):
+        raise ValueError(f"invalid size {text!r}: must be a positive whole number of bytes")
+    return int(value)
