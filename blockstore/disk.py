@@ -169,6 +169,7 @@ class Disk:
         self._background_error: BaseException | None = None
         self._readahead_next = -1
         self._readahead_window = 0
+        self._readahead_until = 0
         self._nursery: trio.Nursery | None = None
         self._closed = False
 
@@ -183,17 +184,18 @@ class Disk:
                 self._nursery.start_soon(self._lease_renewer, self.store)
         return self
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(self, *exc: object) -> None:
+        """Flush and release on a clean exit; on an error only release (unflushed data is
+        not promised). The caller's exception propagates as itself, not as a group."""
         assert self._nursery is not None
         try:
             if exc[0] is None:
                 await self.close()
         finally:
             self._nursery.cancel_scope.cancel()
-            result = await self._nursery_cm.__aexit__(*exc)  # type: ignore[arg-type]
+            await self._nursery_cm.__aexit__(None, None, None)
             self._nursery = None
             await self._release()
-        return result
 
     async def close(self) -> None:
         """Flush and release the lease; the disk can no longer be used."""
@@ -377,19 +379,25 @@ class Disk:
         return buf[start : start + length]
 
     def _maybe_readahead(self, first: int, last: int) -> None:
+        """On sequential reads, fetch a growing window ahead, in chunks of half a window."""
         if self._nursery is None or self.readahead_max <= 1:
             return
         if first == self._readahead_next or (first < self._readahead_next <= last + 1):
             self._readahead_window = min(max(self._readahead_window * 2, 4), self.readahead_max)
         else:
             self._readahead_window = 0
+            self._readahead_until = last + 1
         self._readahead_next = last + 1
-        if not self._readahead_window:
+        window = self._readahead_window
+        if not window or self._readahead_until - (last + 1) >= window // 2:
             return
         nblocks = (self.size + self.block_size - 1) // self.block_size
+        start = max(last + 1, self._readahead_until)
+        stop = min(last + 1 + window, nblocks)
+        self._readahead_until = max(stop, self._readahead_until)
         ahead = [
             b
-            for b in range(last + 1, min(last + 1 + self._readahead_window, nblocks))
+            for b in range(start, stop)
             if b not in self._inflight
             and b not in self._clean
             and b not in self._dirty

@@ -18,7 +18,7 @@ import dataclasses
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -94,6 +94,26 @@ async def run_sync(
     fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None
 ) -> T:
     return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+async def parallel(tasks: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run tasks concurrently; if any fail, raise the first failure itself (not a group),
+    so callers and the protocol edges see ordinary exceptions."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        raise (real or leaves)[0] from None
 
 
 def read_head(objects: ObjectStore, disk: str) -> tuple[Head, str]:
@@ -239,13 +259,13 @@ class ObjectBlockStore:
                     current = [it]
             ranges.append(current)
 
-        async def fetch(group: list[tuple[int, Location]]) -> None:
-            fetched = await run_sync(self._fetch_range, group, limiter=self.limiter)
-            result.update(fetched)
+        def fetcher(group: list[tuple[int, Location]]) -> Callable[[], Awaitable[None]]:
+            async def fetch() -> None:
+                result.update(await run_sync(self._fetch_range, group, limiter=self.limiter))
 
-        async with trio.open_nursery() as nursery:
-            for group in ranges:
-                nursery.start_soon(fetch, group)
+            return fetch
+
+        await parallel([fetcher(g) for g in ranges])
         return result
 
     def _fetch_range(self, group: list[tuple[int, Location]]) -> dict[int, bytes]:
@@ -301,13 +321,13 @@ class ObjectBlockStore:
             self._pending_since = time.time()
         uploaded: dict[int, Entry | None] = {}
 
-        async def upload(group: list[tuple[int, bytes]]) -> None:
-            locations = await run_sync(self._upload_pack, group, limiter=self.limiter)
-            uploaded.update(locations)
+        def uploader(group: list[tuple[int, bytes]]) -> Callable[[], Awaitable[None]]:
+            async def upload() -> None:
+                uploaded.update(await run_sync(self._upload_pack, group, limiter=self.limiter))
 
-        async with trio.open_nursery() as nursery:
-            for group in groups:
-                nursery.start_soon(upload, group)
+            return upload
+
+        await parallel([uploader(g) for g in groups])
         self._pending.update(meta)
         self._pending.update(uploaded)
 

@@ -1,0 +1,133 @@
+"""The `lanekit disk` commands, run as a user would (a subprocess, real exit codes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import S3Endpoint
+
+
+def lanekit(*args: str, env: dict[str, str] | None = None, ok: bool = True) -> Any:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        timeout=120,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else proc.stdout
+    return proc
+
+
+def test_disk_lifecycle_on_local_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    url = f"file://{store}/vol"
+    created = lanekit("disk", "create", url, "--size", "8M", "--block-size", "16K")
+    assert created["size"] == 8 << 20 and created["block_size"] == 16 << 10
+    src = tmp_path / "src.img"
+    payload = os.urandom(3 << 20)
+    src.write_bytes(payload + bytes(1 << 20) + b"tail" * 100)
+    lanekit("disk", "import", str(src), f"file://{store}/imported")
+    info = lanekit("disk", "info", f"file://{store}/imported")
+    assert info["size"] == (src.stat().st_size + 511) // 512 * 512
+    assert info["stored_blocks"] == 49, "zero blocks are not stored"
+    assert info["lease_holder"] is None
+    lanekit("disk", "checkpoint", f"file://{store}/imported", "v1")
+    assert lanekit("disk", "info", f"file://{store}/imported")["checkpoints"] == ["v1"]
+    lanekit("disk", "fork", f"file://{store}/imported@v1", f"file://{store}/copy")
+    out = tmp_path / "out.img"
+    lanekit("disk", "export", f"file://{store}/copy", str(out))
+    exported = out.read_bytes()
+    assert exported[: src.stat().st_size] == src.read_bytes()
+    lanekit("disk", "export", f"file://{store}/imported@v1", str(out))
+    assert out.read_bytes() == exported
+    gc = lanekit("disk", "gc", f"file://{store}", "--grace", "0")
+    assert gc["deleted"] == 0
+    assert gc["heads_and_checkpoints"] == 4
+
+
+def test_disk_create_with_base_and_info(tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(os.urandom(1 << 20))
+    url = f"file://{tmp_path}/s/d"
+    created = lanekit("disk", "create", url, "--base", str(base))
+    assert created["size"] == 1 << 20
+    import hashlib
+
+    assert created["base_digest"] == hashlib.sha256(base.read_bytes()).hexdigest()
+    out = tmp_path / "out.img"
+    proc = lanekit("disk", "export", url, str(out), ok=False)
+    assert proc.returncode == 1 and "pass that image" in proc.stderr
+    lanekit("disk", "export", url, str(out), "--base", str(base))
+    assert out.read_bytes() == base.read_bytes()
+
+
+def test_release_refuses_a_live_holder_unless_forced(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/s/d"
+    lanekit("disk", "create", url, "--size", "1M")
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.workers", "hold", url, "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        proc = lanekit("disk", "release", url, ok=False)
+        assert proc.returncode == 75
+        assert f"pid {holder.pid}" in proc.stderr
+        assert lanekit("disk", "info", url)["lease_holder"]["pid"] == holder.pid
+        released = lanekit("disk", "release", url, "--force")
+        assert released["released"] is True
+        assert lanekit("disk", "info", url)["lease_holder"] is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["disk", "info", "http://x/y"], "unsupported disk URL"),
+        (["disk", "info", "file://relative/d"], "absolute path"),
+        (["disk", "create", "file:///tmp/x/bad name", "--size", "1M"], "invalid disk name"),
+        (["disk", "create", "file:///tmp/x/d", "--size", "-5"], "invalid size"),
+        (["disk", "create", "file:///tmp/x/d", "--size", "1M", "--block-size", "3000"], "power"),
+        (["disk", "info", "file:///nonexistent/dir/d"], "no disk named"),
+        (["disk", "fork", "file:///tmp/x/d", "file:///tmp/x/e"], "needs a checkpoint"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(args: list[str], message: str) -> None:
+    proc = lanekit(*args, ok=False)
+    assert proc.returncode in (1, 2)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_disk_commands_on_s3(s3: S3Endpoint, tmp_path: Path) -> None:
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/lanes/d"
+    lanekit("disk", "create", url, "--size", "4M", env=s3.env)
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(1 << 20))
+    lanekit("disk", "import", str(src), f"s3://{bucket}/lanes/imp", env=s3.env)
+    info = lanekit("disk", "info", f"s3://{bucket}/lanes/imp", env=s3.env)
+    assert info["stored_blocks"] == 16
+    out = tmp_path / "out"
+    lanekit("disk", "export", f"s3://{bucket}/lanes/imp", str(out), env=s3.env)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_demo_is_idempotent(lanekit_home: Path) -> None:
+    for _ in range(2):
+        out = lanekit("demo")
+        assert "stored_blocks" in out
+    assert (lanekit_home / "disks" / "disks" / "demo" / "head").is_file()
