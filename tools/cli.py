@@ -207,6 +207,37 @@ def cmd_disk_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_disk_serve(args: argparse.Namespace) -> int:
+    from blockstore.serve import serve_device
+
+    async def main() -> None:
+        async with blockstore.open_disk(
+            args.url,
+            writable=not args.read_only,
+            base=args.base,
+            force=args.force,
+            s3_endpoint=args.s3_endpoint,
+        ) as disk:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    name = blockstore.resolve(args.url, args.s3_endpoint)[1]
+                    await nursery.start(
+                        lambda task_status: serve_device(
+                            disk, args.nbd, name=name, task_status=task_status
+                        )
+                    )
+                    mode = "read-only" if args.read_only else "read-write"
+                    print(f"serving {args.url} ({mode}) on nbd {args.nbd}", flush=True)
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+            # Leaving open_disk flushes and releases the lease.
+
+    _run(main)
+    print("stopped: flushed and released", flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job, on the embedded local-directory store."""
     home = lanekit_home()
@@ -293,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = disk_cmd("release", cmd_disk_release, "release a disk's lease")
     c.add_argument("url")
     c.add_argument("--force", action="store_true", help="break a live holder's lease")
+
+    c = disk_cmd("serve", cmd_disk_serve, "serve a disk over NBD until SIGTERM/SIGINT")
+    c.add_argument("url")
+    c.add_argument("--nbd", required=True, help="unix:PATH or tcp:127.0.0.1:PORT")
+    c.add_argument("--read-only", action="store_true")
+    c.add_argument("--base", help="the disk's base image, if it has one")
+    c.add_argument("--force", action="store_true", help="take over a live writer's lease")
 
     d = sub.add_parser("demo", help="create a disk in $LANEKIT_HOME and show its info")
     d.set_defaults(func=cmd_demo)
