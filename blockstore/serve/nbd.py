@@ -389,23 +389,36 @@ class _Connection:
     # ------------------------------------------------------------- transmission
 
     async def transmission(self) -> None:
+        """Receive requests and run each in its own task; a protocol violation ends the
+        connection after the requests already in flight are answered."""
+        dropped: _Disconnect | None = None
         async with trio.open_nursery() as nursery:
-            while True:
-                header = await self.reader.exactly(_REQUEST.size)
-                magic, flags, cmd, handle, offset, length = _REQUEST.unpack(header)
-                if magic != REQUEST_MAGIC:
-                    raise _Disconnect(f"bad request magic {magic:#x}")
-                self.server.stats.requests += 1
-                payload = b""
-                if cmd == CMD_WRITE:
-                    if length > self.server.max_request:
-                        # The payload cannot be skipped safely: drop the connection.
-                        raise _Disconnect(f"write of {length} bytes exceeds the maximum")
-                    payload = await self.reader.exactly(length)
-                if cmd == CMD_DISC:
-                    return  # the nursery waits for requests in flight
-                await self.in_flight.acquire()
-                nursery.start_soon(self.run_request, flags, cmd, handle, offset, length, payload)
+            try:
+                await self._receive_requests(nursery)
+            except _Disconnect as e:
+                dropped = e
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                dropped = _Disconnect(f"connection lost: {e}")
+        if dropped is not None:
+            raise dropped
+
+    async def _receive_requests(self, nursery: trio.Nursery) -> None:
+        while True:
+            header = await self.reader.exactly(_REQUEST.size)
+            magic, flags, cmd, handle, offset, length = _REQUEST.unpack(header)
+            if magic != REQUEST_MAGIC:
+                raise _Disconnect(f"bad request magic {magic:#x}")
+            self.server.stats.requests += 1
+            payload = b""
+            if cmd == CMD_WRITE:
+                if length > self.server.max_request:
+                    # The payload cannot be skipped safely: drop the connection.
+                    raise _Disconnect(f"write of {length} bytes exceeds the maximum")
+                payload = await self.reader.exactly(length)
+            if cmd == CMD_DISC:
+                return  # the nursery waits for requests in flight
+            await self.in_flight.acquire()
+            nursery.start_soon(self.run_request, flags, cmd, handle, offset, length, payload)
 
     async def run_request(
         self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: bytes
