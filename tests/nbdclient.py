@@ -25,7 +25,7 @@ class RawClient:
         return buf
 
     def greeting(self) -> None:
-        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        magic, opt, _flags = struct.unpack(">QQH", self.recv(18))
         assert magic == P.NBDMAGIC and opt == P.IHAVEOPT
         self.sock.sendall(struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
 
@@ -51,7 +51,7 @@ class RawClient:
             )
         replies = self.option(P.OPT_GO, struct.pack(">IH", 0, 0))
         assert replies[-1][0] == P.REP_ACK, replies
-        info = [d for t, d in replies if t == P.REP_INFO and d[:2] == b"\0\0"][0]
+        info = next(d for t, d in replies if t == P.REP_INFO and d[:2] == b"\0\0")
         _, size, _ = struct.unpack(">HQH", info)
         return int(size)
 

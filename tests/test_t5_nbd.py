@@ -391,7 +391,7 @@ async def test_out_of_order_replies_under_concurrency(tmp_path: Path) -> None:
                 c.request(P.CMD_READ, h * 65536, 65536, handle=h)
             got = {}
             for _ in blobs:
-                h, err, payload = c.reply()
+                h, _err, payload = c.reply()
                 got[h] = payload
             assert got == blobs
             c.close()
