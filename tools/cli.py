@@ -238,6 +238,39 @@ def cmd_disk_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_disk_mount(args: argparse.Namespace) -> int:
+    from blockstore.serve.fusefile import mount_disk_file
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise CLIError(f"mount point {mountpoint} is not a directory", EXIT_USAGE)
+
+    async def main() -> None:
+        async with blockstore.open_disk(
+            args.url,
+            writable=not args.read_only,
+            base=args.base,
+            force=args.force,
+            s3_endpoint=args.s3_endpoint,
+        ) as disk:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+
+                    async def serve(task_status: trio.TaskStatus[None]) -> None:
+                        await mount_disk_file(disk, mountpoint, task_status=task_status)
+                        nursery.cancel_scope.cancel()  # unmounted from outside
+
+                    await nursery.start(serve)
+                    print(f"mounted {args.url} at {mountpoint}/disk", flush=True)
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+
+    _run(main)
+    print("unmounted: flushed and released", flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job, on the embedded local-directory store."""
     home = lanekit_home()
@@ -328,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = disk_cmd("serve", cmd_disk_serve, "serve a disk over NBD until SIGTERM/SIGINT")
     c.add_argument("url")
     c.add_argument("--nbd", required=True, help="unix:PATH or tcp:127.0.0.1:PORT")
+    c.add_argument("--read-only", action="store_true")
+    c.add_argument("--base", help="the disk's base image, if it has one")
+    c.add_argument("--force", action="store_true", help="take over a live writer's lease")
+
+    c = disk_cmd("mount", cmd_disk_mount, "show a disk as MOUNTPOINT/disk over FUSE")
+    c.add_argument("url")
+    c.add_argument("mountpoint")
     c.add_argument("--read-only", action="store_true")
     c.add_argument("--base", help="the disk's base image, if it has one")
     c.add_argument("--force", action="store_true", help="take over a live writer's lease")
