@@ -321,3 +321,12 @@ async def test_disk_on_a_user_written_block_store(tmp_path: Path) -> None:
     async with Disk(store, 16 * BS, base=BaseImage(base_path), read_only=True) as disk:
         assert await disk.read(0, 16 * BS) == model
     assert all(len(v) in (0, BS) for v in store.durable.values())
+
+
+def test_readme_custom_block_store_example_runs() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert code is not None
+    exec(compile(code.group(1), "README.md", "exec"), {"__name__": "readme"})
