@@ -207,8 +207,18 @@ def cmd_disk_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_stats(disk: blockstore.Disk) -> dict[str, Any]:
+    stats: dict[str, Any] = dict(vars(disk.stats))
+    store_stats = getattr(disk.store, "stats", None)
+    if store_stats is not None:
+        stats.update({f"store_{k}": v for k, v in vars(store_stats).items()})
+    return stats
+
+
 def cmd_disk_serve(args: argparse.Namespace) -> int:
     from blockstore.serve import serve_device
+
+    stats: dict[str, Any] = {}
 
     async def main() -> None:
         async with blockstore.open_disk(
@@ -231,16 +241,19 @@ def cmd_disk_serve(args: argparse.Namespace) -> int:
                     async for _ in signals:
                         break
                     nursery.cancel_scope.cancel()
-            # Leaving open_disk flushes and releases the lease.
+            await disk.close()
+            stats.update(_store_stats(disk))
 
     _run(main)
     print("stopped: flushed and released", flush=True)
+    print(f"stats: {json.dumps(stats, sort_keys=True)}", flush=True)
     return 0
 
 
 def cmd_disk_mount(args: argparse.Namespace) -> int:
     from blockstore.serve.fusefile import mount_disk_file
 
+    stats: dict[str, Any] = {}
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
         raise CLIError(f"mount point {mountpoint} is not a directory", EXIT_USAGE)
@@ -265,9 +278,12 @@ def cmd_disk_mount(args: argparse.Namespace) -> int:
                     async for _ in signals:
                         break
                     nursery.cancel_scope.cancel()
+            await disk.close()
+            stats.update(_store_stats(disk))
 
     _run(main)
     print("unmounted: flushed and released", flush=True)
+    print(f"stats: {json.dumps(stats, sort_keys=True)}", flush=True)
     return 0
 
 

@@ -8,7 +8,7 @@ cd "$here"
 apt_packages=(
   python3 python3-venv python3-dev gcc pkg-config
   fuse3 libfuse3-dev
-  qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit
+  qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python python3-boto3
   e2fsprogs busybox-static util-linux kmod
   s3backer fio
 )

@@ -14,6 +14,7 @@ from .harness import Report, results_dir
 BENCHMARKS = {
     "s3": "tools.bench.s3raw",
     "blockstore": "tools.bench.blockstore_api",
+    "served": "tools.bench.served",
 }
 
 
