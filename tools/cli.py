@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +215,14 @@ def _store_stats(disk: blockstore.Disk) -> dict[str, Any]:
     return stats
 
 
-def cmd_disk_serve(args: argparse.Namespace) -> int:
-    from blockstore.serve import serve_device
-
+def _run_disk_service(
+    args: argparse.Namespace,
+    start: Callable[[blockstore.Disk, trio.TaskStatus[None]], Awaitable[None]],
+    ready: str,
+    done: str,
+) -> int:
+    """Hold the disk open for a service until SIGTERM/SIGINT (or until the service ends on
+    its own, e.g. unmounted from outside), then flush, release and report the counters."""
     stats: dict[str, Any] = {}
 
     async def main() -> None:
@@ -230,14 +235,13 @@ def cmd_disk_serve(args: argparse.Namespace) -> int:
         ) as disk:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
-                    name = blockstore.resolve(args.url, args.s3_endpoint)[1]
-                    await nursery.start(
-                        lambda task_status: serve_device(
-                            disk, args.nbd, name=name, task_status=task_status
-                        )
-                    )
-                    mode = "read-only" if args.read_only else "read-write"
-                    print(f"serving {args.url} ({mode}) on nbd {args.nbd}", flush=True)
+
+                    async def service(task_status: trio.TaskStatus[None]) -> None:
+                        await start(disk, task_status)
+                        nursery.cancel_scope.cancel()
+
+                    await nursery.start(service)
+                    print(ready, flush=True)
                     async for _ in signals:
                         break
                     nursery.cancel_scope.cancel()
@@ -245,46 +249,44 @@ def cmd_disk_serve(args: argparse.Namespace) -> int:
             stats.update(_store_stats(disk))
 
     _run(main)
-    print("stopped: flushed and released", flush=True)
+    print(done, flush=True)
     print(f"stats: {json.dumps(stats, sort_keys=True)}", flush=True)
     return 0
+
+
+def cmd_disk_serve(args: argparse.Namespace) -> int:
+    from blockstore.serve import serve_device
+
+    name = blockstore.resolve(args.url, args.s3_endpoint)[1]
+
+    async def start(disk: blockstore.Disk, task_status: trio.TaskStatus[None]) -> None:
+        async def started(_: str) -> None:
+            task_status.started()
+
+        await serve_device(disk, args.nbd, name=name, on_ready=started)
+
+    mode = "read-only" if args.read_only else "read-write"
+    return _run_disk_service(
+        args,
+        start,
+        f"serving {args.url} ({mode}) on nbd {args.nbd}",
+        "stopped: flushed and released",
+    )
 
 
 def cmd_disk_mount(args: argparse.Namespace) -> int:
     from blockstore.serve.fusefile import mount_disk_file
 
-    stats: dict[str, Any] = {}
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
         raise CLIError(f"mount point {mountpoint} is not a directory", EXIT_USAGE)
 
-    async def main() -> None:
-        async with blockstore.open_disk(
-            args.url,
-            writable=not args.read_only,
-            base=args.base,
-            force=args.force,
-            s3_endpoint=args.s3_endpoint,
-        ) as disk:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
+    async def start(disk: blockstore.Disk, task_status: trio.TaskStatus[None]) -> None:
+        await mount_disk_file(disk, mountpoint, task_status=task_status)
 
-                    async def serve(task_status: trio.TaskStatus[None]) -> None:
-                        await mount_disk_file(disk, mountpoint, task_status=task_status)
-                        nursery.cancel_scope.cancel()  # unmounted from outside
-
-                    await nursery.start(serve)
-                    print(f"mounted {args.url} at {mountpoint}/disk", flush=True)
-                    async for _ in signals:
-                        break
-                    nursery.cancel_scope.cancel()
-            await disk.close()
-            stats.update(_store_stats(disk))
-
-    _run(main)
-    print("unmounted: flushed and released", flush=True)
-    print(f"stats: {json.dumps(stats, sort_keys=True)}", flush=True)
-    return 0
+    return _run_disk_service(
+        args, start, f"mounted {args.url} at {mountpoint}/disk", "unmounted: flushed and released"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
