@@ -232,6 +232,7 @@ def _run_disk_service(
             base=args.base,
             force=args.force,
             s3_endpoint=args.s3_endpoint,
+            cache_bytes=parse_size(args.cache),
         ) as disk:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
@@ -382,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--read-only", action="store_true")
     c.add_argument("--base", help="the disk's base image, if it has one")
     c.add_argument("--force", action="store_true", help="take over a live writer's lease")
+    c.add_argument("--cache", default="128M", help="clean block cache budget (default 128M)")
 
     c = disk_cmd("mount", cmd_disk_mount, "show a disk as MOUNTPOINT/disk over FUSE")
     c.add_argument("url")
@@ -389,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--read-only", action="store_true")
     c.add_argument("--base", help="the disk's base image, if it has one")
     c.add_argument("--force", action="store_true", help="take over a live writer's lease")
+    c.add_argument("--cache", default="128M", help="clean block cache budget (default 128M)")
 
     d = sub.add_parser("demo", help="create a disk in $LANEKIT_HOME and show its info")
     d.set_defaults(func=cmd_demo)

@@ -21,10 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..config import parse_size
 from ..s3server import ACCESS_KEY, SECRET_KEY, S3Server
 from .harness import Report
 
 MiB = 1 << 20
+CACHE = "1G"
+"""The same cache budget for our servers and s3backer (its default is 1000 blocks)."""
 
 
 def sh(*argv: str, timeout: float = 900) -> str:
@@ -113,7 +116,18 @@ class LanekitNBD(Proc):
     def __init__(self, url: str, sock: Path) -> None:
         self.sock = sock
         super().__init__(
-            [sys.executable, "-m", "tools.cli", "disk", "serve", url, "--nbd", f"unix:{sock}"],
+            [
+                sys.executable,
+                "-m",
+                "tools.cli",
+                "disk",
+                "serve",
+                url,
+                "--nbd",
+                f"unix:{sock}",
+                "--cache",
+                CACHE,
+            ],
             sock.exists,
         )
 
@@ -244,7 +258,8 @@ def run(*, quick: bool = False) -> Report:
         "device; random: fio, 4 KiB, queue depth 16 (nbd engine, or libaio O_DIRECT on loop). "
         "'write + sync' stops when the client's flush is acknowledged; 'durable in S3' also "
         "counts shutting the server down, after which every byte is in S3 (s3backer "
-        "acknowledges fsync with data still in its write-back cache).",
+        "acknowledges fsync with data still in its write-back cache). Cache budget: "
+        f"{CACHE} for ours and for s3backer.",
     )
     local = "qemu-nbd (local raw file)"
     for metric, unit, better in (
@@ -302,13 +317,15 @@ def run(*, quick: bool = False) -> Report:
                     NbdkitS3(s3.endpoint, bucket, size, tmp / f"nbdkit{rep}.sock"),
                     FileMount(
                         "lanekit FUSE file + loop (S3)",
-                        [sys.executable, "-m", "tools.cli", "disk", "mount", fuse_url, str(lk_mnt)],
+                        [sys.executable, "-m", "tools.cli", "disk", "mount", fuse_url, str(lk_mnt),
+                         "--cache", CACHE],
                         lk_mnt / "disk",
                     ),
                     FileMount(
                         "s3backer file (256K blocks) + loop",
                         [
                             "s3backer", "-f", "--blockSize=256k", f"--size={size}",
+                            f"--blockCacheSize={parse_size(CACHE) // (256 << 10)}",
                             f"--baseURL={s3.endpoint}/", f"--accessId={ACCESS_KEY}",
                             f"--accessKey={SECRET_KEY}", "--listBlocks", sb_bucket, str(sb_mnt),
                         ],
