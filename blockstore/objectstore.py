@@ -10,7 +10,6 @@ Both raise :class:`PreconditionFailed` when they lose.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -409,9 +408,3 @@ class S3ObjectStore(ObjectStore):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
-
-
-def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, StoreUnavailable) or (
-        isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.EINTR)
-    )

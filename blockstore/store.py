@@ -136,11 +136,6 @@ def load_map(objects: ObjectStore, head: Head) -> dict[int, Entry]:
     return result
 
 
-def map_stats(block_map: Mapping[int, Entry]) -> tuple[int, int]:
-    stored = [e.length for e in block_map.values() if isinstance(e, Location)]
-    return len(stored), sum(stored)
-
-
 class ObjectBlockStore:
     """The reference block store: packs of compressed blocks plus a committed manifest."""
 
@@ -384,16 +379,23 @@ class ObjectBlockStore:
                     "collected; write the data again and flush"
                 )
         pending = dict(self._pending)
-        new_map = dict(self._map)
+        # Stats follow from the delta; the whole map is only walked when compacting.
+        blocks, stored = self.head.stored_blocks, self.head.stored_bytes
         for b, e in pending.items():
-            if e is None:
-                new_map.pop(b, None)
-            else:
-                new_map[b] = e
+            old = self._map.get(b)
+            if isinstance(old, Location):
+                blocks, stored = blocks - 1, stored - old.length
+            if isinstance(e, Location):
+                blocks, stored = blocks + 1, stored + e.length
         segments = list(self.head.segments)
         if pending:
             if len(segments) + 1 > MAX_SEGMENTS:
-                full: dict[int, Entry | None] = dict(new_map)
+                full: dict[int, Entry | None] = dict(self._map)
+                for b, e in pending.items():
+                    if e is None:
+                        full.pop(b, None)
+                    else:
+                        full[b] = e
                 if self.head.base_digest is None:
                     full = {b: e for b, e in full.items() if e != ZERO}
                 segments = []
@@ -404,7 +406,6 @@ class ObjectBlockStore:
             await run_sync(lambda: self.objects.put(seg_key, body, if_none_match=True))
             self.stats.puts += 1
             segments.append(seg_key)
-        blocks, stored = map_stats(new_map)
         new_head = dataclasses.replace(
             self.head,
             generation=self.head.generation + 1,
@@ -418,7 +419,12 @@ class ObjectBlockStore:
         etag = await run_sync(self._put_head, new_head)
         self.stats.puts += 1
         self.stats.commits += 1
-        self.head, self._head_etag, self._map = new_head, etag, new_map
+        self.head, self._head_etag = new_head, etag
+        for b, e in pending.items():
+            if e is None:
+                self._map.pop(b, None)
+            else:
+                self._map[b] = e
         for b, e in pending.items():
             if self._pending.get(b, ...) is e:
                 del self._pending[b]

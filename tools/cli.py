@@ -103,10 +103,9 @@ def _objects(args: argparse.Namespace, url: str | None = None) -> tuple[Any, str
 
 def cmd_disk_info(args: argparse.Namespace) -> int:
     objects, name, tag = _objects(args)
-    info = blockstore.disk_info(objects, name)
     if tag:
         raise CLIError("disk info takes a disk URL, not a checkpoint", EXIT_USAGE)
-    _print_json(info)
+    _print_json(blockstore.disk_info(objects, name))
     return 0
 
 

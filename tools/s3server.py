@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,13 +236,3 @@ class S3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running_server(data_dir: Path, port: int | None = None) -> Iterator[S3Server]:
-    server = S3Server(data_dir, port)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import BlockStoreError, CorruptBlock, Fenced, OutOfRange, ReadOnly, StoreUnavailable
+from ..errors import BlockStoreError, OutOfRange, ReadOnly
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ def nbd_errno(exc: BaseException) -> int:
         return errno.EPERM
     if isinstance(exc, OutOfRange):
         return errno.EINVAL
-    if isinstance(exc, CorruptBlock | Fenced | StoreUnavailable | BlockStoreError | OSError):
-        return errno.EIO
-    return errno.EIO
+    return errno.EIO  # corruption, fencing, an unreachable store, anything unexpected
 
 
 class _Disconnect(Exception):
