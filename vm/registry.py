@@ -11,6 +11,7 @@ processes registering at once both land and a reader never sees half a file.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import fcntl
@@ -37,7 +38,8 @@ DEFAULT_TIMEOUT_MS = 5_000
 
 # The registry-reference grammar (distribution/reference), ASCII only: an optional
 # domain[:port]/, lowercase path components, an optional :tag, an optional @sha256 digest.
-_DOMAIN = r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?"
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REFERENCE_RE = re.compile(
     rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"
@@ -49,7 +51,7 @@ DIGEST_RE = re.compile(r"[a-f0-9]{64}")
 
 @dataclasses.dataclass(frozen=True)
 class Healthcheck:
-    """Argv run in the guest before the first exec; it passes when it exits with ``expected_exit_code``."""
+    """Argv run in the guest before the first exec; passes on ``expected_exit_code``."""
 
     argv: tuple[str, ...]
     expected_exit_code: int = 0
@@ -92,7 +94,9 @@ class ImageEntry:
             id=data["id"],
             image=data["image"],
             healthcheck=Healthcheck(
-                tuple(hc["argv"]), hc["expected_exit_code"], hc.get("timeout_ms", DEFAULT_TIMEOUT_MS)
+                tuple(hc["argv"]),
+                hc["expected_exit_code"],
+                hc.get("timeout_ms", DEFAULT_TIMEOUT_MS),
             ),
             default_entrypoint=tuple(data["default_entrypoint"]),
             description=data.get("description", ""),
@@ -212,7 +216,9 @@ def validate_entry(entry: ImageEntry) -> ImageEntry:
     healthcheck = validate_healthcheck(entry.healthcheck)
     entrypoint = _validate_argv(entry.default_entrypoint, "defaultEntrypoint")
     if not isinstance(entry.description, str) or len(entry.description) > MAX_DESCRIPTION:
-        raise ImageRegistrationError(f"description must be text of at most {MAX_DESCRIPTION} characters")
+        raise ImageRegistrationError(
+            f"description must be text of at most {MAX_DESCRIPTION} characters"
+        )
     if any(ord(ch) < 32 for ch in entry.description):
         raise ImageRegistrationError("description may not contain control characters")
     if entry.digest is not None and not DIGEST_RE.fullmatch(entry.digest):
@@ -221,9 +227,11 @@ def validate_entry(entry: ImageEntry) -> ImageEntry:
 
 
 def _now_iso(when: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if when is None else when, UTC).isoformat(
-        timespec="milliseconds"
-    ).replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(time.time() if when is None else when, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def _fresh_state() -> dict[str, Any]:
@@ -238,7 +246,7 @@ def _blank_status() -> dict[str, Any]:
 
 
 class Registry:
-    """The image allow-list. ``Registry(path)`` persists to that JSON file; ``Registry()`` lives in memory."""
+    """The image allow-list: ``Registry(path)`` persists to that file, ``Registry()`` in memory."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -261,10 +269,13 @@ class Registry:
                 state = _fresh_state()
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ImageRegistrationError(
-                    f"the registry file {self.path} is corrupt ({exc}); move it away to start afresh"
+                    f"the registry file {self.path} is corrupt ({exc}); "
+                    "move it away to start afresh"
                 ) from None
             for builtin in BUILTIN_IMAGES:
-                state["entries"].setdefault(builtin.id, {"entry": builtin.to_json(), **_blank_status()})
+                state["entries"].setdefault(
+                    builtin.id, {"entry": builtin.to_json(), **_blank_status()}
+                )
             yield state
             if write:
                 tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -322,9 +333,10 @@ class Registry:
 
     def list(self) -> list[ImageEntry]:
         with self._state(write=False) as state:
-            return [ImageEntry.from_json(state["entries"][k]["entry"]) for k in sorted(state["entries"])]
+            entries = state["entries"]
+            return [ImageEntry.from_json(entries[k]["entry"]) for k in sorted(entries)]
 
-    def allowed_references(self) -> list[str]:
+    def allowed_references(self) -> builtins.list[str]:
         return [e.image for e in self.list()]
 
     def mark_healthy(self, image_id: str, when: float | None = None) -> None:
@@ -338,7 +350,7 @@ class Registry:
             record = self._record(state, image_id)
             record.update(healthy=False, last_error=error)
 
-    def statuses(self) -> list[ImageStatus]:
+    def statuses(self) -> builtins.list[ImageStatus]:
         with self._state(write=False) as state:
             out = []
             for image_id in sorted(state["entries"]):
@@ -357,7 +369,7 @@ class Registry:
 
     async def run_healthchecks(
         self, probe: Probe, ids: Sequence[str] | None = None
-    ) -> list[ImageStatus]:
+    ) -> builtins.list[ImageStatus]:
         """Probe each entry in turn; a probe that fails or raises marks only its own entry."""
         entries = self.list() if ids is None else [self.lookup(i) for i in ids]
         for entry in entries:
