@@ -36,7 +36,11 @@ class GuestAgentError(VMError):
 
 
 class ExecTimeout(VMError):
-    """A command in the guest ran past its timeout and was killed."""
+    """A command in the guest ran past its timeout and was killed; ``result`` has its output."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class HealthcheckFailed(VMError):

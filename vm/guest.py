@@ -1,0 +1,174 @@
+"""What every lanekit image carries under ``/lanekit``: an init, a guest agent, helpers.
+
+The guest agent is Debian's ``qemu-ga`` from the host, copied with the shared libraries
+it loads and started through the copied dynamic loader with ``--library-path``, so it
+runs the same in a busybox image and in a Debian one and never mixes with the image's
+own libraries. busybox-static provides the init's tools. The kernel command line tells
+the init which virtiofs tags to mount where (``lanekit.mount=TAG:PATH:ro|rw``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .errors import BuildError
+
+AGENT_BINARY = Path("/usr/sbin/qemu-ga")
+BUSYBOX = Path("/bin/busybox")
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+MOUNT_POINTS = ("workspace", "tmp", "mnt", "proc", "sys", "dev", "run", "root")
+
+GUEST_INIT = rf"""#!/lanekit/busybox sh
+# lanekit guest init: mount the usual filesystems and the per-boot virtiofs mounts,
+# then keep the guest agent running and reap orphans.
+bb=/lanekit/busybox
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sys /sys
+$bb mkdir -p /dev/pts /dev/shm
+$bb mount -t devpts -o gid=5,mode=620 devpts /dev/pts
+$bb mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+$bb mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+$bb mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+$bb hostname lanekit
+$bb ip link set lo up 2>/dev/null
+for arg in $($bb cat /proc/cmdline); do
+    case "$arg" in
+        lanekit.mount=*)
+            spec="${{arg#lanekit.mount=}}"
+            tag="${{spec%%:*}}"; rest="${{spec#*:}}"; path="${{rest%:*}}"; mode="${{rest##*:}}"
+            $bb mkdir -p "$path"
+            $bb mount -t virtiofs -o "$mode" "$tag" "$path" \
+                || echo "lanekit-init: cannot mount $tag at $path" >/dev/console
+            ;;
+    esac
+done
+port=
+for d in /sys/class/virtio-ports/*; do
+    [ "$($bb cat "$d/name" 2>/dev/null)" = "{AGENT_PORT_NAME}" ] && port="/dev/${{d##*/}}"
+done
+if [ -z "$port" ]; then
+    echo "lanekit-init: no guest agent port" >/dev/console
+    $bb poweroff -f
+fi
+(
+    while :; do
+        /lanekit/lib/ld-linux-x86-64.so.2 --library-path /lanekit/lib /lanekit/qemu-ga \
+            -m virtio-serial -p "$port" -t /run -f /run/qemu-ga.pid
+        $bb sleep 0.2
+    done
+) &
+echo "lanekit-init: ready" >/dev/console
+while :; do
+    wait
+    $bb sleep 1
+done
+"""
+
+RUN_WRAPPER = r"""#!/lanekit/busybox sh
+# lanekit exec wrapper: run "$@" in directory $1.
+cd -- "$1" 2>/dev/null || { echo "lanekit: cannot change to directory $1" >&2; exit 126; }
+shift
+exec "$@"
+"""
+
+KILL_TREE = r"""#!/lanekit/busybox sh
+# Kill a process and all of its descendants (a timed-out exec).
+bb=/lanekit/busybox
+kill_tree() {
+    for child in $($bb pgrep -P "$1"); do kill_tree "$child"; done
+    $bb kill -KILL "$1" 2>/dev/null
+}
+for pid in "$@"; do $bb kill -STOP "$pid" 2>/dev/null; kill_tree "$pid"; done
+exit 0
+"""
+
+POWEROFF = r"""#!/lanekit/busybox sh
+# Orderly power-off: stop every process, flush, remount the root read-only, power off.
+bb=/lanekit/busybox
+$bb sync
+kill -TERM -1 2>/dev/null  # the shell's builtin: spares this script
+$bb usleep 200000
+kill -KILL -1 2>/dev/null
+$bb sync
+for m in $($bb awk '$3 == "virtiofs" {print $2}' /proc/mounts); do $bb umount -l "$m"; done
+$bb mount -o remount,ro / 2>/dev/null
+$bb sync
+$bb poweroff -f
+"""
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The libraries ``binary`` loads on this host, the dynamic loader included."""
+    try:
+        out = subprocess.run(
+            ["ldd", str(binary)], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BuildError(f"cannot list the libraries of {binary}: {exc}") from None
+    libs = []
+    for line in out.splitlines():
+        match = re.search(r"(/\S+)\s+\(0x", line)
+        if match:
+            libs.append(Path(match.group(1)))
+    if not any(p.name.startswith("ld-linux") for p in libs):
+        raise BuildError(f"{binary} has no dynamic loader in ldd's output: {out!r}")
+    return libs
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    path.write_text(text)
+    os.chmod(path, mode)
+
+
+def install_runtime(root: Path) -> None:
+    """Add ``/lanekit`` and the mount points to an image tree (in place)."""
+    for required in (AGENT_BINARY, BUSYBOX):
+        if not required.is_file():
+            raise BuildError(
+                f"{required} is missing on this host: run tools/setup.sh "
+                "(it installs qemu-guest-agent and busybox-static)"
+            )
+    runtime = root / "lanekit"
+    if runtime.is_symlink() or (runtime.exists() and not runtime.is_dir()):
+        raise BuildError("the image tree has a /lanekit that is not a directory")
+    shutil.rmtree(runtime, ignore_errors=True)
+    (runtime / "lib").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, runtime / "busybox")
+    shutil.copy2(AGENT_BINARY, runtime / "qemu-ga")
+    for lib in shared_libraries(AGENT_BINARY):
+        shutil.copy2(lib.resolve(), runtime / "lib" / lib.name)
+    _write(runtime / "init", GUEST_INIT, 0o755)
+    _write(runtime / "run", RUN_WRAPPER, 0o755)
+    _write(runtime / "kill-tree", KILL_TREE, 0o755)
+    _write(runtime / "poweroff", POWEROFF, 0o755)
+    for name in MOUNT_POINTS:
+        point = root / name
+        if point.is_symlink():
+            point.unlink()
+        point.mkdir(exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
+    os.chmod(root / "root", 0o700)
+
+
+def install_busybox_userland(root: Path) -> None:
+    """A minimal userland: busybox and a symlink per applet in /bin and /sbin (shell image)."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    applets = subprocess.run(
+        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    for applet in applets:
+        link = root / applet
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\ntty:x:5:\n")
+    (root / "etc" / "hostname").write_text("lanekit\n")

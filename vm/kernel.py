@@ -1,0 +1,229 @@
+"""Guest kernel and initramfs: Debian's cloud kernel, and a tiny initramfs built here.
+
+The cloud kernel builds virtio, virtio_blk, virtiofs and friends as modules and ships no
+``modules.dep`` we could use in a busybox initramfs, so the initramfs carries exactly the
+modules we need and loads them in dependency order, computed here from each module's
+``depends=`` field (``modinfo``). It then mounts the root disk and switches to the image's
+``/lanekit/init``. Both are cached under ``$LANEKIT_HOME/kernels/<version>/`` and rebuilt
+only when an input (kernel version, module set, init script, busybox) changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .cpio import CpioWriter
+from .errors import KernelError
+
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+BUSYBOX = Path("/bin/busybox")
+GUEST_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "fuse",
+    "virtiofs",
+    "overlay",
+)
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+# lanekit initramfs: load the virtio modules, mount the root disk, switch to its init.
+bb=/bin/busybox
+$bb mount -t devtmpfs dev /dev
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sys /sys
+for m in $($bb cat /modules.order); do
+    $bb insmod /modules/$m.ko || echo "lanekit-initramfs: insmod $m failed" >/dev/console
+done
+root=/dev/vda
+rootflags=rw
+for arg in $($bb cat /proc/cmdline); do
+    case "$arg" in
+        lanekit.root=*) root="${arg#lanekit.root=}" ;;
+        lanekit.rootflags=*) rootflags="${arg#lanekit.rootflags=}" ;;
+    esac
+done
+i=0
+while [ ! -b "$root" ] && [ $i -lt 500 ]; do $bb usleep 10000; i=$((i + 1)); done
+if ! $bb mount -t ext4 -o "$rootflags" "$root" /newroot; then
+    echo "lanekit-initramfs: cannot mount $root" >/dev/console
+    $bb poweroff -f
+fi
+if [ ! -x /newroot/lanekit/init ]; then
+    echo "lanekit-initramfs: /lanekit/init missing on $root: not a lanekit image" >/dev/console
+    $bb poweroff -f
+fi
+$bb mount --move /dev /newroot/dev
+$bb umount /proc /sys
+exec $bb switch_root /newroot /lanekit/init
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelAssets:
+    version: str
+    kernel: Path
+    initramfs: Path
+
+
+def _run(argv: list[str], cwd: Path | None = None, timeout: float = 600) -> str:
+    try:
+        proc = subprocess.run(
+            argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelError(f"{argv[0]} failed: {exc}") from None
+    if proc.returncode != 0:
+        raise KernelError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-800:]}")
+    return proc.stdout
+
+
+def module_load_order(paths: dict[str, Path]) -> list[str]:
+    """Names of ``paths`` ordered so each module comes after the modules it depends on."""
+    deps: dict[str, list[str]] = {}
+    pending = list(paths)
+    while pending:
+        name = pending.pop()
+        if name in deps:
+            continue
+        raw = _run(["modinfo", "-F", "depends", str(paths[name])]).strip()
+        deps[name] = [d.replace("-", "_") for d in raw.split(",") if d]
+        for dep in deps[name]:
+            if dep not in paths:
+                raise KernelError(f"module {name} needs {dep}, which the kernel package lacks")
+            pending.append(dep)
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise KernelError(f"module dependency cycle through {name}")
+        visiting.add(name)
+        for dep in deps[name]:
+            visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in sorted(deps):
+        visit(name)
+    return order
+
+
+class KernelCache:
+    """Kernels under ``root/<version>/``; ``ensure()`` fetches and builds what is missing."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def installed_versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if (p / "vmlinuz").is_file() and p.name[0] != "."
+        )
+
+    def ensure(self, refresh: bool = False) -> KernelAssets:
+        """The newest cached kernel, fetching Debian's cloud kernel if none (or ``refresh``)."""
+        versions = self.installed_versions()
+        version = self._fetch() if refresh or not versions else versions[-1]
+        return KernelAssets(version, self.root / version / "vmlinuz", self._initramfs(version))
+
+    def _fetch(self) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".fetch-") as tmp:
+            work = Path(tmp)
+            os.chmod(work, 0o755)  # apt's _apt user downloads into it
+            _run(["apt-get", "download", "-q", KERNEL_PACKAGE], cwd=work)
+            meta = next(work.glob(f"{KERNEL_PACKAGE}_*.deb"))
+            depends = _run(["dpkg-deb", "-f", str(meta), "Depends"])
+            image_pkg = next(
+                (d.split()[0] for d in depends.split(",") if d.strip().startswith("linux-image-")),
+                None,
+            )
+            if image_pkg is None:
+                raise KernelError(f"{KERNEL_PACKAGE} names no linux-image package: {depends!r}")
+            version = image_pkg.strip().removeprefix("linux-image-")
+            target = self.root / version
+            if (target / "vmlinuz").is_file():
+                return version
+            _run(["apt-get", "download", "-q", image_pkg.strip()], cwd=work)
+            deb = next(work.glob(f"{image_pkg.strip()}_*.deb"))
+            tree = work / "tree"
+            _run(["dpkg-deb", "-x", str(deb), str(tree)])
+            staged = work / version
+            staged.mkdir()
+            shutil.copy2(tree / "boot" / f"vmlinuz-{version}", staged / "vmlinuz")
+            shutil.copy2(tree / "boot" / f"config-{version}", staged / "config")
+            modules = staged / "modules"
+            modules.mkdir()
+            found = {p.stem.replace("-", "_"): p for p in tree.glob("lib/modules/*/kernel/**/*.ko")}
+            for name, path in found.items():
+                if name in GUEST_MODULES or name.startswith(("virtio", "fuse")):
+                    shutil.copy2(path, modules / f"{name}.ko")
+            missing = [m for m in GUEST_MODULES if not (modules / f"{m}.ko").exists()]
+            if missing:
+                raise KernelError(f"kernel {version} lacks modules {missing}")
+            os.rename(staged, target)
+            return version
+
+    def _initramfs(self, version: str) -> Path:
+        directory = self.root / version
+        modules = directory / "modules"
+        paths = {p.stem: p for p in modules.glob("*.ko")}
+        wanted = module_load_order(_closure(paths, GUEST_MODULES))
+        inputs = hashlib.sha256()
+        inputs.update(INIT_SCRIPT.encode())
+        inputs.update(json.dumps(wanted).encode())
+        for name in wanted:
+            inputs.update(hashlib.sha256(paths[name].read_bytes()).digest())
+        inputs.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
+        key = inputs.hexdigest()[:16]
+        target = directory / f"initramfs-{key}.cpio"
+        if target.is_file():
+            return target
+        tmp = directory / f".initramfs-{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            cpio = CpioWriter(f)
+            for d in ("dev", "proc", "sys", "newroot", "bin", "modules"):
+                cpio.directory(d)
+            cpio.char_device("dev/console", 5, 1, 0o600)
+            cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+            cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+            cpio.file("modules.order", "".join(f"{m}\n" for m in wanted).encode(), 0o644)
+            for name in wanted:
+                cpio.file(f"modules/{name}.ko", paths[name].read_bytes(), 0o644)
+            cpio.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, target)
+        for old in directory.glob("initramfs-*.cpio"):
+            if old != target:
+                old.unlink()
+        return target
+
+
+def _closure(paths: dict[str, Path], roots: tuple[str, ...]) -> dict[str, Path]:
+    selected: dict[str, Path] = {}
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        if name in selected:
+            continue
+        if name not in paths:
+            raise KernelError(f"module {name} is missing from the cached kernel")
+        selected[name] = paths[name]
+        raw = _run(["modinfo", "-F", "depends", str(paths[name])]).strip()
+        pending.extend(d.replace("-", "_") for d in raw.split(",") if d)
+    return selected
