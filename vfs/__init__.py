@@ -1,0 +1,64 @@
+"""Host-implemented filesystems served with pyfuse3 (and into VMs through virtiofs).
+
+Implement :class:`Filesystem` (or use :class:`MemoryFS`, :class:`PassthroughFS`,
+:class:`ReadOnlyFS`, :class:`Hub`) and serve it with :func:`mount`.
+"""
+
+from .fuse import FuseAdapter, MountError, mount, mount_blocking
+from .interface import (
+    Attr,
+    Context,
+    Exists,
+    Filesystem,
+    FSError,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoAttribute,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSupported,
+    ReadOnly,
+    SetAttr,
+    StatFS,
+)
+from .memory import MemoryFS
+from .passthrough import PassthroughFS
+from .snapshot import restore_objects, restore_tar, snapshot_objects, snapshot_tar
+from .wrappers import Hub, ReadOnlyFS
+
+__all__ = [
+    "Attr",
+    "Context",
+    "Exists",
+    "FSError",
+    "Filesystem",
+    "FuseAdapter",
+    "Hub",
+    "InvalidArgument",
+    "IsADirectory",
+    "MemoryFS",
+    "MountError",
+    "NameTooLong",
+    "NoAttribute",
+    "NoSpace",
+    "NotADirectory",
+    "NotEmpty",
+    "NotFound",
+    "NotPermitted",
+    "NotSupported",
+    "PassthroughFS",
+    "ReadOnly",
+    "ReadOnlyFS",
+    "SetAttr",
+    "StatFS",
+    "mount",
+    "mount_blocking",
+    "restore_objects",
+    "restore_tar",
+    "snapshot_objects",
+    "snapshot_tar",
+]

@@ -1,0 +1,340 @@
+"""A host directory, confined: nothing outside the root can be reached through it.
+
+Confinement does not rest on checking path strings. Every node the kernel knows is held
+as an ``O_PATH`` descriptor opened *relative to its parent's descriptor* with
+``O_NOFOLLOW``, one name at a time, and every operation is an ``*at`` call on those
+descriptors (or on ``/proc/self/fd/N``, which names that exact inode). A name is a single
+component (no ``/``), ``..`` is refused, symlinks are never followed by the server, and
+a directory swapped for a symlink after it was looked up changes nothing, because the
+server holds the directory itself, not its path. Blocking calls run in threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import resource
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .interface import (
+    Attr,
+    Context,
+    Filesystem,
+    FSError,
+    InvalidArgument,
+    Key,
+    ReadOnly,
+    SetAttr,
+    StatFS,
+    check_name,
+)
+
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_AT_FDCWD = -100
+
+
+def _renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
+    if _libc.renameat2(olddirfd, old, newdirfd, new, ctypes.c_uint(flags)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def _attr(key: Key, st: os.stat_result) -> Attr:
+    return Attr(
+        key=key, mode=st.st_mode, size=st.st_size, nlink=st.st_nlink, uid=st.st_uid,
+        gid=st.st_gid, rdev=st.st_rdev, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns, blocks=st.st_blocks,
+    )  # fmt: skip
+
+
+class _Node:
+    __slots__ = ("fd", "refs")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.refs = 0
+
+
+class _Dir:
+    __slots__ = ("fd", "names")
+
+    def __init__(self, fd: int, names: list[str]) -> None:
+        self.fd = fd
+        self.names = names
+
+
+class PassthroughFS(Filesystem):
+    """Serve ``root`` (a host directory); ``read_only=True`` refuses every change."""
+
+    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        self.path = Path(root).absolute()
+        fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self._root: Key = (st.st_dev, st.st_ino)
+        self._nodes: dict[Key, _Node] = {self._root: _Node(fd)}
+        self._nodes[self._root].refs = 1 << 62
+        self.read_only = read_only
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    @property
+    def root(self) -> Key:
+        return self._root
+
+    def _fd(self, key: Key) -> int:
+        node = self._nodes.get(key)
+        if node is None:
+            raise FSError("stale node", errno.ESTALE)
+        return node.fd
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly()
+
+    def _reference(self, fd: int) -> Attr:
+        """Register ``fd`` (an O_PATH descriptor) and return its attributes with a reference."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        node = self._nodes.get(key)
+        if node is None:
+            node = self._nodes[key] = _Node(fd)
+        else:
+            os.close(fd)
+        node.refs += 1
+        return _attr(key, st)
+
+    def _lookup(self, parent_fd: int, name: bytes) -> Attr:
+        check_name(name)
+        return self._reference(os.open(name, _PATH_FLAGS, dir_fd=parent_fd))
+
+    async def _thread(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    # ------------------------------------------------------------ reading
+
+    async def lookup(self, parent: Key, name: bytes) -> Attr:
+        fd = self._fd(parent)
+        return await self._thread(self._lookup, fd, name)
+
+    async def forget(self, key: Key, count: int) -> None:
+        node = self._nodes.get(key)
+        if node is None or key == self._root:
+            return
+        node.refs -= count
+        if node.refs <= 0:
+            del self._nodes[key]
+            os.close(node.fd)
+
+    async def getattr(self, key: Key) -> Attr:
+        return _attr(key, os.fstat(self._fd(key)))
+
+    async def readlink(self, key: Key) -> bytes:
+        target = os.readlink(b"", dir_fd=self._fd(key))
+        return target
+
+    async def opendir(self, key: Key) -> _Dir:
+        def run() -> _Dir:
+            fd = os.open(_proc(self._fd(key)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return _Dir(fd, sorted(os.listdir(fd)))
+            except BaseException:
+                os.close(fd)
+                raise
+
+        return await self._thread(run)
+
+    async def readdir(self, handle: _Dir, offset: int) -> AsyncIterator[tuple[bytes, Attr, int]]:
+        for index in range(offset, len(handle.names)):
+            name = os.fsencode(handle.names[index])
+            try:
+                attr = self._lookup(handle.fd, name)
+            except FileNotFoundError:
+                continue  # removed since opendir
+            yield name, attr, index + 1
+
+    async def releasedir(self, handle: _Dir) -> None:
+        os.close(handle.fd)
+
+    async def open(self, key: Key, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self._writable()
+        # The kernel handles O_APPEND with the writeback cache, and may read through a
+        # write-only handle to fill a partial page.
+        flags &= ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        path = _proc(self._fd(key))
+        return await self._thread(os.open, path, flags | os.O_CLOEXEC)
+
+    async def read(self, handle: int, offset: int, size: int) -> bytes:
+        return await self._thread(os.pread, handle, size, offset)
+
+    async def release(self, handle: int) -> None:
+        os.close(handle)
+
+    async def statfs(self) -> StatFS:
+        st = os.statvfs(_proc(self._fd(self._root)))
+        return StatFS(st.f_frsize, st.f_blocks, st.f_bavail, st.f_files, st.f_favail, st.f_namemax)
+
+    async def getxattr(self, key: Key, name: bytes) -> bytes:
+        try:
+            return os.getxattr(_proc(self._fd(key)), name)
+        except OSError as exc:
+            if exc.errno == errno.ENOTSUP:
+                raise FSError("", errno.ENODATA) from None
+            raise
+
+    async def listxattr(self, key: Key) -> list[bytes]:
+        try:
+            return [os.fsencode(n) for n in os.listxattr(_proc(self._fd(key)))]
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.ELOOP):
+                return []
+            raise
+
+    # ------------------------------------------------------------ changing
+
+    async def write(self, handle: int, offset: int, data: bytes) -> int:
+        self._writable()
+        return await self._thread(os.pwrite, handle, data, offset)
+
+    async def fsync(self, handle: int, datasync: bool) -> None:
+        await self._thread(os.fdatasync if datasync else os.fsync, handle)
+
+    def _owned(self, parent_fd: int, name: bytes, ctx: Context) -> None:
+        """Give a new node to the caller; a setgid parent already chose the group."""
+        parent_mode = os.fstat(parent_fd).st_mode
+        gid = -1 if parent_mode & stat.S_ISGID else ctx.gid
+        os.chown(name, ctx.uid, gid, dir_fd=parent_fd, follow_symlinks=False)
+
+    async def setattr(self, key: Key, changes: SetAttr, ctx: Context) -> Attr:
+        self._writable()
+        fd = self._fd(key)
+
+        def run() -> Attr:
+            st = os.fstat(fd)
+            path = _proc(fd)
+            if changes.size is not None:
+                os.truncate(path, changes.size)
+            if changes.uid is not None or changes.gid is not None:
+                uid = changes.uid if changes.uid is not None else -1
+                gid = changes.gid if changes.gid is not None else -1
+                os.chown(path, uid, gid)
+            if changes.mode is not None and not stat.S_ISLNK(st.st_mode):
+                os.chmod(path, stat.S_IMODE(changes.mode))
+            if changes.atime_ns is not None or changes.mtime_ns is not None:
+                now = os.fstat(fd)
+                atime = changes.atime_ns if changes.atime_ns is not None else now.st_atime_ns
+                mtime = changes.mtime_ns if changes.mtime_ns is not None else now.st_mtime_ns
+                os.utime(path, ns=(atime, mtime), follow_symlinks=not stat.S_ISLNK(st.st_mode))
+            return _attr(key, os.fstat(fd))
+
+        return await self._thread(run)
+
+    async def mknod(self, parent: Key, name: bytes, mode: int, rdev: int, ctx: Context) -> Attr:
+        self._writable()
+        pfd = self._fd(parent)
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise FSError("device nodes are not allowed here", errno.EPERM)
+
+        def run() -> Attr:
+            os.mknod(check_name(name), mode, 0, dir_fd=pfd)
+            self._owned(pfd, name, ctx)
+            return self._lookup(pfd, name)
+
+        return await self._thread(run)
+
+    async def mkdir(self, parent: Key, name: bytes, mode: int, ctx: Context) -> Attr:
+        self._writable()
+        pfd = self._fd(parent)
+
+        def run() -> Attr:
+            os.mkdir(check_name(name), mode, dir_fd=pfd)
+            self._owned(pfd, name, ctx)
+            return self._lookup(pfd, name)
+
+        return await self._thread(run)
+
+    async def symlink(self, parent: Key, name: bytes, target: bytes, ctx: Context) -> Attr:
+        self._writable()
+        pfd = self._fd(parent)
+
+        def run() -> Attr:
+            os.symlink(target, check_name(name), dir_fd=pfd)
+            self._owned(pfd, name, ctx)
+            return self._lookup(pfd, name)
+
+        return await self._thread(run)
+
+    async def link(self, key: Key, parent: Key, name: bytes) -> Attr:
+        self._writable()
+        fd, pfd = self._fd(key), self._fd(parent)
+
+        def run() -> Attr:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise FSError("hard link to a directory", errno.EPERM)
+            os.link(_proc(fd), check_name(name), dst_dir_fd=pfd, follow_symlinks=True)
+            return self._lookup(pfd, name)
+
+        return await self._thread(run)
+
+    async def unlink(self, parent: Key, name: bytes) -> None:
+        self._writable()
+        await self._thread(lambda: os.unlink(check_name(name), dir_fd=self._fd(parent)))
+
+    async def rmdir(self, parent: Key, name: bytes) -> None:
+        self._writable()
+        await self._thread(lambda: os.rmdir(check_name(name), dir_fd=self._fd(parent)))
+
+    async def rename(
+        self, old_parent: Key, old_name: bytes, new_parent: Key, new_name: bytes, flags: int
+    ) -> None:
+        self._writable()
+        if flags & ~3:
+            raise InvalidArgument("invalid rename flags")
+        ofd, nfd = self._fd(old_parent), self._fd(new_parent)
+        await self._thread(_renameat2, ofd, check_name(old_name), nfd, check_name(new_name), flags)
+
+    async def create(
+        self, parent: Key, name: bytes, mode: int, flags: int, ctx: Context
+    ) -> tuple[Attr, int]:
+        self._writable()
+        pfd = self._fd(parent)
+        flags &= ~(os.O_APPEND | os.O_NOFOLLOW)
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+
+        def run() -> tuple[Attr, int]:
+            fd = os.open(
+                check_name(name), flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                dir_fd=pfd,
+            )  # fmt: skip
+            try:
+                self._owned(pfd, name, ctx)
+                return self._lookup(pfd, name), fd
+            except BaseException:
+                os.close(fd)
+                raise
+
+        return await self._thread(run)
+
+    async def setxattr(self, key: Key, name: bytes, value: bytes) -> None:
+        self._writable()
+        os.setxattr(_proc(self._fd(key)), name, value)
+
+    async def removexattr(self, key: Key, name: bytes) -> None:
+        self._writable()
+        os.removexattr(_proc(self._fd(key)), name)

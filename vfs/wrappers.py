@@ -1,0 +1,247 @@
+"""Filesystems made of other filesystems: a read-only view, and a hub of several.
+
+A hub exists because pyfuse3 allows one mount per process: a VM with three host
+filesystems gets one FUSE mount whose top-level directories are those filesystems, and
+virtiofsd exports each directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from .interface import (
+    Attr,
+    Context,
+    Filesystem,
+    FSError,
+    Handle,
+    Key,
+    NotFound,
+    ReadOnly,
+    SetAttr,
+    StatFS,
+)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+class ReadOnlyFS(Filesystem):
+    """Everything of ``inner`` that reads; every change is ``EROFS``."""
+
+    def __init__(self, inner: Filesystem) -> None:
+        self.inner = inner
+        self.kernel_cache = getattr(inner, "kernel_cache", False)
+
+    @property
+    def root(self) -> Key:
+        return self.inner.root
+
+    async def lookup(self, parent: Key, name: bytes) -> Attr:
+        return await self.inner.lookup(parent, name)
+
+    async def getattr(self, key: Key) -> Attr:
+        return await self.inner.getattr(key)
+
+    async def opendir(self, key: Key) -> Handle:
+        return await self.inner.opendir(key)
+
+    def readdir(self, handle: Handle, offset: int) -> AsyncIterator[tuple[bytes, Attr, int]]:
+        return self.inner.readdir(handle, offset)
+
+    async def releasedir(self, handle: Handle) -> None:
+        await self.inner.releasedir(handle)
+
+    async def forget(self, key: Key, count: int) -> None:
+        await self.inner.forget(key, count)
+
+    async def readlink(self, key: Key) -> bytes:
+        return await self.inner.readlink(key)
+
+    async def open(self, key: Key, flags: int) -> Handle:
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly()
+        return await self.inner.open(key, flags)
+
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        return await self.inner.read(handle, offset, size)
+
+    async def release(self, handle: Handle) -> None:
+        await self.inner.release(handle)
+
+    async def statfs(self) -> StatFS:
+        return await self.inner.statfs()
+
+    async def getxattr(self, key: Key, name: bytes) -> bytes:
+        return await self.inner.getxattr(key, name)
+
+    async def listxattr(self, key: Key) -> list[bytes]:
+        return await self.inner.listxattr(key)
+
+
+class Hub(Filesystem):
+    """A read-only root directory whose entries are whole filesystems."""
+
+    ROOT = ("hub",)
+
+    def __init__(self, members: Mapping[str, Filesystem]) -> None:
+        self.names = [n.encode() for n in members]
+        self.members = list(members.values())
+        self.kernel_cache = False
+        self._created = time.time_ns()
+
+    @property
+    def root(self) -> Key:
+        return self.ROOT
+
+    def _split(self, key: Any) -> tuple[Filesystem, Any, int]:
+        if not isinstance(key, tuple) or len(key) != 2 or key == self.ROOT:
+            raise FSError("operation not allowed on the hub root", errno.EPERM)
+        index, inner = key
+        return self.members[index], inner, index
+
+    def _wrap(self, index: int, attr: Attr) -> Attr:
+        attr.key = (index, attr.key)
+        return attr
+
+    def _root_attr(self) -> Attr:
+        t = self._created
+        return Attr(self.ROOT, stat.S_IFDIR | 0o755, 0, 2 + len(self.members), 0, 0, 0, t, t, t)
+
+    async def lookup(self, parent: Key, name: bytes) -> Attr:
+        if parent == self.ROOT:
+            if name not in self.names:
+                raise NotFound()
+            index = self.names.index(name)
+            return self._wrap(index, await self.members[index].getattr(self.members[index].root))
+        fs, inner, index = self._split(parent)
+        return self._wrap(index, await fs.lookup(inner, name))
+
+    async def getattr(self, key: Key) -> Attr:
+        if key == self.ROOT:
+            return self._root_attr()
+        fs, inner, index = self._split(key)
+        return self._wrap(index, await fs.getattr(inner))
+
+    async def opendir(self, key: Key) -> Handle:
+        if key == self.ROOT:
+            return (None, self.ROOT)
+        fs, inner, index = self._split(key)
+        return (index, await fs.opendir(inner))
+
+    async def readdir(self, handle: Handle, offset: int) -> AsyncIterator[tuple[bytes, Attr, int]]:
+        index, inner = handle
+        if index is None:
+            for i in range(offset, len(self.members)):
+                fs = self.members[i]
+                yield self.names[i], self._wrap(i, await fs.getattr(fs.root)), i + 1
+            return
+        async for name, attr, cookie in self.members[index].readdir(inner, offset):
+            yield name, self._wrap(index, attr), cookie
+
+    async def releasedir(self, handle: Handle) -> None:
+        index, inner = handle
+        if index is not None:
+            await self.members[index].releasedir(inner)
+
+    async def forget(self, key: Key, count: int) -> None:
+        if key != self.ROOT:
+            assert isinstance(key, tuple)
+            if key[1] == self.members[key[0]].root:
+                return
+            fs, inner, _ = self._split(key)
+            await fs.forget(inner, count)
+
+    async def setattr(self, key: Key, changes: SetAttr, ctx: Context) -> Attr:
+        fs, inner, index = self._split(key)
+        return self._wrap(index, await fs.setattr(inner, changes, ctx))
+
+    async def readlink(self, key: Key) -> bytes:
+        fs, inner, _ = self._split(key)
+        return await fs.readlink(inner)
+
+    async def mknod(self, parent: Key, name: bytes, mode: int, rdev: int, ctx: Context) -> Attr:
+        fs, inner, index = self._split(parent)
+        return self._wrap(index, await fs.mknod(inner, name, mode, rdev, ctx))
+
+    async def mkdir(self, parent: Key, name: bytes, mode: int, ctx: Context) -> Attr:
+        fs, inner, index = self._split(parent)
+        return self._wrap(index, await fs.mkdir(inner, name, mode, ctx))
+
+    async def symlink(self, parent: Key, name: bytes, target: bytes, ctx: Context) -> Attr:
+        fs, inner, index = self._split(parent)
+        return self._wrap(index, await fs.symlink(inner, name, target, ctx))
+
+    async def link(self, key: Key, parent: Key, name: bytes) -> Attr:
+        fs, inner, index = self._split(key)
+        _, inner_parent, index2 = self._split(parent)
+        if index != index2:
+            raise FSError("hard link across filesystems", errno.EXDEV)
+        return self._wrap(index, await fs.link(inner, inner_parent, name))
+
+    async def unlink(self, parent: Key, name: bytes) -> None:
+        fs, inner, _ = self._split(parent)
+        await fs.unlink(inner, name)
+
+    async def rmdir(self, parent: Key, name: bytes) -> None:
+        fs, inner, _ = self._split(parent)
+        await fs.rmdir(inner, name)
+
+    async def rename(
+        self, old_parent: Key, old_name: bytes, new_parent: Key, new_name: bytes, flags: int
+    ) -> None:
+        fs, old, index = self._split(old_parent)
+        _, new, index2 = self._split(new_parent)
+        if index != index2:
+            raise FSError("rename across filesystems", errno.EXDEV)
+        await fs.rename(old, old_name, new, new_name, flags)
+
+    async def open(self, key: Key, flags: int) -> Handle:
+        fs, inner, _ = self._split(key)
+        return (fs, await fs.open(inner, flags))
+
+    async def create(
+        self, parent: Key, name: bytes, mode: int, flags: int, ctx: Context
+    ) -> tuple[Attr, Handle]:
+        fs, inner, index = self._split(parent)
+        attr, handle = await fs.create(inner, name, mode, flags, ctx)
+        return self._wrap(index, attr), (fs, handle)
+
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        return await handle[0].read(handle[1], offset, size)
+
+    async def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        return await handle[0].write(handle[1], offset, data)
+
+    async def flush(self, handle: Handle) -> None:
+        await handle[0].flush(handle[1])
+
+    async def fsync(self, handle: Handle, datasync: bool) -> None:
+        await handle[0].fsync(handle[1], datasync)
+
+    async def release(self, handle: Handle) -> None:
+        await handle[0].release(handle[1])
+
+    async def getxattr(self, key: Key, name: bytes) -> bytes:
+        if key == self.ROOT:
+            raise FSError("", errno.ENODATA)
+        fs, inner, _ = self._split(key)
+        return await fs.getxattr(inner, name)
+
+    async def listxattr(self, key: Key) -> list[bytes]:
+        if key == self.ROOT:
+            return []
+        fs, inner, _ = self._split(key)
+        return await fs.listxattr(inner)
+
+    async def setxattr(self, key: Key, name: bytes, value: bytes) -> None:
+        fs, inner, _ = self._split(key)
+        await fs.setxattr(inner, name, value)
+
+    async def removexattr(self, key: Key, name: bytes) -> None:
+        fs, inner, _ = self._split(key)
+        await fs.removexattr(inner, name)
