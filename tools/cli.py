@@ -17,7 +17,10 @@ import trio
 import blockstore
 from blockstore import BlockStoreError, LeaseHeld
 from blockstore.lease import lease_is_live, read_lease
+from vfs import FSError, MountError
+from vm import VMError
 
+from .cli_vm import add_parsers as add_vm_parsers
 from .config import lanekit_home, parse_size
 
 EXIT_ERROR = 1
@@ -392,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="take over a live writer's lease")
     c.add_argument("--cache", default="128M", help="clean block cache budget (default 128M)")
 
+    add_vm_parsers(sub)
+
     d = sub.add_parser("demo", help="create a disk in $LANEKIT_HOME and show its info")
     d.set_defaults(func=cmd_demo)
 
@@ -418,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LeaseHeld as e:
         print(f"lanekit: error: {e}", file=sys.stderr)
         return EXIT_BUSY
-    except (BlockStoreError, ValueError, OSError) as e:
+    except (BlockStoreError, VMError, FSError, MountError, ValueError, OSError) as e:
         print(f"lanekit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

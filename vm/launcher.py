@@ -11,6 +11,7 @@ out: a normal exit, an exception, a timeout, Ctrl-C. ``stop()`` powers the guest
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import shutil
@@ -123,12 +124,38 @@ def _tail(path: Path, limit: int = 3000) -> str:
         return ""
 
 
+def _host_tsc_khz() -> int | None:
+    """The host's TSC rate, which a TCG guest's TSC runs at, if the TSC is constant."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return None
+    if "constant_tsc" not in info:
+        return None
+    for line in info.splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    return None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it if the launching thread dies (kill -9)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 @contextlib.asynccontextmanager
 async def _process(argv: list[str], log: Path, name: str) -> AsyncIterator[trio.Process]:
     """A child in its own process group, killed with the group on the way out."""
     with open(log, "ab") as out:  # noqa: ASYNC230  (creating an empty log)
         proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     try:
         yield proc
@@ -414,26 +441,39 @@ class Sandbox:
         finally:
             base.close()
 
+    async def _host_filesystems(
+        self, stack: contextlib.AsyncExitStack, runtime: Path, mounts: Sequence[Mount]
+    ) -> list[Path]:
+        """The host directory virtiofsd exports for each mount.
+
+        Writable host directories are exported as they are. Filesystem objects, and host
+        directories mounted read-only (enforced on the host, not by the guest's mount
+        flags), are served by one FUSE mount — a :class:`vfs.Hub`, since a process can
+        hold only one — with a top-level directory per mount.
+        """
+        import vfs
+
+        members: dict[str, vfs.Filesystem] = {}
+        for i, mount in enumerate(mounts):
+            source = mount.source
+            if isinstance(source, Path):
+                if not mount.read_only:
+                    continue
+                source = vfs.PassthroughFS(source, read_only=True)
+            members[f"fs{i}"] = vfs.ReadOnlyFS(source) if mount.read_only else source
+        hub = runtime / "hub"
+        if members:
+            hub.mkdir()
+            await stack.enter_async_context(vfs.mount(vfs.Hub(members), hub))
+        return [
+            hub / f"fs{i}" if f"fs{i}" in members else Path(m.source) for i, m in enumerate(mounts)
+        ]
+
     @contextlib.asynccontextmanager
-    async def _virtiofs(
-        self, stack: contextlib.AsyncExitStack, runtime: Path, index: int, mount: Mount
+    async def _virtiofsd(
+        self, runtime: Path, index: int, directory: Path, mount: Mount
     ) -> AsyncIterator[str]:
-        """Start virtiofsd for one mount; yields the kernel command line fragment."""
-        source = mount.source
-        if isinstance(source, str | os.PathLike):
-            directory = Path(source)
-            if mount.read_only:
-                import vfs
-
-                source = vfs.ReadOnlyFS(vfs.PassthroughFS(directory))
-        if not isinstance(source, str | os.PathLike):
-            import vfs
-
-            if mount.read_only:
-                source = vfs.ReadOnlyFS(source)
-            directory = runtime / f"fs{index}"
-            directory.mkdir()
-            await stack.enter_async_context(vfs.mount(source, directory))
+        """Run virtiofsd for one mount; yields the kernel command line fragment."""
         socket_path = runtime / f"fs{index}.sock"
         log = runtime / f"virtiofsd{index}.log"
         argv = [
@@ -451,7 +491,7 @@ class Sandbox:
         mem = f"{self.memory_mib}M"
         argv = [
             QEMU, "-name", "lanekit",
-            "-M", "microvm,memory-backend=mem",
+            "-M", "microvm,memory-backend=mem,pit=on",
             "-accel", "kvm" if accel == "kvm" else "tcg,thread=multi",
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(self.cpus), "-m", mem,
@@ -502,10 +542,15 @@ class Sandbox:
                 )
             )
             cmdline = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
-            for i, mount in enumerate(mounts):
-                cmdline.append(
-                    await stack.enter_async_context(self._virtiofs(stack, runtime, i, mount))
-                )
+            tsc_khz = _host_tsc_khz() if accel == "tcg" else None
+            if tsc_khz:
+                # Under TCG the PIT calibration of the TSC fails now and then, and the
+                # kernel then hangs early in boot; tell it the rate instead.
+                cmdline += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
+            exported = await self._host_filesystems(stack, runtime, mounts)
+            for i, (mount, directory) in enumerate(zip(mounts, exported, strict=True)):
+                fragment = self._virtiofsd(runtime, i, directory, mount)
+                cmdline.append(await stack.enter_async_context(fragment))
             argv = self._qemu_argv(
                 runtime, accel, assets.kernel, assets.initramfs, " ".join(cmdline), len(mounts)
             )

@@ -1,0 +1,322 @@
+"""``lanekit image``, ``lanekit vm`` and ``lanekit vfs``: the sandbox half of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import blockstore
+import vfs
+from vm import Healthcheck, ImageEntry, ProbeResult, Registry
+from vm.errors import VMError
+from vm.images import RECIPES, ImageStore
+from vm.launcher import Mount, Sandbox, state_paths
+
+from .config import lanekit_home, parse_size
+
+DEFAULT_HEALTHCHECK = ("/lanekit/busybox", "true")
+
+
+def _state() -> tuple[Registry, ImageStore]:
+    registry, images, _ = state_paths(lanekit_home())
+    return registry, images
+
+
+def _argv(text: str, what: str) -> tuple[str, ...]:
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise VMError(f"{what}: {exc}") from None
+    return argv
+
+
+# ---------------------------------------------------------------- image
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    registry, images = _state()
+    size = parse_size(args.size) if args.size else None
+    sources = [bool(args.recipe), bool(args.from_dir), bool(args.from_oci), bool(args.debian)]
+    if sum(sources) != 1:
+        raise VMError("give exactly one of RECIPE, --from-dir, --from-oci, --debian")
+    image_id = args.id or args.recipe
+    if image_id is None:
+        raise VMError("--id is required when building from a directory, OCI image or suite")
+    if not registry.has(image_id):
+        # Validate the id before spending time on the build.
+        from vm.registry import validate_id
+
+        validate_id(image_id)
+    if args.recipe:
+        meta = images.build_recipe(args.recipe, size=size)
+    elif args.from_dir:
+        meta = images.build_from_dir(Path(args.from_dir), size=size)
+    elif args.from_oci:
+        meta = images.build_from_oci(Path(args.from_oci), size=size)
+    else:
+        meta = images.build_debian(args.debian, args.packages or (), size=size)
+    if not registry.has(image_id):
+        registry.register(
+            ImageEntry(
+                id=image_id,
+                image=f"lanekit/{image_id}:latest",
+                healthcheck=Healthcheck(DEFAULT_HEALTHCHECK),
+                default_entrypoint=("sh", "-c"),
+                description=f"built from {meta.source.get('kind')}",
+            )
+        )
+    entry = registry.pin(image_id, meta.digest)
+    print(f"{entry.id} {entry.pinned_reference} ({meta.size >> 20} MiB)")
+    return 0
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    registry, images = _state()
+    rows = [("ID", "REFERENCE", "DIGEST", "BUILT", "HEALTH")]
+    for status in registry.statuses():
+        digest = status.digest or "-"
+        built = "yes" if status.digest and images.has(status.digest) else "no"
+        if status.healthy:
+            health = f"healthy ({status.last_healthy_at})"
+        elif status.last_error:
+            health = f"unhealthy: {status.last_error[:60]}"
+        else:
+            health = "unknown"
+        shown = f"sha256:{digest}" if status.digest else "-"
+        rows.append((status.id, status.image, shown, built, health))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return 0
+
+
+def cmd_image_register(args: argparse.Namespace) -> int:
+    registry, _ = _state()
+    entry = ImageEntry(
+        id=args.id,
+        image=args.ref,
+        healthcheck=Healthcheck(
+            _argv(args.healthcheck, "--healthcheck"), args.expect_exit, args.timeout_ms
+        ),
+        default_entrypoint=_argv(args.entrypoint, "--entrypoint"),
+        description=args.description or "",
+    )
+    entry = registry.register(entry)
+    print(f"registered {entry.id} -> {entry.image}")
+    return 0
+
+
+def _digest_of(registry: Registry, name: str) -> str:
+    if registry.has(name):
+        digest = registry.lookup(name).digest
+        if digest is None:
+            raise VMError(f"image {name!r} is not built: run `lanekit image build {name}`")
+        return digest
+    return name.removeprefix("sha256:")
+
+
+def cmd_image_push(args: argparse.Namespace) -> int:
+    registry, images = _state()
+    digest = _digest_of(registry, args.image)
+    objects = blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
+    sent = images.push(digest, objects)
+    print(f"pushed sha256:{digest} ({sent} chunks) to {args.store}")
+    return 0
+
+
+def cmd_image_pull(args: argparse.Namespace) -> int:
+    registry, images = _state()
+    objects = blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
+    meta = images.pull(args.digest, objects)
+    if args.id:
+        if not registry.has(args.id):
+            registry.register(
+                ImageEntry(
+                    id=args.id,
+                    image=f"lanekit/{args.id}:latest",
+                    healthcheck=Healthcheck(DEFAULT_HEALTHCHECK),
+                    default_entrypoint=("sh", "-c"),
+                )
+            )
+        registry.pin(args.id, meta.digest)
+    print(f"pulled sha256:{meta.digest}")
+    return 0
+
+
+def cmd_image_check(args: argparse.Namespace) -> int:
+    registry, _ = _state()
+    ids = [args.id] if args.id else [e.id for e in registry.list() if e.digest]
+
+    async def probe(entry: ImageEntry) -> ProbeResult:
+        sandbox = Sandbox(entry.id, home=lanekit_home(), build_missing=False)
+        async with sandbox.boot() as machine:
+            await machine.wait_healthy()
+        return ProbeResult(entry.healthcheck.expected_exit_code)
+
+    statuses = trio.run(registry.run_healthchecks, probe, ids)
+    failed = 0
+    for status in statuses:
+        if status.id in ids:
+            state = "healthy" if status.healthy else f"UNHEALTHY: {status.last_error}"
+            failed += not status.healthy
+            print(f"{status.id}: {state}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- vm
+
+
+def parse_mount(spec: str) -> Mount:
+    guest, sep, source = spec.partition("=")
+    if not sep or not guest or not source:
+        raise VMError(f"--mount {spec!r}: use GUEST=memory or GUEST=HOSTDIR[:ro]")
+    read_only = source.endswith(":ro")
+    source = source.removesuffix(":ro").removesuffix(":rw")
+    if source == "memory":
+        return Mount(guest, vfs.MemoryFS(), read_only)
+    return Mount(guest, Path(source), read_only)
+
+
+def cmd_vm_run(args: argparse.Namespace) -> int:
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise VMError("give the command to run after --")
+    env = {}
+    for item in args.env or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise VMError(f"--env {item!r}: use KEY=VALUE")
+        env[key] = value
+    mounts = [parse_mount(m) for m in args.mount or ()]
+    sandbox = Sandbox(
+        args.image,
+        cpus=args.cpus,
+        memory_mib=args.memory,
+        disk=args.disk,
+        accel=args.accel,
+        s3_endpoint=args.s3_endpoint,
+    )
+    stdin = sys.stdin.buffer.read() if args.stdin else None
+
+    async def main() -> int:
+        async with sandbox.boot(mounts, cwd=args.cwd) as machine:
+            result = await machine.exec(command, env=env, stdin=stdin, timeout=args.timeout)
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(result.stderr)
+        sys.stderr.flush()
+        return result.exit_code
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    code: int = trio.run(main)
+    return code
+
+
+# ---------------------------------------------------------------- vfs
+
+
+def cmd_vfs_mount(args: argparse.Namespace) -> int:
+    fs: vfs.Filesystem
+    if args.memory:
+        fs = vfs.MemoryFS(
+            copy_from=args.seed,
+            max_bytes=parse_size(args.max_bytes) if args.max_bytes else None,
+            max_inodes=args.max_inodes,
+        )
+    else:
+        if args.seed:
+            raise VMError("--seed goes with --memory")
+        fs = vfs.PassthroughFS(args.passthrough, read_only=args.read_only)
+    if args.read_only and args.memory:
+        fs = vfs.ReadOnlyFS(fs)
+
+    async def main() -> None:
+        async with vfs.mount(fs, args.mountpoint) as where:
+            print(f"mounted {where}; Ctrl-C or SIGTERM unmounts", flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    break
+        print("unmounted", flush=True)
+
+    trio.run(main)
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    image = sub.add_parser("image", help="sandbox images: build, register, list").add_subparsers(
+        dest="image_command", required=True
+    )
+    c = image.add_parser("build", help="build an image and pin its registry entry to it")
+    c.add_argument("recipe", nargs="?", choices=sorted(RECIPES), help="a built-in recipe")
+    c.add_argument("--from-dir", help="a host directory tree")
+    c.add_argument("--from-oci", help="an OCI image layout or docker save tarball")
+    c.add_argument("--debian", metavar="SUITE", help="debootstrap --variant=minbase SUITE")
+    c.add_argument("--packages", nargs="*", help="extra Debian packages")
+    c.add_argument("--id", help="registry id (default: the recipe's)")
+    c.add_argument("--size", help="disk size (default: the content plus room to work)")
+    c.set_defaults(func=cmd_image_build)
+    c = image.add_parser("list", help="registered images with digests and health")
+    c.set_defaults(func=cmd_image_list)
+    c = image.add_parser("register", help="add an image to the allow-list")
+    c.add_argument("--id", required=True)
+    c.add_argument("--ref", required=True, help="image reference, e.g. team/tool:1")
+    c.add_argument("--healthcheck", required=True, help="argv, shell-quoted")
+    c.add_argument("--expect-exit", type=int, default=0)
+    c.add_argument("--timeout-ms", type=int, default=5000)
+    c.add_argument("--entrypoint", default="sh -c", help="default entrypoint argv")
+    c.add_argument("--description")
+    c.set_defaults(func=cmd_image_register)
+    for name, func, help in (
+        ("push", cmd_image_push, "upload an image by digest"),
+        ("pull", cmd_image_pull, "download an image by digest"),
+    ):
+        c = image.add_parser(name, help=help)
+        c.add_argument("image" if name == "push" else "digest", help="id or sha256 digest")
+        c.add_argument("--store", required=True, help="file:///DIR or s3://BUCKET/PREFIX")
+        c.add_argument("--s3-endpoint", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
+        if name == "pull":
+            c.add_argument("--id", help="register (or re-pin) this id to the pulled image")
+        c.set_defaults(func=func)
+    c = image.add_parser("check", help="boot images and run their healthchecks")
+    c.add_argument("id", nargs="?")
+    c.set_defaults(func=cmd_image_check)
+
+    vmp = sub.add_parser("vm", help="microVM sandboxes").add_subparsers(
+        dest="vm_command", required=True
+    )
+    c = vmp.add_parser("run", help="boot an image, run one command, print its output")
+    c.add_argument("--image", required=True)
+    c.add_argument("--disk", help="durable root disk URL (default: an ephemeral one)")
+    c.add_argument("--mount", action="append", help="GUEST=memory or GUEST=HOSTDIR[:ro]")
+    c.add_argument("--cpus", type=int, default=1)
+    c.add_argument("--memory", type=int, default=512, help="MiB")
+    c.add_argument("--cwd", default="/")
+    c.add_argument("--env", action="append", help="KEY=VALUE")
+    c.add_argument("--timeout", type=float, help="seconds before the command is killed")
+    c.add_argument("--stdin", action="store_true", help="pass this process's stdin")
+    c.add_argument("--accel", choices=("kvm", "tcg"), help="default: KVM if it works, else TCG")
+    c.add_argument("--s3-endpoint", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
+    c.add_argument("cmd", nargs=argparse.REMAINDER)
+    c.set_defaults(func=cmd_vm_run)
+
+    vfsp = sub.add_parser("vfs", help="host-implemented filesystems").add_subparsers(
+        dest="vfs_command", required=True
+    )
+    c = vfsp.add_parser("mount", help="serve a filesystem on MOUNTPOINT until Ctrl-C")
+    kind = c.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--memory", action="store_true", help="an in-memory filesystem")
+    kind.add_argument("--passthrough", metavar="HOSTDIR", help="a confined host directory")
+    c.add_argument("--seed", metavar="DIR", help="copy DIR into the memory filesystem")
+    c.add_argument("--read-only", action="store_true")
+    c.add_argument("--max-bytes", help="memory filesystem size limit, e.g. 1G")
+    c.add_argument("--max-inodes", type=int)
+    c.add_argument("mountpoint")
+    c.set_defaults(func=cmd_vfs_mount)
