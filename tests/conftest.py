@@ -53,3 +53,9 @@ def lanekit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "lanekit-home"
     monkeypatch.setenv("LANEKIT_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory shared by the VM tests, so the kernel and images are built once."""
+    return tmp_path_factory.mktemp("vm-home")

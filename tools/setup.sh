@@ -11,6 +11,7 @@ apt_packages=(
   qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python python3-boto3
   e2fsprogs busybox-static util-linux kmod
   s3backer fio
+  qemu-guest-agent debootstrap git
 )
 missing=()
 for p in "${apt_packages[@]}"; do
