@@ -78,13 +78,19 @@ exec "$@"
 """
 
 KILL_TREE = r"""#!/lanekit/busybox sh
-# Kill a process and all of its descendants (a timed-out exec).
+# Kill a process and all of its descendants (a timed-out exec). Stop first, so nothing
+# forks while the tree is walked; busybox-static has no pgrep, so read /proc.
 bb=/lanekit/busybox
+children() {
+    $bb awk -v P="$1" '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); if (f[2] == P) print $1 }' \
+        /proc/[0-9]*/stat 2>/dev/null
+}
 kill_tree() {
-    for child in $($bb pgrep -P "$1"); do kill_tree "$child"; done
+    $bb kill -STOP "$1" 2>/dev/null
+    for child in $(children "$1"); do kill_tree "$child"; done
     $bb kill -KILL "$1" 2>/dev/null
 }
-for pid in "$@"; do $bb kill -STOP "$pid" 2>/dev/null; kill_tree "$pid"; done
+for pid in "$@"; do kill_tree "$pid"; done
 exit 0
 """
 

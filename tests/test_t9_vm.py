@@ -1,0 +1,191 @@
+"""The microVM launcher, booted for real (TCG here). Boots are few and shared where safe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import blockstore
+import vfs
+from blockstore import LeaseHeld
+from vm import ExecTimeout, HealthcheckFailed, Healthcheck, ImageEntry
+from vm.launcher import Mount, Sandbox, SyncMachine
+
+from .blockdev import sh, wait_for
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+def our_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "lanekit-vm-"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def our_mounts() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line for line in f if "lanekit-vm-" in line]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def nothing_left_behind() -> Iterator[None]:
+    yield
+    # fusermount3's auto_unmount helper exits a moment after the session closes.
+    try:
+        wait_for(lambda: not our_processes() and not our_mounts(), timeout=10)
+    except AssertionError:
+        pass
+    assert our_processes() == []
+    assert our_mounts() == []
+
+
+@pytest.fixture(scope="module")
+def workspace() -> vfs.MemoryFS:
+    return vfs.MemoryFS({"from-host.txt": "hello guest\n"})
+
+
+@pytest.fixture(scope="module")
+def shared_disk(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"file://{tmp_path_factory.mktemp('disks')}/shared"
+
+
+@pytest.fixture(scope="module")
+def machine(vm_home: Path, workspace: vfs.MemoryFS, shared_disk: str) -> Iterator[SyncMachine]:
+    sandbox = Sandbox("shell", home=vm_home, disk=shared_disk, memory_mib=256)
+    with sandbox.run({"/workspace": workspace}, cwd="/workspace") as m:
+        yield m
+
+
+def test_exec_basics(machine: SyncMachine) -> None:
+    r = machine.exec(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    assert machine.exec(["pwd"]).stdout == b"/workspace\n"
+    assert machine.exec(["pwd"], cwd="/tmp").stdout == b"/tmp\n"
+    r = machine.exec(["sh", "-c", 'echo "$GREETING $HOME"'], env={"GREETING": "hi there"})
+    assert r.stdout == b"hi there /root\n"
+    assert machine.exec(["cat"], stdin=b"piped\x00in").stdout == b"piped\x00in"
+    blob = bytes(range(256)) * 64
+    machine.write_file("/tmp/blob", blob)
+    assert machine.exec(["cat", "/tmp/blob"]).stdout == blob
+    r = machine.exec(["no-such-command"])
+    assert r.exit_code == 127 and b"not found" in r.stderr
+    r = machine.exec(["true"], cwd="/no/such/dir")
+    assert r.exit_code == 126 and b"cannot change to directory" in r.stderr
+    assert "HOST" not in machine.exec_text(["env"])  # the host environment stays out
+    assert machine.exec_text(["sh", "-c", "ip -o link | grep -v ' lo:' | wc -l"]).strip() == "0"
+
+
+def test_timeout_kills_only_the_command(machine: SyncMachine) -> None:
+    with pytest.raises(ExecTimeout) as caught:
+        machine.exec(["sh", "-c", "echo started; sleep 1000 & sleep 1000"], timeout=2)
+    assert caught.value.result.signal == 9  # type: ignore[attr-defined]
+    assert machine.exec(["echo", "still alive"]).stdout == b"still alive\n"
+    assert "sleep 1000" not in machine.exec_text(["ps"])
+
+
+def test_files_and_metrics(machine: SyncMachine) -> None:
+    machine.write_file("/tmp/f.txt", "text")
+    assert machine.read_file("/tmp/f.txt") == b"text"
+    assert "f.txt" in machine.list_dir("/tmp")
+    m = machine.metrics()
+    assert m.guest_uptime_s > 0 and m.host_rss_bytes > 10 << 20 and m.host_cpu_s > 0
+    assert m.disk_bytes_read > 0
+
+
+def test_memoryfs_workspace_both_ways(machine: SyncMachine, workspace: vfs.MemoryFS) -> None:
+    assert machine.read_file("/workspace/from-host.txt") == b"hello guest\n"
+    machine.exec_text(["sh", "-c", "echo from guest > /workspace/out.txt"])
+
+    async def host_read() -> bytes:
+        attr = await workspace.lookup(workspace.root, b"out.txt")
+        handle = await workspace.open(attr.key, os.O_RDONLY)
+        try:
+            return await workspace.read(handle, 0, 100)
+        finally:
+            await workspace.release(handle)
+            await workspace.forget(attr.key, 1)
+
+    assert trio.run(host_read) == b"from guest\n"
+
+
+def test_second_sandbox_on_same_disk_refused(
+    machine: SyncMachine, vm_home: Path, shared_disk: str
+) -> None:
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
+        with Sandbox("shell", home=vm_home, disk=shared_disk).run():
+            pass
+
+
+def test_durable_root_disk(vm_home: Path, tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/disks/lane"
+    sandbox = Sandbox("shell", home=vm_home, disk=url, memory_mib=256)
+    with sandbox.run() as m:
+        m.exec_text(["sh", "-c", "echo persisted > /root/note"])
+    with sandbox.run() as m:
+        assert m.read_file("/root/note") == b"persisted\n"
+        m.exec_text(["sh", "-c", "echo synced > /root/synced; sync"])
+        m.exec_text(["sh", "-c", "echo unsynced > /root/unsynced"])
+        qemu_pid = m._machine.qemu.pid
+        os.kill(qemu_pid, signal.SIGKILL)
+    with sandbox.run() as m:
+        assert m.read_file("/root/synced") == b"synced\n"
+        assert m.read_file("/root/note") == b"persisted\n"
+    # The guest stopped cleanly (journal replayed at the last boot): the image is clean.
+    base = sandbox.images.path(sandbox.registry.lookup("shell").digest or "")
+    raw = tmp_path / "lane.raw"
+
+    async def export() -> None:
+        async with blockstore.open_disk(url, writable=False, base=base) as disk:
+            with open(raw, "wb") as f:
+                offset = 0
+                while offset < disk.size:
+                    data = await disk.read(offset, min(8 << 20, disk.size - offset))
+                    f.write(data)
+                    offset += len(data)
+
+    trio.run(export)
+    sh("e2fsck", "-fn", str(raw))
+
+
+def test_healthcheck_failure_is_clear(vm_home: Path) -> None:
+    sandbox = Sandbox("shell", home=vm_home, memory_mib=256)
+    sandbox.registry.register(
+        ImageEntry(
+            id="broken-shell",
+            image="lanekit/shell:busybox",
+            healthcheck=Healthcheck(("sh", "-c", "echo probing; exit 4"), 0, 1500),
+            default_entrypoint=("sh", "-c"),
+            digest=sandbox.registry.lookup("shell").digest,
+        )
+    )
+    broken = Sandbox("broken-shell", home=vm_home, memory_mib=256)
+    with broken.run() as m, pytest.raises(HealthcheckFailed, match="exited 4.*probing"):
+        m.exec(["true"])
+    status = next(s for s in broken.registry.statuses() if s.id == "broken-shell")
+    assert not status.healthy and "exited 4" in (status.last_error or "")
+
+
+def test_cli_vm_run(vm_home: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "LANEKIT_HOME": str(vm_home), "LANEKIT_TEST_SECRET": "do-not-leak"}
+    hostdir = tmp_path / "share"
+    hostdir.mkdir()
+    (hostdir / "in.txt").write_text("from host dir\n")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell",
+            "--mount", f"/data={hostdir}:ro", "--mount", "/scratch=memory",
+            "--env", "A=b", "--cwd", "/data", "--memory", "256", "--",
+            "sh", "-c", "echo hello; cat in.txt; echo $A; env | grep -c LANEKIT_TEST; "
+            "touch /data/x 2>/dev/null || echo read-only; echo s > /scratch/s; exit 7",
+        ],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "hello\nfrom host dir\nb\n0\nread-only\n"
+    assert sorted(os.listdir(hostdir)) == ["in.txt"]
