@@ -15,8 +15,8 @@ import trio
 import blockstore
 import vfs
 from blockstore import LeaseHeld
-from vm import ExecTimeout, HealthcheckFailed, Healthcheck, ImageEntry
-from vm.launcher import Mount, Sandbox, SyncMachine
+from vm import ExecTimeout, Healthcheck, HealthcheckFailed, ImageEntry
+from vm.launcher import Sandbox, SyncMachine
 
 from .blockdev import sh, wait_for
 
@@ -117,9 +117,9 @@ def test_memoryfs_workspace_both_ways(machine: SyncMachine, workspace: vfs.Memor
 def test_second_sandbox_on_same_disk_refused(
     machine: SyncMachine, vm_home: Path, shared_disk: str
 ) -> None:
-    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
-        with Sandbox("shell", home=vm_home, disk=shared_disk).run():
-            pass
+    second = Sandbox("shell", home=vm_home, disk=shared_disk)
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"), second.run():
+        pass
 
 
 def test_durable_root_disk(vm_home: Path, tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_durable_root_disk(vm_home: Path, tmp_path: Path) -> None:
 
     async def export() -> None:
         async with blockstore.open_disk(url, writable=False, base=base) as disk:
-            with open(raw, "wb") as f:
+            with open(raw, "wb") as f:  # noqa: ASYNC230  (a test helper)
                 offset = 0
                 while offset < disk.size:
                     data = await disk.read(offset, min(8 << 20, disk.size - offset))
@@ -165,7 +165,7 @@ def test_healthcheck_failure_is_clear(vm_home: Path) -> None:
         )
     )
     broken = Sandbox("broken-shell", home=vm_home, memory_mib=256)
-    with broken.run() as m, pytest.raises(HealthcheckFailed, match="exited 4.*probing"):
+    with broken.run() as m, pytest.raises(HealthcheckFailed, match=r"exited 4.*probing"):
         m.exec(["true"])
     status = next(s for s in broken.registry.statuses() if s.id == "broken-shell")
     assert not status.healthy and "exited 4" in (status.last_error or "")
