@@ -280,9 +280,11 @@ class MemoryFS(Filesystem):
         self._link_into(parent, check_name(parts[-1]), node, node.ctime)
         self._write(node, 0, data)
 
-    def _copy_tree(self, source: Path, target: _Node) -> None:
+    def _copy_tree(
+        self, source: Path, target: _Node, seen: dict[tuple[int, int], _Node] | None = None
+    ) -> None:
         """Copy a host tree (files, dirs, symlinks; hard links kept) into ``target``."""
-        seen: dict[tuple[int, int], _Node] = {}
+        seen = {} if seen is None else seen
         for entry in os.scandir(source):
             st = entry.stat(follow_symlinks=False)
             name = os.fsencode(entry.name)
@@ -295,7 +297,7 @@ class MemoryFS(Filesystem):
                 node.nlink = 1
             self._link_into(target, name, node, node.ctime)
             if stat.S_ISDIR(st.st_mode):
-                self._copy_tree(Path(entry.path), node)
+                self._copy_tree(Path(entry.path), node, seen)
             elif stat.S_ISLNK(st.st_mode):
                 node.target = os.fsencode(os.readlink(entry.path))
                 node.size = len(node.target)

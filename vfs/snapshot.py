@@ -157,8 +157,8 @@ async def restore_tar(fs: Filesystem, source: IO[bytes]) -> int:
                 mode=None if member.issym() else mode,
                 uid=member.uid,
                 gid=member.gid,
-                atime_ns=None if member.issym() else atime,
-                mtime_ns=None if member.issym() else mtime,
+                atime_ns=atime,
+                mtime_ns=mtime,
             )
             deferred.append((attr.key, changes))
             count += 1

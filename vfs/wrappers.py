@@ -127,6 +127,18 @@ class Hub(Filesystem):
         fs, inner, index = self._split(key)
         return self._wrap(index, await fs.getattr(inner))
 
+    async def statfs(self) -> StatFS:
+        """The sum of the members (the kernel asks once per mount, not per directory)."""
+        total = [0, 0, 0, 0]
+        for fs in self.members:
+            info = await fs.statfs()
+            scale = info.block_size / 4096
+            total[0] += int(info.blocks * scale)
+            total[1] += int(info.blocks_free * scale)
+            total[2] += info.files
+            total[3] += info.files_free
+        return StatFS(4096, *total)
+
     async def opendir(self, key: Key) -> Handle:
         if key == self.ROOT:
             return (None, self.ROOT)
