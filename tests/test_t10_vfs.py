@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ import trio
 
 import vfs
 from blockstore import LocalObjectStore
-from vfs.interface import Attr, Key
 
 from .blockdev import sh, wait_for
 
@@ -57,37 +56,17 @@ def as_user(uid: int, gid: int, *argv: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-class Computed(vfs.Filesystem):
-    """The README's example: a read-only filesystem of computed files."""
+def readme_example() -> type[vfs.Filesystem]:
+    """The README's 30-line read-only filesystem of computed files, executed as written."""
+    import re
 
-    FILES = {
-        b"hello.txt": b"hello\n",
-        b"squares.txt": "".join(f"{i * i}\n" for i in range(100)).encode(),
-    }
-
-    @property
-    def root(self) -> Key:
-        return "/"
-
-    def _attr(self, key: Key) -> Attr:
-        if key == "/":
-            return Attr(key, stat.S_IFDIR | 0o555, nlink=2)
-        return Attr(key, stat.S_IFREG | 0o444, size=len(self.FILES[key]))  # type: ignore[index]
-
-    async def lookup(self, parent: Key, name: bytes) -> Attr:
-        if parent != "/" or name not in self.FILES:
-            raise vfs.NotFound()
-        return self._attr(name)
-
-    async def getattr(self, key: Key) -> Attr:
-        return self._attr(key)
-
-    async def readdir(self, handle: Key, offset: int) -> AsyncIterator[tuple[bytes, Attr, int]]:
-        for i, name in enumerate(sorted(self.FILES)[offset:], start=offset + 1):
-            yield name, self._attr(name), i
-
-    async def read(self, handle: Key, offset: int, size: int) -> bytes:
-        return self.FILES[handle][offset : offset + size]  # type: ignore[index]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    code = next(b for b in blocks if "class Computed(vfs.Filesystem)" in b)
+    assert len(code.strip().splitlines()) <= 45
+    namespace: dict[str, object] = {"__name__": "readme"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace["Computed"]  # type: ignore[return-value]
 
 
 class Faulty(vfs.MemoryFS):
@@ -118,7 +97,7 @@ def fs_members(host_root: Path) -> dict[str, vfs.Filesystem]:
         "small": vfs.MemoryFS(max_bytes=1 << 20, max_inodes=20),
         "pass": vfs.PassthroughFS(host_root / "root"),
         "ro": vfs.ReadOnlyFS(vfs.MemoryFS({"seed.txt": "seeded\n"})),
-        "computed": Computed(),
+        "computed": readme_example()(),
         "faulty": Faulty({"boom.txt": "boom!", "fine.txt": "fine"}),
     }
 
