@@ -230,12 +230,15 @@ class MemoryFS(Filesystem):
             pos += take
         self._charge(grow)
         for index, within, take, start in plan:
+            piece = view[start : start + take]
             chunk = node.chunks.get(index)
             if chunk is None:
-                chunk = node.chunks[index] = bytearray()
-            if len(chunk) < within + take:
-                chunk.extend(bytes(within + take - len(chunk)))
-            chunk[within : within + take] = view[start : start + take]
+                node.chunks[index] = bytearray(within) + piece if within else bytearray(piece)
+            elif len(chunk) <= within:
+                chunk.extend(bytes(within - len(chunk)))
+                chunk += piece
+            else:
+                chunk[within : within + take] = piece
         node.size = max(node.size, offset + len(data))
 
     def _truncate(self, node: _Node, size: int) -> None:

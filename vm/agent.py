@@ -73,17 +73,38 @@ class GuestAgent:
             if isinstance(reply, dict) and reply.get("return") == token:
                 return
 
-    async def wait_ready(self, attempt_timeout: float = 1.0) -> None:
-        """Until the agent answers (the caller bounds the total wait)."""
+    async def wait_ready(self, interval: float = 0.05) -> None:
+        """Until the agent answers (the caller bounds the total wait).
+
+        Until the guest opens its port, what we send is dropped, so a sync is re-sent
+        every ``interval`` on one connection; the first answer to any of them means the
+        agent is up, and a final clean sync discards the answers still on their way.
+        """
         while True:
             try:
-                with trio.fail_after(attempt_timeout):
-                    async with self._lock:
-                        await self._sync()
-                return
-            except (trio.TooSlowError, OSError, GuestAgentError):
-                await self.aclose()
-                await trio.sleep(0.05)
+                self._stream = await trio.open_unix_socket(self.socket_path)
+                break
+            except OSError:
+                await trio.sleep(interval)
+        async with self._lock:
+            sent: set[int] = set()
+            self._buffer.clear()
+            while True:
+                token = next(self._ids) % (1 << 31)
+                sent.add(token)
+                await self._stream.send_all(b"\xff")
+                await self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
+                with trio.move_on_after(interval):
+                    while True:
+                        line = await self._line()
+                        line = line[line.rfind(b"\xff") + 1 :]
+                        try:
+                            reply = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(reply, dict) and reply.get("return") in sent:
+                            await self._sync()
+                            return
 
     async def call(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         message: dict[str, Any] = {"execute": command}

@@ -51,6 +51,7 @@ for arg in $($bb cat /proc/cmdline); do
     case "$arg" in
         lanekit.root=*) root="${arg#lanekit.root=}" ;;
         lanekit.rootflags=*) rootflags="${arg#lanekit.rootflags=}" ;;
+        lanekit.poweroff) $bb poweroff -f ;;  # the benchmark's floor: kernel + modules only
     esac
 done
 i=0

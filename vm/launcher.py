@@ -423,7 +423,10 @@ class Sandbox:
 
     @contextlib.asynccontextmanager
     async def _root_disk(self, runtime: Path, image: Path, digest: str) -> AsyncIterator[Disk]:
-        base = BaseImage(image, digest=digest)
+        """The root disk: on first use a copy-on-write disk over the image. A disk that
+        was created without a base (an image imported into the object store, so a boot
+        fetches every block from there) is opened as it is."""
+        base: BaseImage | None = BaseImage(image, digest=digest)
         try:
             if self.disk_url is None:
                 target: Any = (blockstore.LocalObjectStore(runtime / "root-store"), "root")
@@ -431,15 +434,23 @@ class Sandbox:
                 target = self.disk_url
             objects, name, _ = blockstore.resolve(target, self.s3_endpoint)
             if name not in await trio.to_thread.run_sync(blockstore.list_disks, objects):
+                assert base is not None
                 size = max(self.disk_size or 0, base.size)
                 with contextlib.suppress(blockstore.DiskExists):
                     await blockstore.create((objects, name), size, base=image)
+            else:
+                info = await trio.to_thread.run_sync(blockstore.disk_info, objects, name)
+                if info["base_digest"] is None:
+                    assert base is not None
+                    base.close()
+                    base = None
             async with blockstore.open_disk(
                 (objects, name), base=base, spill_dir=str(runtime)
             ) as disk:
                 yield disk
         finally:
-            base.close()
+            if base is not None:
+                base.close()
 
     async def _host_filesystems(
         self, stack: contextlib.AsyncExitStack, runtime: Path, mounts: Sequence[Mount]

@@ -15,6 +15,8 @@ BENCHMARKS = {
     "s3": "tools.bench.s3raw",
     "blockstore": "tools.bench.blockstore_api",
     "served": "tools.bench.served",
+    "vmboot": "tools.bench.vmboot",
+    "vfs": "tools.bench.vfsbench",
 }
 
 
