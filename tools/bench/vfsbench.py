@@ -110,8 +110,8 @@ def _dd(args: list[str]) -> float:
 
 def _measure(report: Report, case: str, root: Path, size_mb: int, files: int, tree: Path) -> None:
     data = root / "seq"
-    report.add("sequential write, 1 MiB requests", case,
-               _dd(["if=/dev/zero", f"of={data}", "bs=1M", f"count={size_mb}", "conv=fsync"]))  # fmt: skip
+    write = ["if=/dev/zero", f"of={data}", "bs=1M", f"count={size_mb}", "conv=fsync"]
+    report.add("sequential write, 1 MiB requests", case, _dd(write))
     _drop_caches()
     report.add(
         "sequential read, 1 MiB requests", case, _dd([f"if={data}", "of=/dev/null", "bs=1M"])
