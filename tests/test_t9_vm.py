@@ -189,3 +189,21 @@ def test_cli_vm_run(vm_home: Path, tmp_path: Path) -> None:
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "hello\nfrom host dir\nb\n0\nread-only\n"
     assert sorted(os.listdir(hostdir)) == ["in.txt"]
+
+
+@pytest.mark.parametrize(
+    ("image", "argv", "expected"),
+    [
+        ("python", ["python3", "-c", "print(6 * 7)"], b"42\n"),
+        ("javascript", ["node", "-e", "console.log(6 * 7)"], b"42\n"),
+    ],
+)
+def test_debian_images_build_and_boot(
+    vm_home: Path, image: str, argv: list[str], expected: bytes
+) -> None:
+    """debootstrap from Debian's mirror (the build is the slow part), then boot to ready."""
+    sandbox = Sandbox(image, home=vm_home, memory_mib=512)
+    with sandbox.run() as m:
+        assert m.exec(argv).stdout == expected
+    status = next(s for s in sandbox.registry.statuses() if s.id == image)
+    assert status.healthy and status.digest
