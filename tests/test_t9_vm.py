@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,3 +211,54 @@ def test_debian_images_build_and_boot(
         assert m.exec(argv).stdout == expected
     status = next(s for s in sandbox.registry.statuses() if s.id == image)
     assert status.healthy and status.digest
+
+
+def test_private_runtime_directory(machine: SyncMachine) -> None:
+    runtime = machine._machine.runtime
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    sockets = [p for p in runtime.iterdir() if stat.S_ISSOCK(p.stat().st_mode)]
+    assert {p.name for p in sockets} >= {"nbd.sock", "qga.sock", "fs0.sock"}
+    for sock in sockets:
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600, sock
+
+
+def test_ctrl_c_cleans_up(vm_home: Path) -> None:
+    env = {**os.environ, "LANEKIT_HOME": str(vm_home)}
+    before_procs, before_mounts = set(our_processes()), set(our_mounts())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell", "--memory", "256",
+         "--mount", "/w=memory", "--", "sh", "-c", "echo up > /w/flag; sleep 600"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: any("qemu-system" in p for p in set(our_processes()) - before_procs),
+            timeout=120,
+        )
+        time.sleep(8)  # booted and running the command
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    wait_for(
+        lambda: set(our_processes()) <= before_procs and set(our_mounts()) <= before_mounts,
+        timeout=30,
+    )
+
+
+def test_cli_image_check(vm_home: Path) -> None:
+    env = {**os.environ, "LANEKIT_HOME": str(vm_home)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "image", "check", "shell"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "shell: healthy"
+    listing = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "image", "list"],
+        capture_output=True, text=True, env=env, timeout=60,
+    ).stdout  # fmt: skip
+    assert any(line.startswith("shell ") and "healthy (" in line for line in listing.splitlines())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import signal
 import sys
@@ -207,15 +208,31 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     stdin = sys.stdin.buffer.read() if args.stdin else None
 
     async def main() -> int:
-        async with sandbox.boot(mounts, cwd=args.cwd) as machine:
-            result = await machine.exec(command, env=env, stdin=stdin, timeout=args.timeout)
+        """SIGINT/SIGTERM cancel the run; leaving ``boot`` stops the VM and cleans up."""
+        result = None
+        signalled = False
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal signalled
+                    async for _ in signals:
+                        signalled = True
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                async with sandbox.boot(mounts, cwd=args.cwd) as machine:
+                    result = await machine.exec(command, env=env, stdin=stdin, timeout=args.timeout)
+                nursery.cancel_scope.cancel()
+        if signalled or result is None:
+            print("lanekit: interrupted; the sandbox was stopped", file=sys.stderr)
+            return 130
         sys.stdout.buffer.write(result.stdout)
         sys.stdout.flush()
         sys.stderr.buffer.write(result.stderr)
         sys.stderr.flush()
         return result.exit_code
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     code: int = trio.run(main)
     return code
 
@@ -237,6 +254,11 @@ def cmd_vfs_mount(args: argparse.Namespace) -> int:
         fs = vfs.PassthroughFS(args.passthrough, read_only=args.read_only)
     if args.read_only and args.memory:
         fs = vfs.ReadOnlyFS(fs)
+
+    # A server process holds many small objects and few cycles: keep the collector from
+    # rescanning them all while requests wait.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
     async def main() -> None:
         async with vfs.mount(fs, args.mountpoint) as where:

@@ -62,17 +62,17 @@ def _ctx(ctx: pyfuse3.RequestContext | None) -> Context:
 class FuseAdapter(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, fs: Filesystem, *, timeout: float = 1.0) -> None:
+    def __init__(self, fs: Filesystem, *, timeout: float | None = None) -> None:
         super().__init__()
         self.fs = fs
-        self.timeout = timeout
+        self.keep_cache = bool(getattr(fs, "kernel_cache", False))
+        self.timeout = timeout if timeout is not None else 30.0 if self.keep_cache else 1.0
         self._ino_of: dict[Key, int] = {fs.root: pyfuse3.ROOT_INODE}
         self._key_of: dict[int, Key] = {pyfuse3.ROOT_INODE: fs.root}
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._handles: dict[int, Any] = {}
         self._next_fh = 1
-        self.keep_cache = bool(getattr(fs, "kernel_cache", False))
 
     # ------------------------------------------------------------ plumbing
 
@@ -369,7 +369,7 @@ async def mount(
     allow_other: bool = True,
     fsname: str = "lanekit-vfs",
     readahead_kb: int = 4096,
-    timeout: float = 1.0,
+    timeout: float | None = None,
 ) -> AsyncIterator[Path]:
     """Mount ``fs`` for the duration of the block; unmounts on every way out.
 

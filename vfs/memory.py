@@ -81,7 +81,14 @@ class _Node:
 
 
 class MemoryFS(Filesystem):
-    """``MemoryFS(files={"a/b.txt": "hi"}, copy_from="dir", max_bytes=..., max_inodes=...)``."""
+    """``MemoryFS(files={"a/b.txt": "hi"}, copy_from="dir", max_bytes=..., max_inodes=...)``.
+
+    Mounted, the kernel caches its data, names and attributes (``kernel_cache``): changes
+    normally come through the mount. Changes made through this object's methods while it
+    is mounted may be seen through the mount only after the cache timeout.
+    """
+
+    kernel_cache = True
 
     def __init__(
         self,

@@ -170,12 +170,14 @@ async def _process(argv: list[str], log: Path, name: str) -> AsyncIterator[trio.
                 raise VMError(f"{name} (pid {proc.pid}) did not exit after SIGKILL")
 
 
-async def _wait_for_path(path: Path, proc: trio.Process, what: str, log: Path) -> None:
+async def _wait_for_socket(path: Path, proc: trio.Process, what: str, log: Path) -> None:
+    """Wait for a child's unix socket, then make it owner-only (0600)."""
     with trio.move_on_after(30):
         while not path.exists():  # noqa: ASYNC240  (a stat in a polling loop)
             if proc.returncode is not None:
                 raise BootError(f"{what} exited with {proc.returncode}: {_tail(log)}")
             await trio.sleep(0.02)
+        os.chmod(path, 0o600)
         return
     raise BootError(f"{what} did not create {path} within 30 s: {_tail(log)}")
 
@@ -492,7 +494,7 @@ class Sandbox:
             "-o", "cache=auto", "-o", "xattr", "-o", "sandbox=chroot",
         ]  # fmt: skip
         async with _process(argv, log, "virtiofsd") as proc:
-            await _wait_for_path(socket_path, proc, "virtiofsd", log)
+            await _wait_for_socket(socket_path, proc, "virtiofsd", log)
             mode = "ro" if mount.read_only else "rw"
             yield f"lanekit.mount=fs{index}:{mount.guest_path}:{mode}"
 
@@ -569,7 +571,7 @@ class Sandbox:
             agent = GuestAgent(str(runtime / "qga.sock"))
             machine = Machine(self, entry, agent, qemu, disk, runtime, cwd)
             stack.push_async_callback(_shielded, machine.stop)
-            await _wait_for_path(runtime / "qga.sock", qemu, "qemu", runtime / "qemu.log")
+            await _wait_for_socket(runtime / "qga.sock", qemu, "qemu", runtime / "qemu.log")
             with trio.move_on_after(self.boot_timeout) as waiting:
                 async with trio.open_nursery() as boot:
 
