@@ -81,6 +81,7 @@ def run(*, quick: bool = False) -> Report:
     report.metric("boot to first exec result", "s", higher_is_better=False, baseline=FLOOR)
     report.metric("blocks fetched by one boot", "blocks", higher_is_better=False)
     report.metric("blocks stored in the image disk", "blocks", higher_is_better=False)
+    report.metric("blocks in the image (its size)", "blocks", higher_is_better=False)
     home = Path(tempfile.mkdtemp(prefix="lanekit-bench-vmboot-"))
     warm = Sandbox("shell", home=home, memory_mib=256)
     warm._resolve_image()
@@ -99,7 +100,8 @@ def run(*, quick: bool = False) -> Report:
         )  # fmt: skip
         objects = blockstore.open_store(store, s3_endpoint=server.endpoint)
         blockstore.checkpoint_disk(objects, "image", "v1")
-        stored = blockstore.disk_info(objects, "image")["stored_blocks"]
+        info = blockstore.disk_info(objects, "image")
+        stored, total = info["stored_blocks"], info["size"] // info["block_size"]
         for _ in range(repeats):
             report.add("boot to first exec result", FLOOR, _floor_seconds(warm, accel))
             seconds, _ = trio.run(_boot_seconds, warm)
@@ -114,6 +116,7 @@ def run(*, quick: bool = False) -> Report:
             report.add("boot to first exec result", COLD, seconds)
             report.add("blocks fetched by one boot", COLD, fetched)
             report.add("blocks stored in the image disk", COLD, stored)
+            report.add("blocks in the image (its size)", COLD, total)
     report.notes.append(
         "The floor includes loading the virtio modules; the sandbox adds mounting the root "
         "over NBD, the guest init, qemu-guest-agent start-up and the healthcheck exec."
