@@ -474,6 +474,14 @@ def test_passthrough_directory_swapped_for_symlink(mnt: Path, host_root: Path) -
         os.unlink(host_root / "root" / "swap")
 
 
+def test_passthrough_refuses_device_nodes(mnt: Path, host_root: Path) -> None:
+    with pytest.raises(PermissionError):
+        os.mknod(mnt / "pass" / "disk", stat.S_IFBLK | 0o600, os.makedev(8, 0))
+    assert not (host_root / "root" / "disk").exists()
+    os.mkfifo(mnt / "pass" / "fifo")
+    assert stat.S_ISFIFO(os.stat(host_root / "root" / "fifo").st_mode)
+
+
 def test_passthrough_read_only(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
 

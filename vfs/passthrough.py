@@ -47,6 +47,26 @@ def _renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int)
         raise OSError(code, os.strerror(code))
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_AT_EMPTY_PATH = 0x1000
+
+
+def _utimens(fd: int, atime_ns: int, mtime_ns: int, symlink: bool) -> None:
+    """Set the times of exactly the node ``fd`` holds, a symlink included (AT_EMPTY_PATH)."""
+    times = (_Timespec * 2)(
+        _Timespec(*divmod(atime_ns, 10**9)), _Timespec(*divmod(mtime_ns, 10**9))
+    )
+    if _libc.utimensat(fd, b"", times, _AT_EMPTY_PATH) == 0:
+        return
+    code = ctypes.get_errno()
+    if code != errno.EINVAL or symlink:  # kernels before 5.8 lack AT_EMPTY_PATH here
+        raise OSError(code, os.strerror(code))
+    os.utime(_proc(fd), ns=(atime_ns, mtime_ns))
+
+
 def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
@@ -76,9 +96,15 @@ class _Dir:
 
 
 class PassthroughFS(Filesystem):
-    """Serve ``root`` (a host directory); ``read_only=True`` refuses every change."""
+    """Serve ``root`` (a host directory); ``read_only=True`` refuses every change.
 
-    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    Device nodes are refused (EPERM) unless ``allow_devices``: a sandbox must not plant a
+    device node in a host directory that host processes may open.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, read_only: bool = False, allow_devices: bool = False
+    ) -> None:
         self.path = Path(root).absolute()
         fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -86,6 +112,7 @@ class PassthroughFS(Filesystem):
         self._nodes: dict[Key, _Node] = {self._root: _Node(fd)}
         self._nodes[self._root].refs = 1 << 62
         self.read_only = read_only
+        self.allow_devices = allow_devices
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -214,11 +241,24 @@ class PassthroughFS(Filesystem):
     async def fsync(self, handle: int, datasync: bool) -> None:
         await self._thread(os.fdatasync if datasync else os.fsync, handle)
 
-    def _owned(self, parent_fd: int, name: bytes, ctx: Context) -> None:
-        """Give a new node to the caller; a setgid parent already chose the group."""
+    def _owned(self, parent_fd: int, name: bytes, ctx: Context, mode: int | None = None) -> None:
+        """Give a new node to the caller (a setgid parent already chose the group) and the
+        exact mode asked for: the kernel applied the caller's umask, this process's own
+        umask must not apply again."""
         parent_mode = os.fstat(parent_fd).st_mode
         gid = -1 if parent_mode & stat.S_ISGID else ctx.gid
         os.chown(name, ctx.uid, gid, dir_fd=parent_fd, follow_symlinks=False)
+        if mode is not None:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            wanted = stat.S_IMODE(mode) | (
+                st.st_mode & stat.S_ISGID if stat.S_ISDIR(st.st_mode) else 0
+            )
+            if stat.S_IMODE(st.st_mode) != wanted:
+                fd = os.open(name, _PATH_FLAGS, dir_fd=parent_fd)
+                try:
+                    os.chmod(_proc(fd), wanted)
+                finally:
+                    os.close(fd)
 
     async def setattr(self, key: Key, changes: SetAttr, ctx: Context) -> Attr:
         self._writable()
@@ -239,7 +279,7 @@ class PassthroughFS(Filesystem):
                 now = os.fstat(fd)
                 atime = changes.atime_ns if changes.atime_ns is not None else now.st_atime_ns
                 mtime = changes.mtime_ns if changes.mtime_ns is not None else now.st_mtime_ns
-                os.utime(path, ns=(atime, mtime), follow_symlinks=not stat.S_ISLNK(st.st_mode))
+                _utimens(fd, atime, mtime, stat.S_ISLNK(st.st_mode))
             return _attr(key, os.fstat(fd))
 
         return await self._thread(run)
@@ -247,12 +287,12 @@ class PassthroughFS(Filesystem):
     async def mknod(self, parent: Key, name: bytes, mode: int, rdev: int, ctx: Context) -> Attr:
         self._writable()
         pfd = self._fd(parent)
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and not self.allow_devices:
             raise FSError("device nodes are not allowed here", errno.EPERM)
 
         def run() -> Attr:
-            os.mknod(check_name(name), mode, 0, dir_fd=pfd)
-            self._owned(pfd, name, ctx)
+            os.mknod(check_name(name), mode, rdev, dir_fd=pfd)
+            self._owned(pfd, name, ctx, mode)
             return self._lookup(pfd, name)
 
         return await self._thread(run)
@@ -263,7 +303,7 @@ class PassthroughFS(Filesystem):
 
         def run() -> Attr:
             os.mkdir(check_name(name), mode, dir_fd=pfd)
-            self._owned(pfd, name, ctx)
+            self._owned(pfd, name, ctx, mode)
             return self._lookup(pfd, name)
 
         return await self._thread(run)
@@ -323,7 +363,7 @@ class PassthroughFS(Filesystem):
                 dir_fd=pfd,
             )  # fmt: skip
             try:
-                self._owned(pfd, name, ctx)
+                self._owned(pfd, name, ctx, mode)
                 return self._lookup(pfd, name), fd
             except BaseException:
                 os.close(fd)
