@@ -17,7 +17,8 @@ import vfs
 from vm import Healthcheck, ImageEntry, ProbeResult, Registry
 from vm.errors import VMError
 from vm.images import RECIPES, ImageStore
-from vm.launcher import Mount, Sandbox, state_paths
+from vm.launcher import Mount, Sandbox
+from vm.state import state_paths
 
 from .config import lanekit_home, parse_size
 
@@ -38,6 +39,21 @@ def _argv(text: str, what: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------- image
+
+
+def _pin(registry: Registry, image_id: str, digest: str, description: str) -> ImageEntry:
+    """Point ``image_id`` at an image, registering it with default settings if new."""
+    if not registry.has(image_id):
+        registry.register(
+            ImageEntry(
+                id=image_id,
+                image=f"lanekit/{image_id}:latest",
+                healthcheck=Healthcheck(DEFAULT_HEALTHCHECK),
+                default_entrypoint=("sh", "-c"),
+                description=description,
+            )
+        )
+    return registry.pin(image_id, digest)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -62,17 +78,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         meta = images.build_from_oci(Path(args.from_oci), size=size)
     else:
         meta = images.build_debian(args.debian, args.packages or (), size=size)
-    if not registry.has(image_id):
-        registry.register(
-            ImageEntry(
-                id=image_id,
-                image=f"lanekit/{image_id}:latest",
-                healthcheck=Healthcheck(DEFAULT_HEALTHCHECK),
-                default_entrypoint=("sh", "-c"),
-                description=f"built from {meta.source.get('kind')}",
-            )
-        )
-    entry = registry.pin(image_id, meta.digest)
+    entry = _pin(registry, image_id, meta.digest, f"built from {meta.source.get('kind')}")
     print(f"{entry.id} {entry.pinned_reference} ({meta.size >> 20} MiB)")
     return 0
 
@@ -136,16 +142,7 @@ def cmd_image_pull(args: argparse.Namespace) -> int:
     objects = blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
     meta = images.pull(args.digest, objects)
     if args.id:
-        if not registry.has(args.id):
-            registry.register(
-                ImageEntry(
-                    id=args.id,
-                    image=f"lanekit/{args.id}:latest",
-                    healthcheck=Healthcheck(DEFAULT_HEALTHCHECK),
-                    default_entrypoint=("sh", "-c"),
-                )
-            )
-        registry.pin(args.id, meta.digest)
+        _pin(registry, args.id, meta.digest, "pulled")
     print(f"pulled sha256:{meta.digest}")
     return 0
 

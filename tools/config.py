@@ -1,17 +1,10 @@
-"""Where lanekit keeps its state: one directory, ``$LANEKIT_HOME``, so tests can isolate it."""
+"""Command-line settings: the state directory (defined by ``vm.state``) and sizes."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from vm.state import lanekit_home
 
-
-def lanekit_home() -> Path:
-    env = os.environ.get("LANEKIT_HOME")
-    if env:
-        return Path(env).absolute()
-    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(data) / "lanekit"
+__all__ = ["lanekit_home", "parse_size"]
 
 
 def parse_size(text: str) -> int:

@@ -327,8 +327,6 @@ class MemoryFS(Filesystem):
         directory = self._dir(parent)
         entry = directory.children.get(name)
         if entry is None:
-            if len(name) > 255:
-                raise FSError("name too long", errno.ENAMETOOLONG)
             raise NotFound()
         node = self._nodes[entry[0]]
         node.lookups += 1

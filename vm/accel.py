@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -22,14 +23,13 @@ ENV_FORCE = "LANEKIT_ACCEL"
 QEMU = "qemu-system-x86_64"
 
 
-def _qemu_version() -> str:
-    try:
-        out = subprocess.run(
-            [QEMU, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise VMError(f"{QEMU} is not usable: {exc}; run tools/setup.sh") from None
-    return out.splitlines()[0] if out else "unknown"
+def _qemu_identity() -> str:
+    """Which qemu binary this is (path, size, time): a stat, not a run, on every boot."""
+    path = shutil.which(QEMU)
+    if path is None:
+        raise VMError(f"{QEMU} is not installed; run tools/setup.sh")
+    st = os.stat(path)
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def kvm_boots(kernel: Path, timeout: float = 20.0) -> bool:
@@ -63,7 +63,7 @@ def choose_accelerator(kernel: Path, cache_file: Path, forced: str | None = None
         if forced not in ACCELERATORS:
             raise VMError(f"unknown accelerator {forced!r}: use one of {', '.join(ACCELERATORS)}")
         return forced
-    key = f"{os.uname().release}|{_qemu_version()}|{kernel.parent.name}"
+    key = f"{os.uname().release}|{_qemu_identity()}|{kernel.parent.name}"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_file.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

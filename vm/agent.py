@@ -53,25 +53,33 @@ class GuestAgent:
         assert self._stream is not None
         await self._stream.send_all(json.dumps(message).encode() + b"\n")
 
+    async def _sync_reply(self) -> object:
+        """The next line that parses as JSON, read past any 0xFF delimiter; its "return"."""
+        while True:
+            line = await self._line()
+            line = line[line.rfind(b"\xff") + 1 :]
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(reply, dict):
+                return reply.get("return")
+
     async def _sync(self) -> None:
         """Resynchronise: send a sync, skip everything up to the 0xFF and the matching reply."""
         if self._stream is None:
             self._stream = await trio.open_unix_socket(self.socket_path)
         self._buffer.clear()
+        token = await self._send_sync()
+        while await self._sync_reply() != token:
+            pass
+
+    async def _send_sync(self) -> int:
+        assert self._stream is not None
         token = next(self._ids) % (1 << 31)
         await self._stream.send_all(b"\xff")
         await self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
-        while True:
-            line = await self._line()
-            marker = line.rfind(b"\xff")
-            if marker >= 0:
-                line = line[marker + 1 :]
-            try:
-                reply = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(reply, dict) and reply.get("return") == token:
-                return
+        return token
 
     async def wait_ready(self, interval: float = 0.05) -> None:
         """Until the agent answers (the caller bounds the total wait).
@@ -89,22 +97,14 @@ class GuestAgent:
         async with self._lock:
             sent: set[int] = set()
             self._buffer.clear()
-            while True:
-                token = next(self._ids) % (1 << 31)
-                sent.add(token)
-                await self._stream.send_all(b"\xff")
-                await self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
+            answered = False
+            while not answered:
+                sent.add(await self._send_sync())
                 with trio.move_on_after(interval):
-                    while True:
-                        line = await self._line()
-                        line = line[line.rfind(b"\xff") + 1 :]
-                        try:
-                            reply = json.loads(line)
-                        except ValueError:
-                            continue
-                        if isinstance(reply, dict) and reply.get("return") in sent:
-                            await self._sync()
-                            return
+                    while await self._sync_reply() not in sent:
+                        pass
+                    answered = True
+            await self._sync()
 
     async def call(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         message: dict[str, Any] = {"execute": command}

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from blockstore import ObjectNotFound, ObjectStore, sha256_file
 from .errors import BuildError, ImageNotFoundError
 from .guest import install_busybox_userland, install_runtime
 from .oci import unpack_image
+from .proc import run_tool
 from .registry import DIGEST_RE
 
 MIB = 1 << 20
@@ -66,16 +66,8 @@ def _check_digest(digest: str) -> str:
     return digest
 
 
-def _run(argv: Sequence[str], what: str, timeout: float = 1800, **kwargs: Any) -> None:
-    try:
-        proc = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BuildError(f"{what} failed: {exc}") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
-        raise BuildError(f"{what} failed (exit {proc.returncode}): {detail}")
+def _run(argv: Sequence[str], what: str, **kwargs: Any) -> None:
+    run_tool(argv, what, error=BuildError, **kwargs)
 
 
 def tree_bytes(root: Path) -> int:
@@ -264,8 +256,7 @@ class ImageStore:
                 return {"kind": "recipe", "recipe": name}
 
             return self.build(populate, size=size)
-        meta = self.build_debian("bookworm", packages, size=size)
-        return meta
+        return self.build_debian("bookworm", packages, size=size)
 
     # ------------------------------------------------------------ travel
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
-import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from .cpio import CpioWriter
 from .errors import KernelError
+from .proc import run_tool
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
@@ -77,32 +77,28 @@ class KernelAssets:
     initramfs: Path
 
 
-def _run(argv: list[str], cwd: Path | None = None, timeout: float = 600) -> str:
-    try:
-        proc = subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KernelError(f"{argv[0]} failed: {exc}") from None
-    if proc.returncode != 0:
-        raise KernelError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-800:]}")
-    return proc.stdout
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    return run_tool(argv, " ".join(argv), error=KernelError, timeout=600, cwd=cwd)
 
 
-def module_load_order(paths: dict[str, Path]) -> list[str]:
-    """Names of ``paths`` ordered so each module comes after the modules it depends on."""
+def module_dependencies(paths: dict[str, Path], roots: Sequence[str]) -> dict[str, list[str]]:
+    """``roots`` and everything they need, each with its ``depends=`` list (``modinfo``)."""
     deps: dict[str, list[str]] = {}
-    pending = list(paths)
+    pending = list(roots)
     while pending:
         name = pending.pop()
         if name in deps:
             continue
+        if name not in paths:
+            raise KernelError(f"module {name} is needed but the kernel package lacks it")
         raw = _run(["modinfo", "-F", "depends", str(paths[name])]).strip()
         deps[name] = [d.replace("-", "_") for d in raw.split(",") if d]
-        for dep in deps[name]:
-            if dep not in paths:
-                raise KernelError(f"module {name} needs {dep}, which the kernel package lacks")
-            pending.append(dep)
+        pending.extend(deps[name])
+    return deps
+
+
+def load_order(deps: dict[str, list[str]]) -> list[str]:
+    """The modules ordered so each comes after the modules it depends on."""
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -180,20 +176,18 @@ class KernelCache:
             return version
 
     def _initramfs(self, version: str) -> Path:
+        """Cached under a key of its inputs' names, sizes and times, so a boot that finds
+        it runs no ``modinfo`` and hashes nothing."""
         directory = self.root / version
-        modules = directory / "modules"
-        paths = {p.stem: p for p in modules.glob("*.ko")}
-        wanted = module_load_order(_closure(paths, GUEST_MODULES))
-        inputs = hashlib.sha256()
-        inputs.update(INIT_SCRIPT.encode())
-        inputs.update(json.dumps(wanted).encode())
-        for name in wanted:
-            inputs.update(hashlib.sha256(paths[name].read_bytes()).digest())
-        inputs.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
-        key = inputs.hexdigest()[:16]
-        target = directory / f"initramfs-{key}.cpio"
+        paths = {p.stem: p for p in (directory / "modules").glob("*.ko")}
+        inputs = hashlib.sha256(INIT_SCRIPT.encode() + repr(GUEST_MODULES).encode())
+        for path in [BUSYBOX, *sorted(paths.values())]:
+            st = path.stat()
+            inputs.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        target = directory / f"initramfs-{inputs.hexdigest()[:16]}.cpio"
         if target.is_file():
             return target
+        wanted = load_order(module_dependencies(paths, GUEST_MODULES))
         tmp = directory / f".initramfs-{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             cpio = CpioWriter(f)
@@ -213,18 +207,3 @@ class KernelCache:
             if old != target:
                 old.unlink()
         return target
-
-
-def _closure(paths: dict[str, Path], roots: tuple[str, ...]) -> dict[str, Path]:
-    selected: dict[str, Path] = {}
-    pending = list(roots)
-    while pending:
-        name = pending.pop()
-        if name in selected:
-            continue
-        if name not in paths:
-            raise KernelError(f"module {name} is missing from the cached kernel")
-        selected[name] = paths[name]
-        raw = _run(["modinfo", "-F", "depends", str(paths[name])]).strip()
-        pending.extend(d.replace("-", "_") for d in raw.split(",") if d)
-    return selected

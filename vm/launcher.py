@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,22 +39,13 @@ from .errors import (
     VMError,
 )
 from .guest import AGENT_PORT_NAME
-from .images import RECIPES, ImageStore
-from .kernel import KernelCache
-from .registry import ImageEntry, Registry
+from .images import RECIPES
+from .registry import ImageEntry
+from .state import lanekit_home, state_paths
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SAFE_GUEST_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_.-")
-
-
-def state_paths(home: Path) -> tuple[Registry, ImageStore, KernelCache]:
-    """The registry, image store and kernel cache under one state directory."""
-    return (
-        Registry(home / "images" / "registry.json"),
-        ImageStore(home / "images"),
-        KernelCache(home / "kernels"),
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +192,6 @@ class Machine:
         self.disk = disk
         self.runtime = runtime
         self.cwd = cwd
-        self.booted_at = time.monotonic()
         self._healthy = False
         self._health_lock = trio.Lock()
         self._stopped = False
@@ -392,8 +381,6 @@ class Sandbox:
         s3_endpoint: str | None = None,
         build_missing: bool = True,
     ) -> None:
-        from tools.config import lanekit_home
-
         if not 1 <= cpus <= 64:
             raise VMError("cpus must be between 1 and 64")
         if not 64 <= memory_mib <= 65536:
