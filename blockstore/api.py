@@ -33,18 +33,21 @@ async def create(
     size: int,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    base: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | BaseImage | None = None,
     s3_endpoint: str | None = None,
 ) -> dict[str, Any]:
+    """Create a disk; a :class:`BaseImage` passed in (its digest already known, say) stays
+    open for the caller, a path is opened, hashed and closed here."""
     objects, name, _ = resolve(target, s3_endpoint)
     digest = None
     if base is not None:
-        image = BaseImage(base)
+        image = base if isinstance(base, BaseImage) else BaseImage(base)
         try:
             digest = await run_sync(lambda: image.digest)
             size = size or image.size
         finally:
-            image.close()
+            if image is not base:
+                image.close()
     head = await run_sync(
         lambda: create_disk(objects, name, size, block_size=block_size, base_digest=digest)
     )

@@ -85,6 +85,14 @@ def test_exec_basics(machine: SyncMachine) -> None:
     assert machine.exec_text(["sh", "-c", "ip -o link | grep -v ' lo:' | wc -l"]).strip() == "0"
 
 
+def test_runtime_comes_from_the_initramfs_read_only(machine: SyncMachine) -> None:
+    mounts = machine.read_file("/proc/mounts").decode().splitlines()
+    runtime = [line.split() for line in mounts if line.split()[1] == "/lanekit"]
+    assert runtime and "ro" in runtime[-1][3].split(","), mounts
+    r = machine.exec(["touch", "/lanekit/tampered"])
+    assert r.exit_code != 0 and b"Read-only" in r.stderr
+
+
 def test_timeout_kills_only_the_command(machine: SyncMachine) -> None:
     with pytest.raises(ExecTimeout) as caught:
         machine.exec(["sh", "-c", "echo started; sleep 1000 & sleep 1000"], timeout=2)

@@ -1,10 +1,16 @@
-"""What every lanekit image carries under ``/lanekit``: an init, a guest agent, helpers.
+"""The guest runtime mounted at ``/lanekit`` in every boot: an init, a guest agent, helpers.
 
-The guest agent is Debian's ``qemu-ga`` from the host, copied with the shared libraries
-it loads and started through the copied dynamic loader with ``--library-path``, so it
-runs the same in a busybox image and in a Debian one and never mixes with the image's
-own libraries. busybox-static provides the init's tools. The kernel command line tells
-the init which virtiofs tags to mount where (``lanekit.mount=TAG:PATH:ro|rw``).
+The runtime travels in the initramfs (see :mod:`vm.kernel`), not in the images: the
+initramfs bind-mounts it over the image's empty ``/lanekit`` before handing over. So a
+boot reads none of it over the root disk (a cold root disk in S3 fetches only the image's
+own blocks), images hold only what their builder put in, and a new runtime reaches every
+image without a rebuild.
+
+The guest agent is Debian's ``qemu-ga`` from the host, with the shared libraries it loads,
+started through the copied dynamic loader with ``--library-path``, so it runs the same in a
+busybox image and in a Debian one and never mixes with the image's own libraries.
+busybox-static provides the init's tools. The kernel command line tells the init which
+virtiofs tags to mount where (``lanekit.mount=TAG:PATH:ro|rw``).
 """
 
 from __future__ import annotations
@@ -127,33 +133,33 @@ def shared_libraries(binary: Path) -> list[Path]:
     return libs
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    path.write_text(text)
-    os.chmod(path, mode)
-
-
-def install_runtime(root: Path) -> None:
-    """Add ``/lanekit`` and the mount points to an image tree (in place)."""
+def runtime_files() -> dict[str, tuple[bytes | Path, int]]:
+    """The runtime's files, by path under ``/lanekit``: contents (or a host file) and mode."""
     for required in (AGENT_BINARY, BUSYBOX):
         if not required.is_file():
             raise BuildError(
                 f"{required} is missing on this host: run tools/setup.sh "
                 "(it installs qemu-guest-agent and busybox-static)"
             )
+    files: dict[str, tuple[bytes | Path, int]] = {
+        "busybox": (BUSYBOX, 0o755),
+        "qemu-ga": (AGENT_BINARY, 0o755),
+        "init": (GUEST_INIT.encode(), 0o755),
+        "run": (RUN_WRAPPER.encode(), 0o755),
+        "kill-tree": (KILL_TREE.encode(), 0o755),
+        "poweroff": (POWEROFF.encode(), 0o755),
+    }
+    for lib in shared_libraries(AGENT_BINARY):
+        files[f"lib/{lib.name}"] = (lib.resolve(), 0o755)
+    return files
+
+
+def prepare_tree(root: Path) -> None:
+    """Give an image tree (in place) the mount points a boot needs, ``/lanekit`` included."""
     runtime = root / "lanekit"
     if runtime.is_symlink() or (runtime.exists() and not runtime.is_dir()):
         raise BuildError("the image tree has a /lanekit that is not a directory")
-    shutil.rmtree(runtime, ignore_errors=True)
-    (runtime / "lib").mkdir(parents=True)
-    shutil.copy2(BUSYBOX, runtime / "busybox")
-    shutil.copy2(AGENT_BINARY, runtime / "qemu-ga")
-    for lib in shared_libraries(AGENT_BINARY):
-        shutil.copy2(lib.resolve(), runtime / "lib" / lib.name)
-    _write(runtime / "init", GUEST_INIT, 0o755)
-    _write(runtime / "run", RUN_WRAPPER, 0o755)
-    _write(runtime / "kill-tree", KILL_TREE, 0o755)
-    _write(runtime / "poweroff", POWEROFF, 0o755)
-    for name in MOUNT_POINTS:
+    for name in ("lanekit", *MOUNT_POINTS):
         point = root / name
         if point.is_symlink():
             point.unlink()

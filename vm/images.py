@@ -28,7 +28,7 @@ import lz4.frame
 from blockstore import ObjectNotFound, ObjectStore, sha256_file
 
 from .errors import BuildError, ImageNotFoundError
-from .guest import install_busybox_userland, install_runtime
+from .guest import install_busybox_userland, prepare_tree
 from .oci import unpack_image
 from .proc import run_tool
 from .registry import DIGEST_RE
@@ -178,7 +178,7 @@ class ImageStore:
             tree.mkdir()
             os.chmod(tree, 0o755)
             source = populate(tree)
-            install_runtime(tree)
+            prepare_tree(tree)
             disk = work / "disk.raw"
             disk_size = size or default_size(tree_bytes(tree))
             with open(disk, "wb") as f:

@@ -3,9 +3,12 @@
 The cloud kernel builds virtio, virtio_blk, virtiofs and friends as modules and ships no
 ``modules.dep`` we could use in a busybox initramfs, so the initramfs carries exactly the
 modules we need and loads them in dependency order, computed here from each module's
-``depends=`` field (``modinfo``). It then mounts the root disk and switches to the image's
-``/lanekit/init``. Both are cached under ``$LANEKIT_HOME/kernels/<version>/`` and rebuilt
-only when an input (kernel version, module set, init script, busybox) changes.
+``depends=`` field (``modinfo``). It also carries the guest runtime (:mod:`vm.guest`):
+it mounts the root disk, bind-mounts the runtime at the root's ``/lanekit``, moves the
+root over ``/`` and runs ``/lanekit/init`` there. (Not ``switch_root``: that empties the
+initramfs, runtime included.) Both are cached under ``$LANEKIT_HOME/kernels/<version>/``
+and rebuilt only when an input (kernel version, module set, scripts, host binaries)
+changes.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from pathlib import Path
 
 from .cpio import CpioWriter
 from .errors import KernelError
+from .guest import runtime_files
 from .proc import run_tool
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
-BUSYBOX = Path("/bin/busybox")
 GUEST_MODULES = (
     "virtio_ring",
     "virtio",
@@ -36,9 +39,10 @@ GUEST_MODULES = (
     "overlay",
 )
 
-INIT_SCRIPT = r"""#!/bin/busybox sh
-# lanekit initramfs: load the virtio modules, mount the root disk, switch to its init.
-bb=/bin/busybox
+INIT_SCRIPT = r"""#!/lanekit/busybox sh
+# lanekit initramfs: load the virtio modules, mount the root disk, put the guest runtime
+# at its /lanekit, make it the root and run /lanekit/init there.
+bb=/lanekit/busybox
 $bb mount -t devtmpfs dev /dev
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sys /sys
@@ -54,19 +58,24 @@ for arg in $($bb cat /proc/cmdline); do
         lanekit.poweroff) $bb poweroff -f ;;  # the benchmark's floor: kernel + modules only
     esac
 done
+$bb rm -rf /modules  # loaded: give their memory back
 i=0
 while [ ! -b "$root" ] && [ $i -lt 500 ]; do $bb usleep 10000; i=$((i + 1)); done
 if ! $bb mount -t ext4 -o "$rootflags" "$root" /newroot; then
     echo "lanekit-initramfs: cannot mount $root" >/dev/console
     $bb poweroff -f
 fi
-if [ ! -x /newroot/lanekit/init ]; then
-    echo "lanekit-initramfs: /lanekit/init missing on $root: not a lanekit image" >/dev/console
+if [ ! -d /newroot/lanekit ] && ! $bb mkdir /newroot/lanekit; then
+    echo "lanekit-initramfs: $root has no /lanekit to mount the runtime on" >/dev/console
     $bb poweroff -f
 fi
+$bb mount --bind /lanekit /newroot/lanekit
+$bb mount -o remount,bind,ro /newroot/lanekit
 $bb mount --move /dev /newroot/dev
 $bb umount /proc /sys
-exec $bb switch_root /newroot /lanekit/init
+cd /newroot
+$bb mount --move . /
+exec $bb chroot . /lanekit/init
 """
 
 
@@ -180,8 +189,14 @@ class KernelCache:
         it runs no ``modinfo`` and hashes nothing."""
         directory = self.root / version
         paths = {p.stem: p for p in (directory / "modules").glob("*.ko")}
+        runtime = runtime_files()
         inputs = hashlib.sha256(INIT_SCRIPT.encode() + repr(GUEST_MODULES).encode())
-        for path in [BUSYBOX, *sorted(paths.values())]:
+        for name, (content, mode) in sorted(runtime.items()):
+            if isinstance(content, Path):
+                st = content.stat()
+                content = f"{content}:{st.st_size}:{st.st_mtime_ns}".encode()
+            inputs.update(f"{name}:{mode:o}:".encode() + hashlib.sha256(content).digest())
+        for path in sorted(paths.values()):
             st = path.stat()
             inputs.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
         target = directory / f"initramfs-{inputs.hexdigest()[:16]}.cpio"
@@ -191,11 +206,13 @@ class KernelCache:
         tmp = directory / f".initramfs-{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             cpio = CpioWriter(f)
-            for d in ("dev", "proc", "sys", "newroot", "bin", "modules"):
+            for d in ("dev", "proc", "sys", "newroot", "modules", "lanekit", "lanekit/lib"):
                 cpio.directory(d)
             cpio.char_device("dev/console", 5, 1, 0o600)
             cpio.file("init", INIT_SCRIPT.encode(), 0o755)
-            cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+            for name, (content, mode) in sorted(runtime.items()):
+                data = content.read_bytes() if isinstance(content, Path) else content
+                cpio.file(f"lanekit/{name}", data, mode)
             cpio.file("modules.order", "".join(f"{m}\n" for m in wanted).encode(), 0o644)
             for name in wanted:
                 cpio.file(f"modules/{name}.ko", paths[name].read_bytes(), 0o644)

@@ -268,7 +268,7 @@ class Machine:
                 if result.exit_code == hc.expected_exit_code:
                     self._healthy = True
                     with contextlib.suppress(ImageNotFoundError):
-                        registry.mark_healthy(self.entry.id)
+                        await trio.to_thread.run_sync(registry.mark_healthy, self.entry.id)
                     return
                 if trio.current_time() >= deadline:
                     message = (
@@ -278,7 +278,9 @@ class Machine:
                         f"stderr: {result.stderr_text[-500:]!r}"
                     )
                     with contextlib.suppress(ImageNotFoundError):
-                        registry.mark_unhealthy(self.entry.id, message)
+                        await trio.to_thread.run_sync(
+                            registry.mark_unhealthy, self.entry.id, message
+                        )
                     raise HealthcheckFailed(message)
                 await trio.sleep(0.2)
 
@@ -426,7 +428,7 @@ class Sandbox:
                 assert base is not None
                 size = max(self.disk_size or 0, base.size)
                 with contextlib.suppress(blockstore.DiskExists):
-                    await blockstore.create((objects, name), size, base=image)
+                    await blockstore.create((objects, name), size, base=base)
             else:
                 info = await trio.to_thread.run_sync(blockstore.disk_info, objects, name)
                 if info["base_digest"] is None:
