@@ -91,6 +91,11 @@ def test_runtime_comes_from_the_initramfs_read_only(machine: SyncMachine) -> Non
     assert runtime and "ro" in runtime[-1][3].split(","), mounts
     r = machine.exec(["touch", "/lanekit/tampered"])
     assert r.exit_code != 0 and b"Read-only" in r.stderr
+    mounted = {line.split()[1]: line.split()[2] for line in mounts}
+    for point, kind in [("/proc", "proc"), ("/sys", "sysfs"), ("/dev/pts", "devpts"),
+                        ("/dev/shm", "tmpfs"), ("/tmp", "tmpfs"), ("/run", "tmpfs"),
+                        ("/workspace", "virtiofs")]:  # fmt: skip
+        assert mounted.get(point) == kind, (point, mounts)
 
 
 def test_timeout_kills_only_the_command(machine: SyncMachine) -> None:
@@ -217,6 +222,10 @@ def test_debian_images_build_and_boot(
     sandbox = Sandbox(image, home=vm_home, memory_mib=512)
     with sandbox.run() as m:
         assert m.exec(argv).stdout == expected
+        # The image's own tools, found on $PATH, not the runtime busybox's applets.
+        assert m.exec_text(["ls", "--version"]).startswith("ls (GNU coreutils)")
+        path = m.exec_text(["readlink", "-f", "/proc/self/exe"], cwd="/usr")
+        assert path == "/usr/bin/readlink\n"
     status = next(s for s in sandbox.registry.statuses() if s.id == image)
     assert status.healthy and status.digest
 

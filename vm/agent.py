@@ -81,7 +81,7 @@ class GuestAgent:
         await self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
         return token
 
-    async def wait_ready(self, interval: float = 0.02) -> None:
+    async def wait_ready(self, interval: float = 0.01) -> None:
         """Until the agent answers (the caller bounds the total wait).
 
         Until the guest opens its port, what we send is dropped, so a sync is re-sent

@@ -34,16 +34,12 @@ GUEST_INIT = rf"""#!/lanekit/busybox sh
 bb=/lanekit/busybox
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
-$bb mount -t proc proc /proc
-$bb mount -t sysfs sys /sys
 $bb mkdir -p /dev/pts /dev/shm
-$bb mount -t devpts -o gid=5,mode=620 devpts /dev/pts
-$bb mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
-$bb mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
-$bb mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+$bb mount -a -T /lanekit/fstab  # one process for all of them: each costs ~10 ms under TCG
 $bb hostname lanekit
 $bb ip link set lo up 2>/dev/null
-for arg in $($bb cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
     case "$arg" in
         lanekit.mount=*)
             spec="${{arg#lanekit.mount=}}"
@@ -56,7 +52,8 @@ for arg in $($bb cat /proc/cmdline); do
 done
 port=
 for d in /sys/class/virtio-ports/*; do
-    [ "$($bb cat "$d/name" 2>/dev/null)" = "{AGENT_PORT_NAME}" ] && port="/dev/${{d##*/}}"
+    name=; read -r name <"$d/name"
+    [ "$name" = "{AGENT_PORT_NAME}" ] && port="/dev/${{d##*/}}"
 done
 if [ -z "$port" ]; then
     echo "lanekit-init: no guest agent port" >/dev/console
@@ -76,11 +73,43 @@ while :; do
 done
 """
 
+FSTAB = """\
+proc /proc proc defaults 0 0
+sys /sys sysfs defaults 0 0
+devpts /dev/pts devpts gid=5,mode=620 0 0
+tmpfs /dev/shm tmpfs mode=1777,nosuid,nodev 0 0
+tmpfs /tmp tmpfs mode=1777,nosuid,nodev 0 0
+tmpfs /run tmpfs mode=755,nosuid,nodev 0 0
+"""
+
 RUN_WRAPPER = r"""#!/lanekit/busybox sh
-# lanekit exec wrapper: run "$@" in directory $1.
+# lanekit exec wrapper: run "$@" in directory $1. The command is looked up in $PATH here:
+# this busybox prefers its own applets, so a bare `exec ls` would run busybox's ls, not
+# the image's.
 cd -- "$1" 2>/dev/null || { echo "lanekit: cannot change to directory $1" >&2; exit 126; }
 shift
-exec "$@"
+command=$1
+case "$command" in
+    */*) ;;
+    *)
+        found=
+        IFS=:
+        for dir in $PATH; do
+            if [ -f "${dir:-.}/$command" ] && [ -x "${dir:-.}/$command" ]; then
+                found="${dir:-.}/$command"
+                break
+            fi
+        done
+        unset IFS
+        if [ -z "$found" ]; then
+            echo "lanekit: $command: command not found" >&2
+            exit 127
+        fi
+        command=$found
+        ;;
+esac
+shift
+exec "$command" "$@"
 """
 
 KILL_TREE = r"""#!/lanekit/busybox sh
@@ -145,6 +174,7 @@ def runtime_files() -> dict[str, tuple[bytes | Path, int]]:
         "busybox": (BUSYBOX, 0o755),
         "qemu-ga": (AGENT_BINARY, 0o755),
         "init": (GUEST_INIT.encode(), 0o755),
+        "fstab": (FSTAB.encode(), 0o644),
         "run": (RUN_WRAPPER.encode(), 0o755),
         "kill-tree": (KILL_TREE.encode(), 0o755),
         "poweroff": (POWEROFF.encode(), 0o755),

@@ -46,12 +46,13 @@ bb=/lanekit/busybox
 $bb mount -t devtmpfs dev /dev
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sys /sys
-for m in $($bb cat /modules.order); do
+while read -r m; do
     $bb insmod /modules/$m.ko || echo "lanekit-initramfs: insmod $m failed" >/dev/console
-done
+done </modules.order
 root=/dev/vda
 rootflags=rw
-for arg in $($bb cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
     case "$arg" in
         lanekit.root=*) root="${arg#lanekit.root=}" ;;
         lanekit.rootflags=*) rootflags="${arg#lanekit.rootflags=}" ;;
@@ -61,6 +62,8 @@ done
 $bb rm -rf /modules  # loaded: give their memory back
 i=0
 while [ ! -b "$root" ] && [ $i -lt 500 ]; do $bb usleep 10000; i=$((i + 1)); done
+# Fewer, larger reads: each request costs the guest far more than its bytes do.
+echo 1024 >"/sys/block/${root##*/}/queue/read_ahead_kb" 2>/dev/null
 if ! $bb mount -t ext4 -o "$rootflags" "$root" /newroot; then
     echo "lanekit-initramfs: cannot mount $root" >/dev/console
     $bb poweroff -f
