@@ -73,7 +73,7 @@ async def _boot_seconds(sandbox: Sandbox) -> tuple[float, int]:
 
 
 def run(*, quick: bool = False) -> Report:
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     report = Report(
         "vmboot",
         "Time from boot start to the first exec result, and blocks a boot fetches.",
