@@ -79,6 +79,17 @@ class Faulty(vfs.MemoryFS):
         return data
 
 
+class CountsFlushes(vfs.MemoryFS):
+    """A user filesystem that wants every close(2) to reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    async def flush(self, handle: object) -> None:
+        self.flushes += 1
+
+
 @pytest.fixture(scope="module")
 def host_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("passthrough")
@@ -99,6 +110,7 @@ def fs_members(host_root: Path) -> dict[str, vfs.Filesystem]:
         "ro": vfs.ReadOnlyFS(vfs.MemoryFS({"seed.txt": "seeded\n"})),
         "computed": readme_example()(),
         "faulty": Faulty({"boom.txt": "boom!", "fine.txt": "fine"}),
+        "flushes": CountsFlushes(),
     }
 
 
@@ -409,6 +421,18 @@ def test_unexpected_exception_is_eio_and_mount_survives(mnt: Path) -> None:
     assert (mnt / "faulty" / "fine.txt").read_text() == "fine"
 
 
+def test_flush_reaches_only_filesystems_that_want_it(
+    mnt: Path, fs_members: dict[str, vfs.Filesystem]
+) -> None:
+    assert not vfs.MemoryFS().wants_flush and not vfs.Hub({"m": vfs.MemoryFS()}).wants_flush
+    counting = fs_members["flushes"]
+    assert isinstance(counting, CountsFlushes) and counting.wants_flush
+    before = counting.flushes
+    for i in range(3):
+        (mnt / "flushes" / f"f{i}").write_text("x")
+    assert counting.flushes >= before + 3
+
+
 def test_bad_names(mnt: Path) -> None:
     with pytest.raises(OSError) as long_name:
         (mnt / "mem" / ("x" * 256)).write_text("x")
@@ -611,7 +635,13 @@ def test_cli_vfs_mount(tmp_path: Path, how: str) -> None:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("mounted")
         assert (where / "hello").read_text() == "hi"
-        (where / "new").write_text("n")
+        # MemoryFS wants no flush: the kernel learns that at the first close, and the
+        # written data must still be there (the writeback cache sends it before close).
+        for i in range(20):
+            (where / f"new{i}").write_bytes(bytes([i]) * (100_000 + i))
+        Path("/proc/sys/vm/drop_caches").write_text("3")  # reads below come from the server
+        for i in range(20):
+            assert (where / f"new{i}").read_bytes() == bytes([i]) * (100_000 + i)
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0

@@ -271,6 +271,8 @@ class FuseAdapter(pyfuse3.Operations):
         return await _guard("write", lambda: self.fs.write(handle, off, buf))
 
     async def flush(self, fh: int) -> None:
+        if not self.fs.wants_flush:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops sending FLUSH
         handle = self._handle(fh)
         await _guard("flush", lambda: self.fs.flush(handle))
 

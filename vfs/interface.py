@@ -237,7 +237,15 @@ class Filesystem:
         raise ReadOnly()
 
     async def flush(self, handle: Handle) -> None:
-        pass
+        """Called at every close(2) of a file handle; see :attr:`wants_flush`."""
+
+    @property
+    def wants_flush(self) -> bool:
+        """Whether :meth:`flush` must run at each close. When it need not (the default
+        ``flush`` is inherited), the kernel is told once and stops sending it: one round
+        trip less per close. Written data still reaches :meth:`write` before close returns.
+        """
+        return type(self).flush is not Filesystem.flush
 
     async def fsync(self, handle: Handle, datasync: bool) -> None:
         pass

@@ -232,6 +232,10 @@ class Hub(Filesystem):
     async def flush(self, handle: Handle) -> None:
         await handle[0].flush(handle[1])
 
+    @property
+    def wants_flush(self) -> bool:
+        return any(member.wants_flush for member in self.members)
+
     async def fsync(self, handle: Handle, datasync: bool) -> None:
         await handle[0].fsync(handle[1], datasync)
 
