@@ -108,17 +108,26 @@ async def test_two_writers_exactly_one_wins(s3: S3Endpoint) -> None:
     objects = s3.object_store()
     create_disk(objects, "d", 64 * BS, block_size=BS)
     results: list[str] = []
+    all_tried = trio.Event()
+
+    def tried(outcome: str) -> None:
+        results.append(outcome)
+        if len(results) == 4:
+            all_tried.set()
 
     async def contender() -> None:
         try:
             async with open_disk((objects, "d")) as disk:
-                results.append("won")
-                await trio.sleep(1.0)
+                tried("won")
+                # Hold the lease until every contender has tried: on a slow machine a
+                # late one could otherwise take it, rightly, after the winner let go.
+                with trio.fail_after(120):
+                    await all_tried.wait()
                 await disk.write(0, b"x")
         except LeaseHeld as e:
             assert "in use by host" in str(e)
             assert str(os.getpid()) in str(e)
-            results.append("refused")
+            tried("refused")
 
     async with trio.open_nursery() as nursery:
         for _ in range(4):
