@@ -15,6 +15,8 @@ virtiofs tags to mount where (``lanekit.mount=TAG:PATH:ro|rw``).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ from .errors import BuildError
 
 AGENT_BINARY = Path("/usr/sbin/qemu-ga")
 BUSYBOX = Path("/bin/busybox")
+LOADER_CACHE = Path("/etc/ld.so.cache")
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 MOUNT_POINTS = ("workspace", "tmp", "mnt", "proc", "sys", "dev", "run", "root")
 
@@ -160,6 +163,20 @@ def shared_libraries(binary: Path) -> list[Path]:
     if not any(p.name.startswith("ld-linux") for p in libs):
         raise BuildError(f"{binary} has no dynamic loader in ldd's output: {out!r}")
     return libs
+
+
+def runtime_fingerprint() -> bytes:
+    """What the runtime is built from, cheaply (no ``ldd``): the scripts, and the names,
+    sizes and times of the binaries and of the loader cache, which ``ldconfig`` rewrites
+    whenever a library is installed or upgraded. A boot checks it; a change rebuilds."""
+    fingerprint = hashlib.sha256()
+    for text in (GUEST_INIT, FSTAB, RUN_WRAPPER, KILL_TREE, POWEROFF):
+        fingerprint.update(hashlib.sha256(text.encode()).digest())
+    for path in (AGENT_BINARY, BUSYBOX, LOADER_CACHE):
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            fingerprint.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return fingerprint.digest()
 
 
 def runtime_files() -> dict[str, tuple[bytes | Path, int]]:

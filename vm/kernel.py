@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .cpio import CpioWriter
 from .errors import KernelError
-from .guest import runtime_files
+from .guest import runtime_files, runtime_fingerprint
 from .proc import run_tool
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -189,16 +189,11 @@ class KernelCache:
 
     def _initramfs(self, version: str) -> Path:
         """Cached under a key of its inputs' names, sizes and times, so a boot that finds
-        it runs no ``modinfo`` and hashes nothing."""
+        it runs no ``modinfo`` or ``ldd`` and hashes only the scripts."""
         directory = self.root / version
         paths = {p.stem: p for p in (directory / "modules").glob("*.ko")}
-        runtime = runtime_files()
         inputs = hashlib.sha256(INIT_SCRIPT.encode() + repr(GUEST_MODULES).encode())
-        for name, (content, mode) in sorted(runtime.items()):
-            if isinstance(content, Path):
-                st = content.stat()
-                content = f"{content}:{st.st_size}:{st.st_mtime_ns}".encode()
-            inputs.update(f"{name}:{mode:o}:".encode() + hashlib.sha256(content).digest())
+        inputs.update(runtime_fingerprint())
         for path in sorted(paths.values()):
             st = path.stat()
             inputs.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -213,7 +208,7 @@ class KernelCache:
                 cpio.directory(d)
             cpio.char_device("dev/console", 5, 1, 0o600)
             cpio.file("init", INIT_SCRIPT.encode(), 0o755)
-            for name, (content, mode) in sorted(runtime.items()):
+            for name, (content, mode) in sorted(runtime_files().items()):
                 data = content.read_bytes() if isinstance(content, Path) else content
                 cpio.file(f"lanekit/{name}", data, mode)
             cpio.file("modules.order", "".join(f"{m}\n" for m in wanted).encode(), 0o644)
