@@ -1,10 +1,12 @@
 """A disk: byte-addressed reads and writes over a block store and an optional base image.
 
-Writes land in a bounded write-back cache (memory, spilling to an unlinked local file) and
-reach the block store on ``flush()`` or, in the background, when the cache passes its soft
-limit; writers wait only past the hard limit. Reads come from the write-back cache, a
-bounded LRU of clean blocks, or the block store in parallel batches with sequential
-read-ahead, falling through to the base image (or zeros) for blocks the store does not hold.
+Writes land in a bounded write-back cache and reach the block store on ``flush()`` or, in
+the background, once the cache passes its soft limit. Past its memory budget a writer waits
+for that background flush while the store accepts uploads, and spills to an unlinked local
+file while the store is failing, waiting only past the hard limit. Reads come from the
+write-back cache, a bounded LRU of clean blocks, or the block store in parallel batches with
+sequential read-ahead, falling through to the base image (or zeros) for blocks the store
+does not hold.
 
 Concurrency: state changes that belong together happen with no ``await`` between them; a
 partial-block write (read-modify-write) holds a per-block marker so that concurrent writes to
@@ -124,7 +126,7 @@ class Disk:
         read_only: bool = False,
         cache_bytes: int = 128 << 20,
         dirty_memory: int = 64 << 20,
-        dirty_soft_limit: int = 256 << 20,
+        dirty_soft_limit: int = 32 << 20,
         dirty_hard_limit: int = 1 << 30,
         readahead_max: int = 8 << 20,
         spill_dir: str | None = None,
@@ -166,6 +168,7 @@ class Disk:
         self._flush_lock = trio.Lock()
         self._flush_wanted = trio.Event()
         self._flush_done = trio.Event()
+        self._drained = trio.Event()
         self._background_error: BaseException | None = None
         self._readahead_next = -1
         self._readahead_window = 0
@@ -195,7 +198,13 @@ class Disk:
             self._nursery.cancel_scope.cancel()
             await self._nursery_cm.__aexit__(None, None, None)
             self._nursery = None
-            await self._release()
+            if exc[0] is None:
+                await self._release()
+            else:
+                try:
+                    await self._release()
+                except Exception as e:
+                    log.warning("could not release the lease (it will expire): %s", e)
 
     async def close(self) -> None:
         """Flush and release the lease; the disk can no longer be used."""
@@ -240,6 +249,7 @@ class Disk:
                 self._background_error = None
             except Exception as e:
                 self._background_error = e
+                self._signal_drained()
                 log.warning("background flush failed (will retry): %s", e)
                 await trio.sleep(1.0)
 
@@ -473,13 +483,13 @@ class Disk:
         finally:
             del self._rmw[block]
             event.set()
-        await self._spill_if_needed()
+        await self._make_room()
 
     async def _put_block(self, block: int, data: bytes) -> None:
         while block in self._rmw:
             await self._rmw[block].wait()
         self._set_dirty(block, data)
-        await self._spill_if_needed()
+        await self._make_room()
 
     def _set_dirty(self, block: int, data: bytes) -> None:
         value: BlockValue = data
@@ -505,9 +515,23 @@ class Disk:
         elif old:
             self._dirty_mem -= len(old)
 
-    async def _spill_if_needed(self) -> None:
-        if self._dirty_mem <= self.dirty_memory:
-            return
+    async def _make_room(self) -> None:
+        """Keep dirty data within its memory budget. While the store takes uploads, the
+        writer waits for the background flush (a streaming writer then runs at the store's
+        speed instead of paying to copy everything through a local file); while the store
+        is failing, dirty blocks spill to local disk so writes go on up to the hard limit."""
+        while self._dirty_mem > self.dirty_memory:
+            if self._background_error is not None or self._nursery is None:
+                await self._spill_dirty()
+                return
+            self._flush_wanted.set()
+            await self._drained.wait()
+
+    def _signal_drained(self) -> None:
+        drained, self._drained = self._drained, trio.Event()
+        drained.set()
+
+    async def _spill_dirty(self) -> None:
         if self._spill is None:
             self._spill = _SpillFile(self.block_size, self.spill_dir)
         spill = self._spill
@@ -558,6 +582,7 @@ class Disk:
         flushing, self._dirty = self._dirty, {}
         self._flushing = flushing
         self._dirty_mem = self._dirty_count = 0
+        self._signal_drained()
         try:
             batch: dict[int, BlockValue] = {}
             batch_bytes = 0

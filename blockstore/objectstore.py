@@ -310,6 +310,11 @@ class S3ObjectStore(ObjectStore):
                 max_pool_connections=max_connections,
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
+                # Every block carries its own checksum, verified on read, and the transport
+                # has its own (SigV4's payload hash over http, TLS over https): a CRC32 of
+                # each body on top costs CPU on both ends for nothing.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             )
             region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
             client = boto3.session.Session().client(

@@ -239,6 +239,55 @@ async def test_s3_outage_mid_flush_fails_loudly_and_loses_nothing(tmp_path: Path
         server.stop()
 
 
+async def test_writes_spill_to_local_disk_while_s3_is_down_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    """With SeaweedFS killed, writes beyond the memory budget go on (spilled to a local
+    file) instead of stalling; once the server is back every byte reaches S3."""
+    server = S3Server(tmp_path / "s3")
+    server.start()
+    try:
+        client = server.client()
+        client.create_bucket(Bucket="spill")
+        fast_fail = Config(
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 2},
+            connect_timeout=1,
+            read_timeout=2,
+        )
+        kwargs = dict(server.client_kwargs(), config=fast_fail)
+        objects = blockstore.S3ObjectStore("spill", client=boto3.client("s3", **kwargs))
+        create_disk(objects, "d", 1024 * BS, block_size=BS)
+        data = os.urandom(512 * BS)
+        async with open_disk(
+            (objects, "d"),
+            lease_ttl=600,
+            dirty_memory=32 * BS,
+            dirty_soft_limit=16 * BS,
+            dirty_hard_limit=1024 * BS,
+            spill_dir=str(tmp_path),
+        ) as disk:
+            port = server.ports[3]
+            server.kill()
+            for i in range(0, len(data), 8 * BS):
+                await disk.write(i, data[i : i + 8 * BS])
+            assert disk._spill is not None, "with S3 down, dirty data must spill, not stall"
+            assert disk._dirty_mem <= 32 * BS + 8 * BS
+            assert await disk.read(0, len(data)) == data
+            server.port = port
+            server.start()
+            await disk.flush()
+        async with open_disk((objects, "d"), writable=False) as disk:
+            assert await disk.read(0, len(data)) == data
+        # A caller's own error is what surfaces, not the lease release that fails with it.
+        with pytest.raises(KeyError, match="the caller's"):
+            async with open_disk((objects, "d"), lease_ttl=600):
+                server.kill()
+                raise KeyError("the caller's")
+    finally:
+        server.stop()
+
+
 async def test_checkpoints_are_immutable_and_forks_are_isolated(tmp_path: Path) -> None:
     objects = LocalObjectStore(tmp_path)
     create_disk(objects, "parent", 64 * BS, block_size=BS)
