@@ -104,6 +104,19 @@ class _Spilled:
 _Dirty = BlockValue | _Spilled
 
 
+MAX_READ_STREAMS = 8
+
+
+@dataclass
+class _ReadStream:
+    """One sequential reader: the block it should read next, its read-ahead window, and
+    the block read-ahead has reached."""
+
+    next: int
+    window: int
+    until: int
+
+
 @dataclass
 class DiskStats:
     bytes_read: int = 0
@@ -170,9 +183,7 @@ class Disk:
         self._flush_done = trio.Event()
         self._drained = trio.Event()
         self._background_error: BaseException | None = None
-        self._readahead_next = -1
-        self._readahead_window = 0
-        self._readahead_until = 0
+        self._streams: list[_ReadStream] = []
         self._nursery: trio.Nursery | None = None
         self._closed = False
 
@@ -389,22 +400,29 @@ class Disk:
         return buf[start : start + length]
 
     def _maybe_readahead(self, first: int, last: int) -> None:
-        """On sequential reads, fetch a growing window ahead, in chunks of half a window."""
+        """On sequential reads, fetch a growing window ahead, in chunks of half a window.
+        Several streams are followed at once (NBD clients read over several connections,
+        guests read several files); a read that continues none starts a new one."""
         if self._nursery is None or self.readahead_max <= 1:
             return
-        if first == self._readahead_next or (first < self._readahead_next <= last + 1):
-            self._readahead_window = min(max(self._readahead_window * 2, 4), self.readahead_max)
+        for i, stream in enumerate(self._streams):
+            if first == stream.next or first < stream.next <= last + 1:
+                del self._streams[i]
+                stream.window = min(max(stream.window * 2, 4), self.readahead_max)
+                break
         else:
-            self._readahead_window = 0
-            self._readahead_until = last + 1
-        self._readahead_next = last + 1
-        window = self._readahead_window
-        if not window or self._readahead_until - (last + 1) >= window // 2:
+            stream = _ReadStream(next=last + 1, window=0, until=last + 1)
+            if len(self._streams) >= MAX_READ_STREAMS:
+                del self._streams[0]
+        self._streams.append(stream)
+        stream.next = last + 1
+        window = stream.window
+        if not window or stream.until - (last + 1) >= window // 2:
             return
         nblocks = (self.size + self.block_size - 1) // self.block_size
-        start = max(last + 1, self._readahead_until)
+        start = max(last + 1, stream.until)
         stop = min(last + 1 + window, nblocks)
-        self._readahead_until = max(stop, self._readahead_until)
+        stream.until = max(stop, stream.until)
         ahead = [
             b
             for b in range(start, stop)

@@ -243,6 +243,27 @@ async def test_sequential_reads_trigger_readahead() -> None:
         assert store.stats.gets < 16
 
 
+async def test_interleaved_sequential_streams_each_get_readahead() -> None:
+    """Four readers, as over four NBD connections, each sequential in its own quarter and
+    interleaved request by request: each is recognised as a stream of its own."""
+    objects = MemoryObjectStore()
+    create_disk(objects, "d", 1024 * BS, block_size=BS)
+    data = os.urandom(1024 * BS)
+    async with open_disk((objects, "d"), pack_size=1024 * BS) as disk:
+        await disk.write(0, data)
+    async with open_disk((objects, "d"), writable=False, readahead_max=64 * BS) as disk:
+        store = disk.store
+        assert isinstance(store, blockstore.ObjectBlockStore)
+        for step in range(0, 128 * BS, 4 * BS):
+            for quarter in range(4):
+                off = quarter * 256 * BS + step
+                assert await disk.read(off, 4 * BS) == data[off : off + 4 * BS]
+            await trio.sleep(0.01)
+        assert store.stats.blocks_fetched >= 512
+        # 128 reads; without a stream per reader every read would be a request of its own.
+        assert store.stats.gets < 40
+
+
 async def test_corrupted_object_is_an_error_naming_it(tmp_path: Path) -> None:
     objects = LocalObjectStore(tmp_path)
     create_disk(objects, "d", 16 * BS, block_size=BS)
