@@ -141,7 +141,7 @@ class Disk:
         dirty_memory: int = 64 << 20,
         dirty_soft_limit: int = 32 << 20,
         dirty_hard_limit: int = 1 << 30,
-        readahead_max: int = 8 << 20,
+        readahead_max: int = 64 << 20,
         spill_dir: str | None = None,
         lease_renew_interval: float | None = None,
     ) -> None:
@@ -163,7 +163,9 @@ class Disk:
         self.dirty_memory = dirty_memory
         self.dirty_soft_limit = max(dirty_soft_limit, self.block_size)
         self.dirty_hard_limit = max(dirty_hard_limit, 2 * self.dirty_soft_limit)
-        self.readahead_max = readahead_max // self.block_size
+        # Read-ahead lands in the clean cache: a window past a quarter of it would evict
+        # what it fetched before the reader gets there.
+        self.readahead_max = min(readahead_max, cache_bytes // 4) // self.block_size
         self.spill_dir = spill_dir
         self.lease_renew_interval = lease_renew_interval
         self.stats = DiskStats()
