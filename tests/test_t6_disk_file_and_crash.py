@@ -66,6 +66,9 @@ def test_fuse_file_under_loop_mkfs_mount_e2fsck(tmp_path: Path) -> None:
     with lanekit_bg("disk", "mount", url, str(mnt), ready="mounted") as proc:
         image = mnt / "disk"
         assert image.stat().st_size == 256 * MiB
+        dev_t = mnt.stat().st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev_t)}:{os.minor(dev_t)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "4096", "sequential reads should reach us as 1 MiB"
         with loop_device(image) as dev:
             sh("mkfs.ext4", "-q", dev)
             with mounted(dev, tmp_path / "fs") as fs:

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from blockstore.serve.fusefile import set_fuse_readahead
+
 from .interface import Attr, Context, Filesystem, FSError, Key, SetAttr, check_name
 
 log = logging.getLogger(__name__)
@@ -355,14 +357,6 @@ class FuseAdapter(pyfuse3.Operations):
         await _guard("removexattr", lambda: self.fs.removexattr(key, name))
 
 
-def _set_readahead(mountpoint: Path, readahead_kb: int) -> None:
-    """Raise the mount's read-ahead (pyfuse3 cannot pass max_readahead)."""
-    dev = os.stat(mountpoint).st_dev
-    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-    with contextlib.suppress(OSError):
-        path.write_text(str(readahead_kb))
-
-
 @contextlib.asynccontextmanager
 async def mount(
     fs: Filesystem,
@@ -402,7 +396,7 @@ async def mount(
                     unmounted = True
 
                 nursery.start_soon(serve)
-                await trio.to_thread.run_sync(_set_readahead, target, readahead_kb)
+                await trio.to_thread.run_sync(set_fuse_readahead, target, readahead_kb)
                 try:
                     yield target
                 finally:
