@@ -283,7 +283,7 @@ class ObjectBlockStore:
                     raw = lz4.block.decompress(raw, uncompressed_size=self.block_size)
                 except Exception as e:
                     raise CorruptBlock(pack, block, f"lz4 decoding failed: {e}") from None
-            if len(raw) != self.block_size or checksum(raw) != loc.digest:
+            if len(raw) != self.block_size or checksum(raw, loc.sha256) != loc.digest:
                 raise CorruptBlock(pack, block, "checksum mismatch")
             out[block] = raw
         self.stats.blocks_fetched += len(group)
