@@ -82,8 +82,8 @@ class Faulty(vfs.MemoryFS):
 class CountsFlushes(vfs.MemoryFS):
     """A user filesystem that wants every close(2) to reach it."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, seed: dict[str, str] | None = None) -> None:
+        super().__init__(seed or {})
         self.flushes = 0
 
     async def flush(self, handle: object) -> None:
@@ -111,6 +111,7 @@ def fs_members(host_root: Path) -> dict[str, vfs.Filesystem]:
         "computed": readme_example()(),
         "faulty": Faulty({"boom.txt": "boom!", "fine.txt": "fine"}),
         "flushes": CountsFlushes(),
+        "roflushes": vfs.ReadOnlyFS(CountsFlushes({"seen.txt": "seen"})),
     }
 
 
@@ -431,6 +432,15 @@ def test_flush_reaches_only_filesystems_that_want_it(
     for i in range(3):
         (mnt / "flushes" / f"f{i}").write_text("x")
     assert counting.flushes >= before + 3
+    # Through the read-only wrapper too.
+    wrapper = fs_members["roflushes"]
+    assert isinstance(wrapper, vfs.ReadOnlyFS) and wrapper.wants_flush
+    inner = wrapper.inner
+    assert isinstance(inner, CountsFlushes)
+    before = inner.flushes
+    for _ in range(3):
+        assert (mnt / "roflushes" / "seen.txt").read_text() == "seen"
+    assert inner.flushes >= before + 3
 
 
 def test_bad_names(mnt: Path) -> None:

@@ -203,21 +203,25 @@ async def test_takeover_fences_the_old_writer(tmp_path: Path) -> None:
     assert data == b"A" * BS + bytes(BS) + b"C" * BS
 
 
+def _fast_failing_store(server: S3Server, bucket: str) -> blockstore.S3ObjectStore:
+    """A store on ``server`` that gives up within seconds once the server is gone."""
+    server.client().create_bucket(Bucket=bucket)
+    fast_fail = Config(
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": 2},
+        connect_timeout=1,
+        read_timeout=2,
+    )
+    kwargs = dict(server.client_kwargs(), config=fast_fail)
+    return blockstore.S3ObjectStore(bucket, client=boto3.client("s3", **kwargs))
+
+
 @pytest.mark.slow
 async def test_s3_outage_mid_flush_fails_loudly_and_loses_nothing(tmp_path: Path) -> None:
     server = S3Server(tmp_path / "s3")
     server.start()
     try:
-        client = server.client()
-        client.create_bucket(Bucket="outage")
-        fast_fail = Config(
-            s3={"addressing_style": "path"},
-            retries={"mode": "standard", "max_attempts": 2},
-            connect_timeout=1,
-            read_timeout=2,
-        )
-        kwargs = dict(server.client_kwargs(), config=fast_fail)
-        objects = blockstore.S3ObjectStore("outage", client=boto3.client("s3", **kwargs))
+        objects = _fast_failing_store(server, "outage")
         create_disk(objects, "d", 1024 * BS, block_size=BS)
         acked = os.urandom(64 * BS)
         unacked = os.urandom(64 * BS)
@@ -247,16 +251,7 @@ async def test_writes_spill_to_local_disk_while_s3_is_down_and_nothing_is_lost(
     server = S3Server(tmp_path / "s3")
     server.start()
     try:
-        client = server.client()
-        client.create_bucket(Bucket="spill")
-        fast_fail = Config(
-            s3={"addressing_style": "path"},
-            retries={"mode": "standard", "max_attempts": 2},
-            connect_timeout=1,
-            read_timeout=2,
-        )
-        kwargs = dict(server.client_kwargs(), config=fast_fail)
-        objects = blockstore.S3ObjectStore("spill", client=boto3.client("s3", **kwargs))
+        objects = _fast_failing_store(server, "spill")
         create_disk(objects, "d", 1024 * BS, block_size=BS)
         data = os.urandom(512 * BS)
         async with open_disk(

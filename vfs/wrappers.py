@@ -70,6 +70,13 @@ class ReadOnlyFS(Filesystem):
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         return await self.inner.read(handle, offset, size)
 
+    async def flush(self, handle: Handle) -> None:
+        await self.inner.flush(handle)
+
+    @property
+    def wants_flush(self) -> bool:
+        return self.inner.wants_flush
+
     async def release(self, handle: Handle) -> None:
         await self.inner.release(handle)
 
