@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -229,6 +229,7 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.reader = _Reader(stream)
+        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.send_lock = trio.Lock()
         self.no_zeroes = False
         self.structured = False
@@ -237,7 +238,26 @@ class _Connection:
 
     async def send(self, *parts: bytes) -> None:
         async with self.send_lock:
-            await self.stream.send_all(b"".join(parts))
+            if self.socket is None or sum(map(len, parts)) < 65536:
+                await self.stream.send_all(b"".join(parts))
+            else:
+                await self._send_gathered(self.socket, parts)
+
+    @staticmethod
+    async def _send_gathered(sock: trio.socket.SocketType, parts: Sequence[bytes]) -> None:
+        """Send a reply header and its data with sendmsg, without joining them into one
+        more copy of the data."""
+        views = [memoryview(p) for p in parts if p]
+        try:
+            while views:
+                sent = await sock.sendmsg(views)
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0], sent = views[0][sent:], 0
+        except OSError as e:
+            raise trio.BrokenResourceError(f"sending failed: {e}") from e
 
     # ------------------------------------------------------------- handshake
 

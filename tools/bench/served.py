@@ -239,9 +239,9 @@ def measure(
             report.add("PUTs per GiB written", service.name, count_objects() / gib)
     drop_caches()
     with running(service):
-        t = timed(lambda: sh("nbdcopy", service.target(), "null:"))
+        t = timed(lambda: sh("nbdcopy", "--request-size=1048576", service.target(), "null:"))
         report.add("cold sequential read", service.name, size / t / 1e6)
-        t = timed(lambda: sh("nbdcopy", service.target(), "null:"))
+        t = timed(lambda: sh("nbdcopy", "--request-size=1048576", service.target(), "null:"))
         report.add("warm sequential read", service.name, size / t / 1e6)
         if not service.random_io:
             return
