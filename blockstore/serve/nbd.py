@@ -230,18 +230,46 @@ class _Connection:
         self.stream = stream
         self.reader = _Reader(stream)
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self.send_lock = trio.Lock()
+        self._queued: list[tuple[tuple[bytes, ...], trio.Event]] = []
+        self._sending = False
+        self._send_failed: BaseException | None = None
         self.no_zeroes = False
         self.structured = False
         self.meta_selected = False
         self.in_flight = trio.Semaphore(server.max_in_flight)
 
     async def send(self, *parts: bytes) -> None:
-        async with self.send_lock:
-            if self.socket is None or sum(map(len, parts)) < 65536:
-                await self.stream.send_all(b"".join(parts))
-            else:
-                await self._send_gathered(self.socket, parts)
+        """Send one message whole. Replies that become ready while a send is under way
+        go out together in the next one: one system call for many small replies."""
+        done = trio.Event()
+        self._queued.append((parts, done))
+        if self._sending:
+            await done.wait()
+            if self._send_failed is not None:
+                raise trio.BrokenResourceError("the connection failed") from self._send_failed
+            return
+        self._sending = True
+        batch: list[tuple[tuple[bytes, ...], trio.Event]] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                await self._send_all([p for message, _ in batch for p in message])
+                for _, event in batch:
+                    event.set()
+        except BaseException as e:
+            self._send_failed = e
+            for _, event in batch + self._queued:
+                event.set()
+            self._queued = []
+            raise
+        finally:
+            self._sending = False
+
+    async def _send_all(self, parts: list[bytes]) -> None:
+        if self.socket is None or sum(map(len, parts)) < 65536:
+            await self.stream.send_all(b"".join(parts))
+        else:
+            await self._send_gathered(self.socket, parts)
 
     @staticmethod
     async def _send_gathered(sock: trio.socket.SocketType, parts: Sequence[bytes]) -> None:
