@@ -206,6 +206,10 @@ class MemoryFS(Filesystem):
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
+        index, within = divmod(offset, CHUNK)
+        chunk = node.chunks.get(index)
+        if chunk is not None and within + (end - offset) <= len(chunk):
+            return bytes(memoryview(chunk)[within : within + end - offset])  # the one copy
         out = bytearray()
         pos = offset
         while pos < end:
