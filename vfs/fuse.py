@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from blockstore.serve.fusefile import tune_fuse_bdi
+from blockstore.serve.fusefile import set_fuse_readahead
 
 from .interface import Attr, Context, Filesystem, FSError, Key, SetAttr, check_name
 
@@ -365,15 +365,12 @@ async def mount(
     allow_other: bool = True,
     fsname: str = "lanekit-vfs",
     readahead_kb: int = 4096,
-    max_dirty_ratio: int = 20,
     timeout: float | None = None,
 ) -> AsyncIterator[Path]:
     """Mount ``fs`` for the duration of the block; unmounts on every way out.
 
     ``auto_unmount`` makes the kernel drop the mount even if this process is killed, and
     ``default_permissions`` has the kernel check modes, owners, sticky and setgid bits.
-    ``max_dirty_ratio`` is the share (percent) of the kernel's dirty-page budget this mount
-    may use; the kernel's default for FUSE, 1%, stalls large writes every few dozen MiB.
     """
     target = Path(os.path.abspath(mountpoint))  # noqa: ASYNC240  (no I/O: string work)
     if not _mount_lock.acquire(blocking=False):
@@ -399,11 +396,7 @@ async def mount(
                     unmounted = True
 
                 nursery.start_soon(serve)
-                await trio.to_thread.run_sync(
-                    lambda: tune_fuse_bdi(
-                        target, readahead_kb=readahead_kb, max_dirty_ratio=max_dirty_ratio
-                    )
-                )
+                await trio.to_thread.run_sync(set_fuse_readahead, target, readahead_kb)
                 try:
                     yield target
                 finally:

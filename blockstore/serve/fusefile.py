@@ -148,23 +148,13 @@ class DiskFile(pyfuse3.Operations):
         return s
 
 
-def tune_fuse_bdi(
-    mountpoint: str | os.PathLike[str], *, readahead_kb: int, max_dirty_ratio: int | None = None
-) -> None:
-    """Tune a FUSE mount through its bdi, which pyfuse3 cannot do at mount time.
-
-    Read-ahead: at the kernel's 128 KiB default, sequential reads arrive as small requests.
-    Dirty ratio: the kernel holds a FUSE mount to 1% of the dirty-page budget (about 48 MiB
-    here), so a large write stalls every few dozen MiB waiting for write-back; a trusted
-    in-process server can be given more. Best effort: older kernels lack some knobs."""
+def set_fuse_readahead(mountpoint: str | os.PathLike[str], readahead_kb: int) -> None:
+    """Raise a FUSE mount's read-ahead through its bdi (pyfuse3 cannot pass
+    max_readahead); at the default 128 KiB, sequential reads arrive as small requests."""
     dev = os.stat(mountpoint).st_dev
-    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}")
-    settings = {"read_ahead_kb": readahead_kb}
-    if max_dirty_ratio is not None:
-        settings["max_ratio"] = max_dirty_ratio
-    for name, value in settings.items():
-        with contextlib.suppress(OSError):
-            (bdi / name).write_text(str(value))
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    with contextlib.suppress(OSError):
+        path.write_text(str(readahead_kb))
 
 
 async def mount_disk_file(
@@ -190,7 +180,7 @@ async def mount_disk_file(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
             # The stat behind this needs the loop above to answer the kernel.
-            await trio.to_thread.run_sync(lambda: tune_fuse_bdi(mountpoint, readahead_kb=4096))
+            await trio.to_thread.run_sync(set_fuse_readahead, mountpoint, 4096)
             task_status.started()
     finally:
         pyfuse3.close(unmount=not unmounted)
