@@ -415,6 +415,18 @@ def test_read_only_and_computed(mnt: Path) -> None:
     assert (mnt / "computed" / "squares.txt").read_text().splitlines()[-1] == "9801"
 
 
+def test_mount_reads_ahead_4_mib_and_big_files_round_trip(mnt: Path) -> None:
+    """Read-ahead is raised to 4 MiB (1 MiB requests) on a real mount."""
+    dev = mnt.stat().st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}")
+    assert (bdi / "read_ahead_kb").read_text().strip() == "4096"
+    data = os.urandom(1 << 20) * 96
+    (mnt / "mem" / "big").write_bytes(data)
+    os.sync()
+    assert (mnt / "mem" / "big").read_bytes() == data
+    (mnt / "mem" / "big").unlink()
+
+
 def test_unexpected_exception_is_eio_and_mount_survives(mnt: Path) -> None:
     with pytest.raises(OSError) as failed:
         (mnt / "faulty" / "boom.txt").read_text()
