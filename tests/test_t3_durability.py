@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -203,25 +205,31 @@ async def test_takeover_fences_the_old_writer(tmp_path: Path) -> None:
     assert data == b"A" * BS + bytes(BS) + b"C" * BS
 
 
-def _fast_failing_store(server: S3Server, bucket: str) -> blockstore.S3ObjectStore:
-    """A store on ``server`` that gives up within seconds once the server is gone."""
-    server.client().create_bucket(Bucket=bucket)
-    fast_fail = Config(
-        s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": 2},
-        connect_timeout=1,
-        read_timeout=2,
-    )
-    kwargs = dict(server.client_kwargs(), config=fast_fail)
-    return blockstore.S3ObjectStore(bucket, client=boto3.client("s3", **kwargs))
+@contextlib.contextmanager
+def _server_with_fast_failing_store(
+    tmp_path: Path, bucket: str
+) -> Iterator[tuple[S3Server, blockstore.S3ObjectStore]]:
+    """A SeaweedFS the test may kill, and a store on it that gives up within seconds once
+    the server is gone; the server is stopped however the test ends."""
+    server = S3Server(tmp_path / "s3")
+    server.start()
+    try:
+        server.client().create_bucket(Bucket=bucket)
+        fast_fail = Config(
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 2},
+            connect_timeout=1,
+            read_timeout=2,
+        )
+        kwargs = dict(server.client_kwargs(), config=fast_fail)
+        yield server, blockstore.S3ObjectStore(bucket, client=boto3.client("s3", **kwargs))
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
 async def test_s3_outage_mid_flush_fails_loudly_and_loses_nothing(tmp_path: Path) -> None:
-    server = S3Server(tmp_path / "s3")
-    server.start()
-    try:
-        objects = _fast_failing_store(server, "outage")
+    with _server_with_fast_failing_store(tmp_path, "outage") as (server, objects):
         create_disk(objects, "d", 1024 * BS, block_size=BS)
         acked = os.urandom(64 * BS)
         unacked = os.urandom(64 * BS)
@@ -239,8 +247,6 @@ async def test_s3_outage_mid_flush_fails_loudly_and_loses_nothing(tmp_path: Path
             assert await disk.read(0, 128 * BS) == acked + unacked
         async with open_disk((objects, "d"), writable=False) as disk:
             assert await disk.read(0, 128 * BS) == acked + unacked
-    finally:
-        server.stop()
 
 
 async def test_writes_spill_to_local_disk_while_s3_is_down_and_nothing_is_lost(
@@ -248,10 +254,7 @@ async def test_writes_spill_to_local_disk_while_s3_is_down_and_nothing_is_lost(
 ) -> None:
     """With SeaweedFS killed, writes beyond the memory budget go on (spilled to a local
     file) instead of stalling; once the server is back every byte reaches S3."""
-    server = S3Server(tmp_path / "s3")
-    server.start()
-    try:
-        objects = _fast_failing_store(server, "spill")
+    with _server_with_fast_failing_store(tmp_path, "spill") as (server, objects):
         create_disk(objects, "d", 1024 * BS, block_size=BS)
         data = os.urandom(512 * BS)
         async with open_disk(
@@ -279,8 +282,6 @@ async def test_writes_spill_to_local_disk_while_s3_is_down_and_nothing_is_lost(
             async with open_disk((objects, "d"), lease_ttl=600):
                 server.kill()
                 raise KeyError("the caller's")
-    finally:
-        server.stop()
 
 
 async def test_checkpoints_are_immutable_and_forks_are_isolated(tmp_path: Path) -> None:

@@ -203,28 +203,20 @@ class MemoryFS(Filesystem):
     # ------------------------------------------------------------ data
 
     def _read(self, node: _Node, offset: int, size: int) -> bytes:
+        """Views of the chunks (zeros for holes and short chunks), joined: one copy."""
         end = min(offset + size, node.size)
-        if offset >= end:
-            return b""
-        index, within = divmod(offset, CHUNK)
-        chunk = node.chunks.get(index)
-        if chunk is not None and within + (end - offset) <= len(chunk):
-            return bytes(memoryview(chunk)[within : within + end - offset])  # the one copy
-        out = bytearray()
+        parts: list[bytes | memoryview] = []
         pos = offset
         while pos < end:
             index, within = divmod(pos, CHUNK)
             take = min(CHUNK - within, end - pos)
             chunk = node.chunks.get(index)
-            if chunk is None:
-                out += bytes(take)
-            else:
-                piece = chunk[within : within + take]
-                out += piece
-                if len(piece) < take:
-                    out += bytes(take - len(piece))
+            piece = memoryview(chunk)[within : within + take] if chunk is not None else b""
+            parts.append(piece)
+            if len(piece) < take:
+                parts.append(bytes(take - len(piece)))
             pos += take
-        return bytes(out)
+        return b"".join(parts)
 
     def _write(self, node: _Node, offset: int, data: bytes) -> None:
         view = memoryview(data)

@@ -26,6 +26,7 @@ from ..s3server import ACCESS_KEY, SECRET_KEY, S3Server
 from .harness import Report
 
 MiB = 1 << 20
+REQUEST_1M = "--request-size=1048576"
 CACHE = "1G"
 """The same cache budget for our servers and s3backer (its default is 1000 blocks)."""
 
@@ -226,9 +227,7 @@ def measure(
     ios = 2000
     gib = size / (1 << 30)
     with running(service):
-        t = timed(
-            lambda: sh("nbdcopy", "--flush", "--request-size=1048576", str(src), service.target())
-        )
+        t = timed(lambda: sh("nbdcopy", "--flush", REQUEST_1M, str(src), service.target()))
         report.add("sequential write + sync", service.name, size / t / 1e6)
         stats: dict[str, float] = {}
         t_stop = timed(lambda: stats.update(service.stop()))
@@ -239,9 +238,9 @@ def measure(
             report.add("PUTs per GiB written", service.name, count_objects() / gib)
     drop_caches()
     with running(service):
-        t = timed(lambda: sh("nbdcopy", "--request-size=1048576", service.target(), "null:"))
+        t = timed(lambda: sh("nbdcopy", REQUEST_1M, service.target(), "null:"))
         report.add("cold sequential read", service.name, size / t / 1e6)
-        t = timed(lambda: sh("nbdcopy", "--request-size=1048576", service.target(), "null:"))
+        t = timed(lambda: sh("nbdcopy", REQUEST_1M, service.target(), "null:"))
         report.add("warm sequential read", service.name, size / t / 1e6)
         if not service.random_io:
             return
