@@ -641,7 +641,7 @@ def test_memoryfs_seeded_from_directory(tmp_path: Path) -> None:
 # ------------------------------------------------------------ the CLI
 
 
-@pytest.mark.parametrize("how", ["sigterm", "kill-9"])
+@pytest.mark.parametrize("how", ["sigterm", "kill-9", "umount"])
 def test_cli_vfs_mount(tmp_path: Path, how: str) -> None:
     seed = tmp_path / "seed"
     seed.mkdir()
@@ -667,6 +667,10 @@ def test_cli_vfs_mount(tmp_path: Path, how: str) -> None:
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
+        elif how == "umount":  # taken away from outside: the server must not linger
+            subprocess.run(["umount", str(where)], check=True, timeout=30)
+            assert proc.wait(30) == 0
+            assert proc.stdout.read().strip() == "unmounted"
         else:
             proc.kill()
             proc.wait(30)

@@ -258,11 +258,18 @@ def cmd_vfs_mount(args: argparse.Namespace) -> int:
     gc.set_threshold(50_000, 20, 100)
 
     async def main() -> None:
-        async with vfs.mount(fs, args.mountpoint) as where:
-            print(f"mounted {where}; Ctrl-C or SIGTERM unmounts", flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def serve(task_status: trio.TaskStatus[Path]) -> None:
+                    await vfs.serve(fs, args.mountpoint, task_status=task_status)
+                    nursery.cancel_scope.cancel()  # unmounted from outside
+
+                where = await nursery.start(serve)
+                print(f"mounted {where}; Ctrl-C, SIGTERM or umount unmounts", flush=True)
                 async for _ in signals:
                     break
+                nursery.cancel_scope.cancel()
         print("unmounted", flush=True)
 
     trio.run(main)

@@ -1,10 +1,10 @@
 """Host-implemented filesystems served with pyfuse3 (and into VMs through virtiofs).
 
 Implement :class:`Filesystem` (or use :class:`MemoryFS`, :class:`PassthroughFS`,
-:class:`ReadOnlyFS`, :class:`Hub`) and serve it with :func:`mount`.
+:class:`ReadOnlyFS`, :class:`Hub`) and serve it with :func:`mount` or :func:`serve`.
 """
 
-from .fuse import FuseAdapter, MountError, mount, mount_blocking
+from .fuse import FuseAdapter, MountError, mount, mount_blocking, serve
 from .interface import (
     Attr,
     Context,
@@ -59,6 +59,7 @@ __all__ = [
     "mount_blocking",
     "restore_objects",
     "restore_tar",
+    "serve",
     "snapshot_objects",
     "snapshot_tar",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
@@ -357,8 +358,7 @@ class FuseAdapter(pyfuse3.Operations):
         await _guard("removexattr", lambda: self.fs.removexattr(key, name))
 
 
-@contextlib.asynccontextmanager
-async def mount(
+async def serve(
     fs: Filesystem,
     mountpoint: str | os.PathLike[str],
     *,
@@ -366,8 +366,10 @@ async def mount(
     fsname: str = "lanekit-vfs",
     readahead_kb: int = 4096,
     timeout: float | None = None,
-) -> AsyncIterator[Path]:
-    """Mount ``fs`` for the duration of the block; unmounts on every way out.
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``fs`` until the mount is taken away (``umount``: returns) or until cancelled
+    (unmounts). ``task_status.started`` gets the mount point once the kernel can use it.
 
     ``auto_unmount`` makes the kernel drop the mount even if this process is killed, and
     ``default_permissions`` has the kernel check modes, owners, sticky and setgid bits.
@@ -390,21 +392,43 @@ async def mount(
         try:
             async with trio.open_nursery() as nursery:
 
-                async def serve() -> None:
+                async def main() -> None:
                     nonlocal unmounted
                     await pyfuse3.main()
                     unmounted = True
 
-                nursery.start_soon(serve)
+                nursery.start_soon(main)
                 await trio.to_thread.run_sync(set_fuse_readahead, target, readahead_kb)
-                try:
-                    yield target
-                finally:
-                    nursery.cancel_scope.cancel()
+                task_status.started(target)
         finally:
             pyfuse3.close(unmount=not unmounted)
     finally:
         _mount_lock.release()
+
+
+@contextlib.asynccontextmanager
+async def mount(
+    fs: Filesystem,
+    mountpoint: str | os.PathLike[str],
+    *,
+    allow_other: bool = True,
+    fsname: str = "lanekit-vfs",
+    readahead_kb: int = 4096,
+    timeout: float | None = None,
+) -> AsyncIterator[Path]:
+    """Mount ``fs`` (see :func:`serve`) for the duration of the block; unmounts on every
+    way out. A mount taken away from outside does not end the block: the files are gone."""
+    async with trio.open_nursery() as nursery:
+        target = await nursery.start(
+            functools.partial(
+                serve, fs, mountpoint, allow_other=allow_other, fsname=fsname,
+                readahead_kb=readahead_kb, timeout=timeout,
+            )
+        )  # fmt: skip
+        try:
+            yield target
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 @contextlib.contextmanager
