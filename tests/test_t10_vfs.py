@@ -680,3 +680,52 @@ def test_cli_vfs_mount(tmp_path: Path, how: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------ the bench's FUSE floor
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill-9"])
+def test_fuse_floor_server_answers_real_tools_and_leaves_no_mount(tmp_path: Path, how: str) -> None:
+    """The vfs bench's floor must run the bench's workload, or its numbers mean nothing."""
+    where = tmp_path / "m"
+    where.mkdir()
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a").write_bytes(b"a" * 30_000)
+    os.symlink("sub/a", tree / "link")
+    archive = tmp_path / "tree.tar"
+    sh("tar", "-cf", str(archive), "-C", str(tmp_path), "tree")
+    proc = subprocess.Popen([sys.executable, "-m", "tools.bench.fusefloor", str(where)])
+    try:
+        wait_for(lambda: os.path.ismount(where), timeout=30)
+        dev = where.stat().st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}")
+        assert (bdi / "read_ahead_kb").read_text() == "4096\n"
+        sh("dd", "if=/dev/zero", f"of={where / 'big'}", "bs=1M", "count=8", "conv=fsync")
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        assert len((where / "big").read_bytes()) == 8 << 20  # zeros: it stores nothing
+        for i in range(50):
+            os.close(os.open(where / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o640))
+        assert stat.S_IMODE((where / "f7").stat().st_mode) == 0o640
+        for i in range(0, 50, 2):
+            os.unlink(where / f"f{i}")
+        sh("tar", "-xf", str(archive), "-C", str(where))
+        assert os.readlink(where / "tree" / "link") == "sub/a"
+        assert (where / "tree" / "sub" / "a").stat().st_size == 30_000
+        names = os.listdir(where)
+        assert sorted(names) == sorted(["big", "tree", *(f"f{i}" for i in range(1, 50, 2))])
+        with pytest.raises(FileNotFoundError):
+            (where / "f0").stat()
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        else:
+            proc.kill()
+            proc.wait(30)
+        wait_for(lambda: not os.path.ismount(where), timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -3,7 +3,9 @@
 Each FUSE filesystem is served by its own process (``lanekit vfs mount --memory`` and
 pyfuse3 3.5.0's ``examples/tmpfs.py``, taken from its source distribution on PyPI at run
 time and not kept), so the load generator never shares a GIL with the server. Reads are
-measured after dropping the page cache, so they go through the filesystem.
+measured after dropping the page cache, so they go through the filesystem. The FUSE floor
+(:mod:`tools.bench.fusefloor`, a raw ``/dev/fuse`` server that stores nothing) runs the
+same workload: what the kernel's FUSE round trips alone allow on this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .harness import Report
 TMPFS = "tmpfs (kernel, the ceiling)"
 OURS = "lanekit MemoryFS (pyfuse3)"
 PEER = "pyfuse3 examples/tmpfs.py"
+FLOOR = "FUSE floor (raw /dev/fuse, stores nothing)"
 
 METADATA_SCRIPT = r"""
 import os, sys, time
@@ -182,8 +185,10 @@ def run(*, quick: bool = False) -> Report:
         mnt = work / "mnt"
         mnt.mkdir()
         lanekit = [sys.executable, "-m", "tools.cli"]
+        floor = [sys.executable, "-m", "tools.bench.fusefloor", str(mnt)]
         cases = [
             (TMPFS, lambda: _tmpfs(mnt)),
+            (FLOOR, lambda: _served(floor, mnt)),
             (OURS, lambda: _served([*lanekit, "vfs", "mount", "--memory", str(mnt)], mnt)),
             (PEER, lambda: _served([sys.executable, str(peer), str(mnt)], mnt)),
         ]  # fmt: skip
