@@ -408,23 +408,12 @@ async def serve(
 
 @contextlib.asynccontextmanager
 async def mount(
-    fs: Filesystem,
-    mountpoint: str | os.PathLike[str],
-    *,
-    allow_other: bool = True,
-    fsname: str = "lanekit-vfs",
-    readahead_kb: int = 4096,
-    timeout: float | None = None,
+    fs: Filesystem, mountpoint: str | os.PathLike[str], **options: Any
 ) -> AsyncIterator[Path]:
-    """Mount ``fs`` (see :func:`serve`) for the duration of the block; unmounts on every
-    way out. A mount taken away from outside does not end the block: the files are gone."""
+    """Mount ``fs`` (options as for :func:`serve`) for the duration of the block; unmounts
+    on every way out. A mount taken away from outside does not end the block."""
     async with trio.open_nursery() as nursery:
-        target = await nursery.start(
-            functools.partial(
-                serve, fs, mountpoint, allow_other=allow_other, fsname=fsname,
-                readahead_kb=readahead_kb, timeout=timeout,
-            )
-        )  # fmt: skip
+        target = await nursery.start(functools.partial(serve, fs, mountpoint, **options))
         try:
             yield target
         finally:
