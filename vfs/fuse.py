@@ -31,6 +31,10 @@ from .interface import Attr, Context, Filesystem, FSError, Key, SetAttr, check_n
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# how long the kernel may trust names and attributes: long for a filesystem that changes
+# only through its mount (``kernel_cache``), short for one that changes behind it
+CACHED_TIMEOUT_S = 30.0
+UNCACHED_TIMEOUT_S = 1.0
 _mount_lock = threading.Lock()
 
 
@@ -69,7 +73,8 @@ class FuseAdapter(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.keep_cache = bool(getattr(fs, "kernel_cache", False))
-        self.timeout = timeout if timeout is not None else 30.0 if self.keep_cache else 1.0
+        default = CACHED_TIMEOUT_S if self.keep_cache else UNCACHED_TIMEOUT_S
+        self.timeout = timeout if timeout is not None else default
         self._ino_of: dict[Key, int] = {fs.root: pyfuse3.ROOT_INODE}
         self._key_of: dict[int, Key] = {pyfuse3.ROOT_INODE: fs.root}
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}

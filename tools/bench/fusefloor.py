@@ -5,9 +5,10 @@ copy per request) before it does any work of its own. This server answers straig
 the device, one blocking ``read`` and one ``write`` per request, in one thread, with no
 pyfuse3 and no storage: writes are counted and dropped, reads return zeros, names and
 attributes live in a dict. It negotiates the same features libfuse does for our mounts
-(writeback cache, 1 MiB requests, READDIRPLUS), uses the same 1 s cache timeouts and the
-same 4 MiB read-ahead, so what it reaches in the vfs bench is the ceiling for any FUSE
-filesystem on the machine, ours included. A benchmark instrument, not a filesystem.
+(writeback cache, 1 MiB requests, READDIRPLUS), lets the kernel cache names and attributes
+as long as a MemoryFS mount does and uses the same 4 MiB read-ahead, so what it reaches
+in the vfs bench is the ceiling for any FUSE filesystem on the machine that answers the
+same requests, ours included. A benchmark instrument, not a filesystem.
 
 ``python -m tools.bench.fusefloor MOUNTPOINT`` serves until unmounted or SIGTERM; the
 mount is made by ``fusermount3 -o auto_unmount``, so it disappears even after kill -9.
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockstore.serve.fusefile import set_fuse_readahead
+from vfs.fuse import CACHED_TIMEOUT_S
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
@@ -43,7 +45,7 @@ INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
 STATFS_OUT = struct.Struct("<QQQQQIII28x")
 
 ROOT = 1
-TIMEOUT_S = 1
+TIMEOUT_S = int(CACHED_TIMEOUT_S)
 MAX_WRITE = 1 << 20
 # what libfuse 3.14 negotiates for pyfuse3 with enable_writeback_cache (read off its INIT
 # reply): ASYNC_READ, ATOMIC_O_TRUNC, BIG_WRITES, AUTO_INVAL_DATA, DO_READDIRPLUS,
