@@ -295,6 +295,17 @@ def test_special_files_xattrs_statfs(mnt: Path, fs_members: dict[str, vfs.Filesy
     with pytest.raises(OSError) as missing:
         os.getxattr(path, "user.size")
     assert missing.value.errno == errno.ENODATA
+    # A member that keeps no xattrs refuses them itself; the others keep theirs.
+    assert not fs_members["computed"].has_xattrs and fs_members["mem"].has_xattrs
+    for attempt in (
+        lambda: os.getxattr(mnt / "computed" / "hello.txt", "user.color"),
+        lambda: os.listxattr(mnt / "computed" / "hello.txt"),
+        lambda: os.setxattr(mnt / "computed" / "hello.txt", "user.color", b"red"),
+    ):
+        with pytest.raises(OSError) as refused:
+            attempt()
+        assert refused.value.errno == errno.EOPNOTSUPP
+    assert os.getxattr(path, "user.color") == b"blue"
     # FUSE asks statfs of the mount, not of a path: the hub reports its members' sum.
     total = os.statvfs(mnt / "small")
     assert total.f_files >= 20 and total.f_blocks * total.f_frsize >= 1 << 20
@@ -636,6 +647,55 @@ def test_memoryfs_seeded_from_directory(tmp_path: Path) -> None:
         assert y.nlink == 2
 
     trio.run(main)
+
+
+NO_XATTRS_SCRIPT = r"""
+import json, os, sys
+import vfs
+from vfs.fuse import FuseAdapter
+
+class NoXattrs(vfs.MemoryFS):
+    has_xattrs = False
+
+asked = []
+original = FuseAdapter.getxattr
+async def counting(self, inode, name, ctx):
+    asked.append(name)
+    return await original(self, inode, name, ctx)
+FuseAdapter.getxattr = counting
+with vfs.mount_blocking(NoXattrs(), sys.argv[1]) as where:
+    fd = os.open(where / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    for i in range(50):
+        os.write(fd, b"x" * 1000)
+    os.close(fd)
+    errors = []
+    for call in (lambda: os.getxattr(where / "f", "user.a"), lambda: os.listxattr(where / "f"),
+                 lambda: os.setxattr(where / "f", "user.a", b"1")):
+        try:
+            call()
+        except OSError as exc:
+            errors.append(exc.errno)
+    data = (where / "f").read_bytes()
+print(json.dumps({"asked": len(asked), "errors": errors, "size": len(data)}))
+"""
+
+
+def test_filesystem_without_xattrs_costs_no_round_trip_per_write(tmp_path: Path) -> None:
+    """Without xattrs the kernel is told once; else it asks before every write(2)."""
+    import json
+
+    where = tmp_path / "m"
+    where.mkdir()
+    os.chmod(tmp_path, 0o755)
+    out = subprocess.run(
+        [sys.executable, "-c", NO_XATTRS_SCRIPT, str(where)],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    assert result["asked"] <= 1, result
+    assert result["errors"] == [errno.EOPNOTSUPP] * 3
+    assert result["size"] == 50_000
+    assert not os.path.ismount(where)
 
 
 # ------------------------------------------------------------ the CLI

@@ -81,6 +81,7 @@ class FuseAdapter(pyfuse3.Operations):
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._handles: dict[int, Any] = {}
         self._next_fh = 1
+        self._has_xattrs = fs.has_xattrs
 
     # ------------------------------------------------------------ plumbing
 
@@ -344,22 +345,27 @@ class FuseAdapter(pyfuse3.Operations):
         s.f_namemax = info.name_max
         return s
 
+    def _xattr_key(self, inode: int) -> Key:
+        if not self._has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking
+        return self._key(inode)
+
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        key = self._key(inode)
+        key = self._xattr_key(inode)
         return await _guard("getxattr", lambda: self.fs.getxattr(key, name))
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        key = self._key(inode)
+        key = self._xattr_key(inode)
         return await _guard("listxattr", lambda: self.fs.listxattr(key))
 
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        key = self._key(inode)
+        key = self._xattr_key(inode)
         await _guard("setxattr", lambda: self.fs.setxattr(key, name, value))
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        key = self._key(inode)
+        key = self._xattr_key(inode)
         await _guard("removexattr", lambda: self.fs.removexattr(key, name))
 
 

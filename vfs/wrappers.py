@@ -77,6 +77,10 @@ class ReadOnlyFS(Filesystem):
     def wants_flush(self) -> bool:
         return self.inner.wants_flush
 
+    @property
+    def has_xattrs(self) -> bool:
+        return self.inner.has_xattrs
+
     async def release(self, handle: Handle) -> None:
         await self.inner.release(handle)
 
@@ -243,6 +247,18 @@ class Hub(Filesystem):
     def wants_flush(self) -> bool:
         return any(member.wants_flush for member in self.members)
 
+    @property
+    def has_xattrs(self) -> bool:
+        return any(member.has_xattrs for member in self.members)
+
+    def _xattr_member(self, key: Key) -> tuple[Filesystem, Any]:
+        """A member without xattrs refuses them itself: an ENOSYS from it would switch
+        xattrs off in the kernel for the whole mount, its other members included."""
+        fs, inner, _ = self._split(key)
+        if not fs.has_xattrs:
+            raise FSError("this filesystem keeps no extended attributes", errno.EOPNOTSUPP)
+        return fs, inner
+
     async def fsync(self, handle: Handle, datasync: bool) -> None:
         await handle[0].fsync(handle[1], datasync)
 
@@ -252,19 +268,19 @@ class Hub(Filesystem):
     async def getxattr(self, key: Key, name: bytes) -> bytes:
         if key == self.ROOT:
             raise FSError("", errno.ENODATA)
-        fs, inner, _ = self._split(key)
+        fs, inner = self._xattr_member(key)
         return await fs.getxattr(inner, name)
 
     async def listxattr(self, key: Key) -> list[bytes]:
         if key == self.ROOT:
             return []
-        fs, inner, _ = self._split(key)
+        fs, inner = self._xattr_member(key)
         return await fs.listxattr(inner)
 
     async def setxattr(self, key: Key, name: bytes, value: bytes) -> None:
-        fs, inner, _ = self._split(key)
+        fs, inner = self._xattr_member(key)
         await fs.setxattr(inner, name, value)
 
     async def removexattr(self, key: Key, name: bytes) -> None:
-        fs, inner, _ = self._split(key)
+        fs, inner = self._xattr_member(key)
         await fs.removexattr(inner, name)
