@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,42 @@ class CountsFlushes(vfs.MemoryFS):
         self.flushes += 1
 
 
+class BlockingFiles:
+    """A plain object with blocking methods, served through vfs.Threaded: reading
+    ``slow.txt`` blocks its thread until the test releases it."""
+
+    FILES = {b"fast.txt": b"fast", b"slow.txt": b"slow"}
+    root = "/"
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def _attr(self, key: str | bytes) -> vfs.Attr:
+        if key == "/":
+            return vfs.Attr(key, stat.S_IFDIR | 0o555, nlink=2)
+        assert isinstance(key, bytes)
+        return vfs.Attr(key, stat.S_IFREG | 0o444, size=len(self.FILES[key]))
+
+    def lookup(self, parent: str, name: bytes) -> vfs.Attr:
+        if parent != "/" or name not in self.FILES:
+            raise vfs.NotFound()
+        return self._attr(name)
+
+    def getattr(self, key: str | bytes) -> vfs.Attr:
+        return self._attr(key)
+
+    def readdir(self, handle: str, offset: int) -> Iterator[tuple[bytes, vfs.Attr, int]]:
+        for i, name in enumerate(sorted(self.FILES)[offset:], start=offset + 1):
+            yield name, self._attr(name), i
+
+    def read(self, key: bytes, offset: int, size: int) -> bytes:
+        if key == b"slow.txt":
+            self.reading.set()
+            self.release.wait(60)
+        return self.FILES[key][offset : offset + size]
+
+
 @pytest.fixture(scope="module")
 def host_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("passthrough")
@@ -112,6 +149,7 @@ def fs_members(host_root: Path) -> dict[str, vfs.Filesystem]:
         "faulty": Faulty({"boom.txt": "boom!", "fine.txt": "fine"}),
         "flushes": CountsFlushes(),
         "roflushes": vfs.ReadOnlyFS(CountsFlushes({"seen.txt": "seen"})),
+        "threaded": vfs.Threaded(BlockingFiles(), thread_safe=True),
     }
 
 
@@ -464,6 +502,72 @@ def test_flush_reaches_only_filesystems_that_want_it(
     for _ in range(3):
         assert (mnt / "roflushes" / "seen.txt").read_text() == "seen"
     assert inner.flushes >= before + 3
+
+
+def test_blocking_code_in_threaded_never_stalls_the_mount(
+    mnt: Path, fs_members: dict[str, vfs.Filesystem]
+) -> None:
+    threaded = fs_members["threaded"]
+    assert isinstance(threaded, vfs.Threaded) and isinstance(threaded.inner, BlockingFiles)
+    files, got = threaded.inner, {}
+    reader = threading.Thread(
+        target=lambda: got.update(slow=(mnt / "threaded" / "slow.txt").read_bytes())
+    )
+    reader.start()
+    try:
+        assert files.reading.wait(30)
+        # While that read blocks its worker thread, the mount answers everything else.
+        assert (mnt / "threaded" / "fast.txt").read_bytes() == b"fast"
+        assert sorted(os.listdir(mnt / "threaded")) == ["fast.txt", "slow.txt"]
+        (mnt / "mem" / "while-blocked").write_text("x")
+        assert reader.is_alive() and "slow" not in got
+    finally:
+        files.release.set()
+        reader.join(60)
+    assert got["slow"] == b"slow"
+    # What the object lacks gets Filesystem's default answers.
+    with pytest.raises(OSError) as refused:
+        (mnt / "threaded" / "new").write_text("x")
+    assert refused.value.errno == errno.EROFS
+    assert not threaded.has_xattrs and not threaded.wants_flush
+    with pytest.raises(OSError) as no_xattrs:
+        os.getxattr(mnt / "threaded" / "fast.txt", "user.a")
+    assert no_xattrs.value.errno == errno.EOPNOTSUPP
+
+
+@pytest.mark.parametrize("thread_safe", [False, True])
+def test_threaded_calls_overlap_only_when_thread_safe(thread_safe: bool) -> None:
+    class Counting:
+        root = "/"
+
+        def __init__(self) -> None:
+            self.running = self.most = 0
+            self.guard = threading.Lock()
+            self.all_in = threading.Event()
+
+        def read(self, key: object, offset: int, size: int) -> bytes:
+            with self.guard:
+                self.running += 1
+                self.most = max(self.most, self.running)
+                if self.running == 3:
+                    self.all_in.set()
+            # blocks, as plain code does: until all three overlap, or a while if they can't
+            self.all_in.wait(10 if thread_safe else 0.3)
+            with self.guard:
+                self.running -= 1
+            return b"x" * size
+
+    inner = Counting()
+    fs = vfs.Threaded(inner, thread_safe=thread_safe)
+
+    async def main() -> None:
+        async with trio.open_nursery() as readers:
+            for _ in range(3):
+                readers.start_soon(fs.read, "k", 0, 4)
+        assert await fs.read("k", 0, 2) == b"xx"
+
+    trio.run(main)
+    assert inner.most == (3 if thread_safe else 1)
 
 
 def test_bad_names(mnt: Path) -> None:

@@ -1,7 +1,8 @@
 """Host-implemented filesystems served with pyfuse3 (and into VMs through virtiofs).
 
 Implement :class:`Filesystem` (or use :class:`MemoryFS`, :class:`PassthroughFS`,
-:class:`ReadOnlyFS`, :class:`Hub`) and serve it with :func:`mount` or :func:`serve`.
+:class:`ReadOnlyFS`, :class:`Hub`, :class:`Threaded`) and serve it with :func:`mount`
+or :func:`serve`.
 """
 
 from .fuse import FuseAdapter, MountError, mount, mount_blocking, serve
@@ -28,7 +29,7 @@ from .interface import (
 from .memory import MemoryFS
 from .passthrough import PassthroughFS
 from .snapshot import restore_objects, restore_tar, snapshot_objects, snapshot_tar
-from .wrappers import Hub, ReadOnlyFS
+from .wrappers import Hub, ReadOnlyFS, Threaded
 
 __all__ = [
     "Attr",
@@ -55,6 +56,7 @@ __all__ = [
     "ReadOnlyFS",
     "SetAttr",
     "StatFS",
+    "Threaded",
     "mount",
     "mount_blocking",
     "restore_objects",

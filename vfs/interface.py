@@ -156,7 +156,7 @@ def check_name(name: bytes) -> bytes:
     return name
 
 
-_XATTR_METHODS = ("getxattr", "listxattr", "setxattr", "removexattr")
+XATTR_METHODS = ("getxattr", "listxattr", "setxattr", "removexattr")
 
 
 class Filesystem:
@@ -266,7 +266,7 @@ class Filesystem:
         ``EOPNOTSUPP`` itself from then on. Otherwise it asks for ``security.capability``
         before every write(2): a round trip each, a third of the requests of a ``tar x``.
         """
-        return any(getattr(type(self), m) is not getattr(Filesystem, m) for m in _XATTR_METHODS)
+        return any(getattr(type(self), m) is not getattr(Filesystem, m) for m in XATTR_METHODS)
 
     async def getxattr(self, key: Key, name: bytes) -> bytes:
         raise NoAttribute()

@@ -1,4 +1,5 @@
-"""Filesystems made of other filesystems: a read-only view, and a hub of several.
+"""Filesystems made of other filesystems: a read-only view, a hub of several, and a
+threaded adapter for filesystems written as plain blocking methods.
 
 A hub exists because pyfuse3 allows one mount per process: a VM with three host
 filesystems gets one FUSE mount whose top-level directories are those filesystems, and
@@ -8,13 +9,17 @@ virtiofsd exports each directory.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
+import trio
+
 from .interface import (
+    XATTR_METHODS,
     Attr,
     Context,
     Filesystem,
@@ -284,3 +289,76 @@ class Hub(Filesystem):
     async def removexattr(self, key: Key, name: bytes) -> None:
         fs, inner = self._xattr_member(key)
         await fs.removexattr(inner, name)
+
+
+_FORWARDED = (
+    "lookup", "getattr", "opendir", "releasedir", "forget", "setattr", "readlink", "mknod",
+    "mkdir", "symlink", "link", "unlink", "rmdir", "rename", "open", "create", "read",
+    "write", "flush", "fsync", "release", "statfs", *XATTR_METHODS,
+)  # fmt: skip
+_READDIR_BATCH = 256
+
+
+class Threaded(Filesystem):
+    """Serve an object whose methods are those of :class:`Filesystem`, but plain blocking
+    functions (``readdir`` returns an iterable): each call runs in a worker thread, so disk
+    or network I/O and long computations in it never stall the loop answering the kernel.
+
+    A method the object lacks gives :class:`Filesystem`'s default answer. Calls are made
+    one at a time, under a lock, since few plain objects expect several threads; pass
+    ``thread_safe=True`` to let them overlap.
+    """
+
+    def __init__(self, inner: Any, *, thread_safe: bool = False) -> None:
+        self.inner = inner
+        self.kernel_cache = getattr(inner, "kernel_cache", False)
+        # a trio lock: calls waiting their turn hold no worker thread
+        self._lock = None if thread_safe else trio.Lock()
+
+    @property
+    def root(self) -> Key:
+        return self.inner.root
+
+    @property
+    def wants_flush(self) -> bool:
+        return hasattr(self.inner, "flush")
+
+    @property
+    def has_xattrs(self) -> bool:
+        return any(hasattr(self.inner, name) for name in XATTR_METHODS)
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._lock is None:
+            return await trio.to_thread.run_sync(fn, *args)
+        async with self._lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        fn = getattr(self.inner, name, None)
+        if fn is None:
+            return await getattr(Filesystem, name)(self, *args)
+        return await self._in_thread(fn, *args)
+
+    async def readdir(self, handle: Handle, offset: int) -> AsyncIterator[tuple[bytes, Attr, int]]:
+        entries: Iterator[tuple[bytes, Attr, int]] = await self._in_thread(
+            lambda: iter(self.inner.readdir(handle, offset))
+        )
+
+        def take() -> list[tuple[bytes, Attr, int]]:
+            return list(itertools.islice(entries, _READDIR_BATCH))
+
+        while batch := await self._in_thread(take):
+            for entry in batch:
+                yield entry
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    async def forward(self: Threaded, *args: Any) -> Any:
+        return await self._call(name, *args)
+
+    forward.__name__ = forward.__qualname__ = name
+    return forward
+
+
+for _name in _FORWARDED:
+    setattr(Threaded, _name, _forward(_name))
