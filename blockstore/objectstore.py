@@ -146,6 +146,8 @@ class LocalObjectStore(ObjectStore):
     create-only puts) into place, and the directory is fsynced. Conditional replaces take an
     exclusive ``flock`` on a per-store lock file, so they are safe between processes.
     The etag is a hash of the content, so it is stable across processes and restarts.
+    The directory is made by the first put, so looking into a store (``disk info`` of a
+    mistyped path) leaves nothing behind; ``create=False`` wants it to exist already.
     """
 
     _TMP = ".tmp"
@@ -153,9 +155,7 @@ class LocalObjectStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root).absolute()
-        if create:
-            (self.root / self._TMP).mkdir(parents=True, exist_ok=True)
-        elif not self.root.is_dir():
+        if not create and not self.root.is_dir():
             raise ObjectNotFound(str(self.root))
         self._thread_lock = threading.Lock()
 
@@ -189,7 +189,11 @@ class LocalObjectStore(ObjectStore):
 
     def _write_temp(self, data: bytes) -> Path:
         tmp = self.root / self._TMP / uuid.uuid4().hex
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -241,6 +245,8 @@ class LocalObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
+        if not path.exists():
+            return
         with self._exclusive():
             try:
                 os.unlink(path)

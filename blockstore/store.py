@@ -103,6 +103,14 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+def first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error in a nursery's exception group (a cancellation only if that is
+    all there is): what a caller or a protocol edge should see and report."""
+    leaves = _leaves(group)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return (real or leaves)[0]
+
+
 async def parallel(tasks: Sequence[Callable[[], Awaitable[None]]]) -> None:
     """Run tasks concurrently; if any fail, raise the first failure itself (not a group),
     so callers and the protocol edges see ordinary exceptions."""
@@ -111,9 +119,7 @@ async def parallel(tasks: Sequence[Callable[[], Awaitable[None]]]) -> None:
             for task in tasks:
                 nursery.start_soon(task)
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        raise (real or leaves)[0] from None
+        raise first_failure(group) from None
 
 
 def read_head(objects: ObjectStore, disk: str) -> tuple[Head, str]:

@@ -846,6 +846,20 @@ def test_cli_vfs_mount(tmp_path: Path, how: str) -> None:
             proc.wait()
 
 
+def test_cli_vfs_mount_refuses_a_mount_point_that_is_not_a_directory(tmp_path: Path) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    for where in (tmp_path / "missing", afile):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tools.cli", "vfs", "mount", "--memory", str(where)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 1
+        assert f"mount point {where} is not a directory" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert str(where) not in Path("/proc/mounts").read_text()
+
+
 # ------------------------------------------------------------ the bench's FUSE floor
 
 

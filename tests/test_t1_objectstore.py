@@ -112,3 +112,20 @@ def test_local_conditional_ops_are_safe_between_processes(tmp_path: Path) -> Non
     with ctx.Pool(4) as pool:
         pool.starmap(_increment, [(root, 50)] * 4)
     assert int(store.get("counter").data) == 200
+
+
+def test_local_store_is_made_by_the_first_put_not_by_looking(tmp_path: Path) -> None:
+    root = tmp_path / "not" / "yet"
+    objects = LocalObjectStore(root)
+    with pytest.raises(ObjectNotFound):
+        objects.get("a/b")
+    with pytest.raises(ObjectNotFound):
+        objects.get_range("a/b", 0, 1)
+    assert list(objects.list()) == []
+    objects.delete("a/b")
+    assert not (tmp_path / "not").exists()
+    with pytest.raises(ObjectNotFound):
+        LocalObjectStore(root, create=False)
+    objects.put("a/b", b"x", if_none_match=True)
+    assert objects.get("a/b").data == b"x"
+    assert LocalObjectStore(root, create=False).get("a/b").data == b"x"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -101,15 +102,30 @@ def test_release_refuses_a_live_holder_unless_forced(tmp_path: Path) -> None:
         (["disk", "create", "file:///tmp/x/bad name", "--size", "1M"], "invalid disk name"),
         (["disk", "create", "file:///tmp/x/d", "--size", "-5"], "invalid size"),
         (["disk", "create", "file:///tmp/x/d", "--size", "1M", "--block-size", "3000"], "power"),
-        (["disk", "info", "file:///nonexistent/dir/d"], "no disk named"),
+        (["disk", "info", "file://{tmp}/missing/dir/d"], "no disk named"),
         (["disk", "fork", "file:///tmp/x/d", "file:///tmp/x/e"], "needs a checkpoint"),
     ],
 )
-def test_bad_input_gets_a_clear_error(args: list[str], message: str) -> None:
-    proc = lanekit(*args, ok=False)
+def test_bad_input_gets_a_clear_error(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = lanekit(*(a.format(tmp=tmp_path) for a in args), ok=False)
     assert proc.returncode in (1, 2)
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "missing").exists()  # looking into a store creates nothing
+
+
+def test_serve_on_a_busy_address_says_so(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/d"
+    lanekit("disk", "create", url, "--size", "1M")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = lanekit("disk", "serve", url, "--nbd", f"tcp:127.0.0.1:{port}", ok=False)
+    assert proc.returncode == 1
+    assert f"cannot listen on tcp:127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lanekit("disk", "info", url)["lease_holder"] is None
 
 
 def test_disk_commands_on_s3(s3: S3Endpoint, tmp_path: Path) -> None:

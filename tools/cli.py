@@ -17,6 +17,7 @@ import trio
 import blockstore
 from blockstore import BlockStoreError, LeaseHeld
 from blockstore.lease import lease_is_live, read_lease
+from blockstore.store import first_failure
 from vfs import FSError, MountError
 from vm import VMError
 
@@ -415,7 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="lanekit: %(levelname)s: %(message)s",
     )
     try:
-        code: int = args.func(args)
+        try:
+            code: int = args.func(args)
+        except BaseExceptionGroup as group:  # an error from inside a trio nursery
+            raise first_failure(group) from None
         return code
     except CLIError as e:
         print(f"lanekit: error: {e}", file=sys.stderr)

@@ -386,6 +386,8 @@ async def serve(
     ``default_permissions`` has the kernel check modes, owners, sticky and setgid bits.
     """
     target = Path(os.path.abspath(mountpoint))  # noqa: ASYNC240  (no I/O: string work)
+    if not await trio.Path(target).is_dir():
+        raise MountError(f"mount point {target} is not a directory: create it first")
     if not _mount_lock.acquire(blocking=False):
         raise MountError(
             "this process already serves a FUSE mount (pyfuse3 allows one per process); "

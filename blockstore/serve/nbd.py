@@ -601,6 +601,13 @@ def parse_address(spec: str) -> tuple[str, str | int]:
 
 async def open_listener(spec: str) -> trio.SocketListener:
     """A listening socket; unix sockets are created mode 0600 before they accept anything."""
+    try:
+        return await _open_listener(spec)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {spec}: {exc.strerror or exc}") from None
+
+
+async def _open_listener(spec: str) -> trio.SocketListener:
     host, where = parse_address(spec)
     if host == "unix":
         path = str(where)
