@@ -82,7 +82,16 @@ def run(*, quick: bool = False) -> Report:
     report.metric("blocks fetched by one boot", "blocks", higher_is_better=False)
     report.metric("blocks stored in the image disk", "blocks", higher_is_better=False)
     report.metric("blocks in the image (its size)", "blocks", higher_is_better=False)
-    home = Path(tempfile.mkdtemp(prefix="lanekit-bench-vmboot-"))
+    with tempfile.TemporaryDirectory(prefix="lanekit-bench-vmboot-") as tmp:
+        _measure(report, Path(tmp), repeats)
+    report.notes.append(
+        "The floor includes loading the virtio modules; the sandbox adds mounting the root "
+        "over NBD, the guest init, qemu-guest-agent start-up and the healthcheck exec."
+    )
+    return report
+
+
+def _measure(report: Report, home: Path, repeats: int) -> None:
     warm = Sandbox("shell", home=home, memory_mib=256)
     warm._resolve_image()
     accel = choose_accelerator(warm.kernels.ensure().kernel, home / "accel.json", None)
@@ -117,8 +126,3 @@ def run(*, quick: bool = False) -> Report:
             report.add("blocks fetched by one boot", COLD, fetched)
             report.add("blocks stored in the image disk", COLD, stored)
             report.add("blocks in the image (its size)", COLD, total)
-    report.notes.append(
-        "The floor includes loading the virtio modules; the sandbox adds mounting the root "
-        "over NBD, the guest init, qemu-guest-agent start-up and the healthcheck exec."
-    )
-    return report
