@@ -114,3 +114,18 @@ def test_s3_serve_cli_runs_until_ctrl_c(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_server_leaves_no_sockets_or_logs_in_tmp(tmp_path: Path) -> None:
+    from tools.s3server import S3Server
+
+    def litter() -> set[str]:
+        return {p for p in os.listdir("/tmp") if p.startswith(("seaweedfs-", "weed."))}
+
+    before = litter()
+    with S3Server(tmp_path / "s3") as server:
+        server.client().list_buckets()
+        grpc = {f"seaweedfs-master-grpc-{server.ports[0] + 10000}.sock"}
+        assert grpc <= litter()  # weed's own choice of place, which stop() cleans up
+    assert litter() - before == set()
+    assert (tmp_path / "s3" / "weed.INFO").exists()  # its logs stay with its data

@@ -29,7 +29,8 @@ READY_BUCKET = "lanekit-ready"
 READY_KEY = "ready"
 GRPC_OFFSET = 10000
 # master, volume, filer, s3, admin
-PORT_COUNT = 5
+ROLES = ("master", "volume", "filer", "s3", "admin")  # in port order
+PORT_COUNT = len(ROLES)
 
 
 class S3ServerError(RuntimeError):
@@ -143,6 +144,7 @@ class S3Server:
             master, volume, filer, s3, admin = self.ports
             argv = [
                 weed_binary(),
+                f"-logdir={self.data_dir}",
                 "mini",
                 f"-dir={self.data_dir / 'data'}",
                 "-ip=127.0.0.1",
@@ -158,11 +160,14 @@ class S3Server:
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
                 f"-s3.config={config}",
+                f"-filer.localSocket={self.data_dir / f'filer-{filer}.sock'}",
+                f"-s3.localSocket={self.data_dir / f's3-{s3}.sock'}",
             ]
             (self.data_dir / "data").mkdir(exist_ok=True)
             with open(log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     argv,
+                    env={**os.environ, "TMPDIR": str(self.data_dir)},
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -226,6 +231,10 @@ class S3Server:
         # Children that outlived the leader still belong to its process group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        # weed puts its gRPC sockets in /tmp whatever TMPDIR says, named by our ports
+        for role, port in zip(ROLES, self.ports, strict=True):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/tmp/seaweedfs-{role}-grpc-{port + GRPC_OFFSET}.sock")
 
     def kill(self) -> None:
         """Simulate a crash: SIGKILL with no grace."""
