@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import trio
 import blockstore
 import vfs
 from blockstore import LeaseHeld
-from vm import ExecTimeout, Healthcheck, HealthcheckFailed, ImageEntry
+from vm import ExecTimeout, Healthcheck, HealthcheckFailed, ImageEntry, launcher
 from vm.launcher import Sandbox, SyncMachine
 
 from .blockdev import sh, wait_for
@@ -239,9 +241,29 @@ def test_private_runtime_directory(machine: SyncMachine) -> None:
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600, sock
 
 
-def test_ctrl_c_cleans_up(vm_home: Path) -> None:
+def test_runtime_dirs_of_dead_launchers_are_swept(tmp_path: Path) -> None:
+    done = subprocess.run(["sh", "-c", "cat /proc/$$/stat"], capture_output=True, text=True)
+    dead_pid, start = done.stdout.split()[0], done.stdout.rpartition(")")[2].split()[19]
+    dead, alive, unowned, reused = (tmp_path / f"lanekit-vm-{n}" for n in "abcd")
+    for d in (dead, alive, unowned, reused):
+        (d / "sub").mkdir(parents=True)
+    (dead / "owner").write_text(f"{dead_pid}:{start}")
+    (alive / "owner").write_text(launcher._process_identity(os.getpid()) or "")
+    (reused / "owner").write_text(f"{os.getpid()}:1")  # our pid, another start time
+    launcher._sweep_runtime_dirs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lanekit-vm-b", "lanekit-vm-c"]
+
+
+def runtime_dirs() -> set[Path]:
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    return set(base.glob("lanekit-vm-*"))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
+def test_ctrl_c_or_kill_cleans_up(vm_home: Path, how: str) -> None:
     env = {**os.environ, "LANEKIT_HOME": str(vm_home)}
     before_procs, before_mounts = set(our_processes()), set(our_mounts())
+    before_dirs = runtime_dirs()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell", "--memory", "256",
          "--mount", "/w=memory", "--", "sh", "-c", "echo up > /w/flag; sleep 600"],
@@ -253,17 +275,29 @@ def test_ctrl_c_cleans_up(vm_home: Path) -> None:
             timeout=120,
         )
         time.sleep(8)  # booted and running the command
-        proc.send_signal(signal.SIGINT)
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.kill()
         proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130
+    assert proc.returncode == (130 if how == "ctrl-c" else -signal.SIGKILL)
     wait_for(
         lambda: set(our_processes()) <= before_procs and set(our_mounts()) <= before_mounts,
         timeout=30,
     )
+    if how == "kill-9":  # its runtime dir is left: the next boot sweeps it away
+        left = runtime_dirs() - before_dirs
+        assert len(left) == 1
+        fresh = launcher._runtime_dir()
+        try:
+            assert not left & runtime_dirs()
+        finally:
+            shutil.rmtree(fresh)
+    assert runtime_dirs() <= before_dirs
 
 
 def test_cli_image_check(vm_home: Path) -> None:

@@ -100,10 +100,41 @@ class Metrics:
     blocks_uploaded: int
 
 
+RUNTIME_PREFIX = "lanekit-vm-"
+_OWNER = "owner"
+
+
+def _process_identity(pid: int) -> str | None:
+    """``pid:start-time``: a pid alone may be reused by another process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return f"{pid}:{fields[19]}"
+
+
+def _sweep_runtime_dirs(base: Path) -> None:
+    """Remove runtime dirs whose launcher died without cleaning up (kill -9): each names
+    its owner; qemu and virtiofsd die with their parent, FUSE mounts unmount themselves."""
+    for path in base.glob(f"{RUNTIME_PREFIX}*"):
+        try:
+            owner = (path / _OWNER).read_text()
+        except OSError:
+            continue  # not ours to judge, or already gone
+        pid = owner.partition(":")[0]
+        if pid.isdigit() and _process_identity(int(pid)) != owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _runtime_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or None
-    path = Path(tempfile.mkdtemp(prefix="lanekit-vm-", dir=base))
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    _sweep_runtime_dirs(base)
+    path = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir=base))
     os.chmod(path, 0o700)
+    identity = _process_identity(os.getpid())
+    assert identity is not None
+    (path / _OWNER).write_text(identity)
     return path
 
 
@@ -529,7 +560,7 @@ class Sandbox:
         if len({m.guest_path for m in mounts}) != len(mounts):
             raise VMError("two mounts at the same guest path")
         async with contextlib.AsyncExitStack() as stack:
-            runtime = _runtime_dir()
+            runtime = await trio.to_thread.run_sync(_runtime_dir)
             stack.callback(shutil.rmtree, runtime, True)
             entry, image = await trio.to_thread.run_sync(self._resolve_image)
             assets = await trio.to_thread.run_sync(self.kernels.ensure)
