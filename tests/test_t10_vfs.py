@@ -57,16 +57,20 @@ def as_user(uid: int, gid: int, *argv: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def readme_example() -> type[vfs.Filesystem]:
-    """The README's 30-line read-only filesystem of computed files, executed as written."""
+def readme_example_code() -> str:
+    """The README's 30-line read-only filesystem of computed files, as written."""
     import re
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     code = next(b for b in blocks if "class Computed(vfs.Filesystem)" in b)
     assert len(code.strip().splitlines()) <= 45
+    return code
+
+
+def readme_example() -> type[vfs.Filesystem]:
     namespace: dict[str, object] = {"__name__": "readme"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(readme_example_code(), "README.md", "exec"), namespace)
     return namespace["Computed"]  # type: ignore[return-value]
 
 
@@ -800,6 +804,23 @@ def test_filesystem_without_xattrs_costs_no_round_trip_per_write(tmp_path: Path)
     assert result["errors"] == [errno.EOPNOTSUPP] * 3
     assert result["size"] == 50_000
     assert not os.path.ismount(where)
+
+
+def test_readme_example_runs_as_a_script_until_unmounted(tmp_path: Path) -> None:
+    script = tmp_path / "computed.py"
+    script.write_text(readme_example_code())
+    where = tmp_path / "m"
+    where.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(where)])
+    try:
+        wait_for(lambda: os.path.ismount(where), timeout=30)
+        assert (where / "hello.txt").read_text() == "hello\n"
+        subprocess.run(["umount", str(where)], check=True, timeout=30)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ------------------------------------------------------------ the CLI
