@@ -7,12 +7,13 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .concurrency import run_sync
 from .disk import BaseImage, Disk
 from .disks import DEFAULT_BLOCK_SIZE, create_disk
 from .errors import BaseMismatch
 from .lease import DEFAULT_TTL
 from .objectstore import ObjectStore
-from .store import ObjectBlockStore, run_sync
+from .store import ObjectBlockStore
 from .url import DiskURL, open_store, parse_disk_url
 
 Target = str | DiskURL | tuple[ObjectStore, str]

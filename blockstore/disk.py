@@ -25,8 +25,9 @@ from pathlib import Path
 
 import trio
 
+from .concurrency import run_sync
 from .errors import BaseMismatch, OutOfRange, ReadOnly
-from .store import BlockStore, BlockValue, ObjectBlockStore, run_sync
+from .store import BlockStore, BlockValue, ObjectBlockStore
 
 log = logging.getLogger(__name__)
 

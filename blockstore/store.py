@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import lz4.block
 import trio
 
+from .concurrency import parallel, run_sync
 from .errors import (
     BlockStoreError,
     CorruptBlock,
@@ -88,38 +89,6 @@ class StoreStats:
     blocks_uploaded: int = 0
     blocks_fetched: int = 0
     commits: int = 0
-
-
-async def run_sync(
-    fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None
-) -> T:
-    return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
-
-
-def first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error in a nursery's exception group (a cancellation only if that is
-    all there is): what a caller or a protocol edge should see and report."""
-    leaves = _leaves(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return (real or leaves)[0]
-
-
-async def parallel(tasks: Sequence[Callable[[], Awaitable[None]]]) -> None:
-    """Run tasks concurrently; if any fail, raise the first failure itself (not a group),
-    so callers and the protocol edges see ordinary exceptions."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for task in tasks:
-                nursery.start_soon(task)
-    except BaseExceptionGroup as group:
-        raise first_failure(group) from None
 
 
 def read_head(objects: ObjectStore, disk: str) -> tuple[Head, str]:

@@ -403,3 +403,45 @@ def test_readme_custom_block_store_example_runs() -> None:
     code = re.search(r"```python\n(.*?)```", readme, re.S)
     assert code is not None
     exec(compile(code.group(1), "README.md", "exec"), {"__name__": "readme"})
+
+
+# ------------------------------------------------------------ trio helpers
+
+
+def test_blocking_holds_an_async_context_open_for_plain_code() -> None:
+    import contextlib
+
+    from blockstore.concurrency import blocking
+
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def resource(fail_enter: bool = False, fail_exit: bool = False):  # type: ignore[no-untyped-def]
+        if fail_enter:
+            raise OSError("cannot enter")
+        events.append("entered")
+        try:
+            yield "value"
+        finally:
+            events.append("exited")
+            if fail_exit:
+                raise RuntimeError("cannot exit")
+
+    async def where() -> str:
+        await trio.lowlevel.checkpoint()
+        return "in the loop"
+
+    with blocking(resource) as (value, token):
+        assert value == "value" and events == ["entered"]
+        assert trio.from_thread.run(where, trio_token=token) == "in the loop"
+    assert events == ["entered", "exited"]
+    with pytest.raises(OSError, match="cannot enter"), blocking(lambda: resource(fail_enter=True)):
+        pass
+    with (
+        pytest.raises(RuntimeError, match="cannot exit"),
+        blocking(lambda: resource(fail_exit=True)),
+    ):
+        pass
+    # the block's own error wins over the exit's
+    with pytest.raises(KeyError), blocking(lambda: resource(fail_exit=True)):
+        raise KeyError("body")

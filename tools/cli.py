@@ -16,8 +16,8 @@ import trio
 
 import blockstore
 from blockstore import BlockStoreError, LeaseHeld
+from blockstore.concurrency import first_failure
 from blockstore.lease import lease_is_live, read_lease
-from blockstore.store import first_failure
 from vfs import FSError, MountError
 from vm import VMError
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from blockstore.concurrency import blocking
 from blockstore.serve.fusefile import set_fuse_readahead
 
 from .interface import Attr, Context, Filesystem, FSError, Key, SetAttr, check_name
@@ -438,32 +439,5 @@ def mount_blocking(
     fs: Filesystem, mountpoint: str | os.PathLike[str], **options: Any
 ) -> Iterator[Path]:
     """:func:`mount` for code that is not async: serves from a helper thread."""
-    ready = threading.Event()
-    done: list[trio.Event] = []
-    token: list[trio.lowlevel.TrioToken] = []
-    errors: list[BaseException] = []
-
-    async def main() -> None:
-        token.append(trio.lowlevel.current_trio_token())
-        done.append(trio.Event())
-        try:
-            async with mount(fs, mountpoint, **options):
-                ready.set()
-                await done[0].wait()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    ready.wait()
-    if errors:
-        thread.join()
-        raise errors[0]
-    try:
-        yield Path(mountpoint).absolute()
-    finally:
-        with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(done[0].set, trio_token=token[0])
-        thread.join()
+    with blocking(lambda: mount(fs, mountpoint, **options)) as (target, _):
+        yield target

@@ -26,6 +26,7 @@ import trio
 
 import blockstore
 from blockstore import BaseImage, Disk
+from blockstore.concurrency import blocking
 from blockstore.serve.nbd import serve_device
 
 from .accel import QEMU, choose_accelerator
@@ -621,8 +622,8 @@ class Sandbox:
         self, mounts: Sequence[Mount] | Mapping[str, Any] = (), *, cwd: str = "/"
     ) -> Iterator[SyncMachine]:
         """The blocking form of :meth:`boot`, for code that is not async."""
-        with _SyncRunner(self, mounts, cwd) as machine:
-            yield machine
+        with blocking(lambda: self.boot(mounts, cwd=cwd)) as (machine, token):
+            yield SyncMachine(machine, token)
 
 
 async def _shielded(fn: Any) -> None:
@@ -663,51 +664,3 @@ class SyncMachine:
 
     def kill(self) -> None:
         self._call(self._machine.kill)
-
-
-class _SyncRunner:
-    """Runs the boot in a trio loop on a helper thread until the with-block ends."""
-
-    def __init__(self, sandbox: Sandbox, mounts: Any, cwd: str) -> None:
-        import threading
-
-        self._sandbox, self._mounts, self._cwd = sandbox, mounts, cwd
-        self._ready = threading.Event()
-        self._machine: SyncMachine | None = None
-        self._error: BaseException | None = None
-        self._done: trio.Event | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        async def body() -> None:
-            self._done = trio.Event()
-            self._token = trio.lowlevel.current_trio_token()
-            try:
-                async with self._sandbox.boot(self._mounts, cwd=self._cwd) as machine:
-                    self._machine = SyncMachine(machine, self._token)
-                    self._ready.set()
-                    await self._done.wait()
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                self._ready.set()
-
-        trio.run(body)
-
-    def __enter__(self) -> SyncMachine:
-        self._thread.start()
-        self._ready.wait()
-        if self._machine is None:
-            self._thread.join()
-            assert self._error is not None
-            raise self._error
-        return self._machine
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._done is not None and self._token is not None
-        with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(self._done.set, trio_token=self._token)
-        self._thread.join()
-        if self._error is not None and exc[0] is None:
-            raise self._error
