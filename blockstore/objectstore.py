@@ -245,13 +245,11 @@ class LocalObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        if not path.exists():
-            return
-        with self._exclusive():
-            try:
+        try:
+            with self._exclusive():  # its lock file is missing too in a store never put to
                 os.unlink(path)
-            except FileNotFoundError:
-                return
+        except FileNotFoundError:
+            return
         _fsync_dir(path.parent)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

@@ -22,7 +22,7 @@ from vfs import FSError, MountError
 from vm import VMError
 
 from .cli_vm import add_parsers as add_vm_parsers
-from .config import lanekit_home, parse_size
+from .config import lanekit_home, parse_size, serve_until_signalled
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -237,18 +237,10 @@ def _run_disk_service(
             s3_endpoint=args.s3_endpoint,
             cache_bytes=parse_size(args.cache),
         ) as disk:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
-
-                    async def service(task_status: trio.TaskStatus[None]) -> None:
-                        await start(disk, task_status)
-                        nursery.cancel_scope.cancel()
-
-                    await nursery.start(service)
-                    print(ready, flush=True)
-                    async for _ in signals:
-                        break
-                    nursery.cancel_scope.cancel()
+            await serve_until_signalled(
+                lambda task_status: start(disk, task_status),
+                lambda _: print(ready, flush=True),
+            )
             await disk.close()
             stats.update(_store_stats(disk))
 

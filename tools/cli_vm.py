@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import shlex
 import signal
@@ -20,7 +21,7 @@ from vm.images import RECIPES, ImageStore
 from vm.launcher import Mount, Sandbox
 from vm.state import state_paths
 
-from .config import lanekit_home, parse_size
+from .config import lanekit_home, parse_size, serve_until_signalled
 
 DEFAULT_HEALTHCHECK = ("/lanekit/busybox", "true")
 
@@ -257,22 +258,11 @@ def cmd_vfs_mount(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
 
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
+    def ready(where: Path) -> None:
+        print(f"mounted {where}; Ctrl-C, SIGTERM or umount unmounts", flush=True)
 
-                async def serve(task_status: trio.TaskStatus[Path]) -> None:
-                    await vfs.serve(fs, args.mountpoint, task_status=task_status)
-                    nursery.cancel_scope.cancel()  # unmounted from outside
-
-                where = await nursery.start(serve)
-                print(f"mounted {where}; Ctrl-C, SIGTERM or umount unmounts", flush=True)
-                async for _ in signals:
-                    break
-                nursery.cancel_scope.cancel()
-        print("unmounted", flush=True)
-
-    trio.run(main)
+    trio.run(serve_until_signalled, functools.partial(vfs.serve, fs, args.mountpoint), ready)
+    print("unmounted", flush=True)
     return 0
 
 
