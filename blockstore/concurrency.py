@@ -89,3 +89,44 @@ def blocking(
         thread.join()
         if errors and not body_failed:
             raise errors[0]
+
+
+class Services:
+    """Tasks that keep running when their surroundings are cancelled, until :meth:`close`.
+
+    A VM's servers (the root disk's NBD server, the guest agent's reader) must go on
+    serving while the VM powers off, including when the boot is left because something
+    outside was cancelled (a Ctrl-C): a cancelled NBD server would lose the guest's last
+    flush. Each task runs in a shielded scope of its own; ``close`` cancels them all."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._scopes: list[trio.CancelScope] = []
+
+    def _scope(self) -> trio.CancelScope:
+        scope = trio.CancelScope(shield=True)
+        self._scopes.append(scope)
+        return scope
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        scope = self._scope()
+
+        async def run() -> None:
+            with scope:
+                await fn(*args)
+
+        self._nursery.start_soon(run)
+
+    async def start(self, fn: Callable[..., Awaitable[object]], *args: Any) -> Any:
+        """Like ``nursery.start``: ``fn`` gets ``task_status``; returns what it reports."""
+        scope = self._scope()
+
+        async def run(task_status: trio.TaskStatus[Any]) -> None:
+            with scope:
+                await fn(*args, task_status=task_status)
+
+        return await self._nursery.start(run)
+
+    def close(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()

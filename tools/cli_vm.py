@@ -6,7 +6,6 @@ import argparse
 import functools
 import gc
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,35 @@ from vm.launcher import Mount, Sandbox
 from vm.state import state_paths
 
 from .config import lanekit_home, parse_size, serve_until_signalled
+from .vmrun import RunOptions, run_in_sandbox
 
 DEFAULT_HEALTHCHECK = ("/lanekit/busybox", "true")
+
+VM_RUN_DESCRIPTION = """\
+Boot IMAGE in a microVM, run one command in it, stream its stdout and stderr here as it
+runs, and stop the VM when it ends. Its exit code is lanekit's. stdin is passed on when it
+is not a terminal (a pipe or a file, until its end); with -i it is passed on always.
+
+Signals: the first SIGINT or SIGTERM goes to the command; if it has not ended within 10 s,
+the sandbox is stopped cleanly (the guest syncs and powers off, the root disk is flushed
+and its lease released). A second SIGINT or SIGTERM stops at once: the guest is killed,
+so what it had not synced is lost; the root disk is still flushed and released."""
+
+VM_RUN_EPILOG = """\
+exit codes:
+  0-125     the command's own exit code
+  126, 127  the command could not be run (no such directory; not found)
+  128+N     the command was ended by signal N (130: SIGINT, 137: SIGKILL or --timeout)
+  1         lanekit failed (the message says why); 2: bad arguments
+  75        the root disk is in use by another sandbox (see --wait and --force)
+
+examples:
+  lanekit vm run --image shell -- echo hello
+  lanekit vm run -it --image shell -- sh
+  echo data | lanekit vm run --image shell -- sha256sum
+  lanekit vm run --image python --disk file:///var/lib/lanes/web --mount /src=$PWD:ro \\
+      --cwd /src --env DEBUG=1 --timeout 600 -- python3 -m pytest
+  lanekit vm run --image shell --disk file:///var/lib/lanes/web@before-upgrade -- ls /"""
 
 
 def _state() -> tuple[Registry, ImageStore]:
@@ -187,13 +213,19 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise VMError("give the command to run after --")
+        raise VMError("give the command to run after --, e.g. lanekit vm run --image shell -- sh")
     env = {}
     for item in args.env or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise VMError(f"--env {item!r}: use KEY=VALUE")
         env[key] = value
+    if args.timeout is not None and not args.timeout > 0:
+        raise VMError(f"--timeout {args.timeout:g}: give a positive number of seconds")
+    if not args.cwd.startswith("/"):
+        raise VMError(f"--cwd {args.cwd!r}: give an absolute guest path, e.g. /workspace")
+    if args.wait is not None and args.wait < 0:
+        raise VMError(f"--wait {args.wait:g}: give a number of seconds, 0 or more")
     mounts = [parse_mount(m) for m in args.mount or ()]
     sandbox = Sandbox(
         args.image,
@@ -202,36 +234,20 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         disk=args.disk,
         accel=args.accel,
         s3_endpoint=args.s3_endpoint,
+        force=args.force,
+        lease_wait=args.wait,
+        notice=lambda line: print(f"lanekit: {line}", file=sys.stderr, flush=True),
     )
-    stdin = sys.stdin.buffer.read() if args.stdin else None
-
-    async def main() -> int:
-        """SIGINT/SIGTERM cancel the run; leaving ``boot`` stops the VM and cleans up."""
-        result = None
-        signalled = False
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    nonlocal signalled
-                    async for _ in signals:
-                        signalled = True
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch)
-                async with sandbox.boot(mounts, cwd=args.cwd) as machine:
-                    result = await machine.exec(command, env=env, stdin=stdin, timeout=args.timeout)
-                nursery.cancel_scope.cancel()
-        if signalled or result is None:
-            print("lanekit: interrupted; the sandbox was stopped", file=sys.stderr)
-            return 130
-        sys.stdout.buffer.write(result.stdout)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(result.stderr)
-        sys.stderr.flush()
-        return result.exit_code
-
-    code: int = trio.run(main)
+    run = RunOptions(
+        command=command,
+        env=env,
+        cwd=args.cwd,
+        user=args.user,
+        timeout=args.timeout,
+        tty=args.tty,
+        interactive=args.interactive or args.stdin,
+    )
+    code: int = trio.run(run_in_sandbox, sandbox, mounts, run)
     return code
 
 
@@ -308,19 +324,53 @@ def add_parsers(sub: Any) -> None:
     vmp = sub.add_parser("vm", help="microVM sandboxes").add_subparsers(
         dest="vm_command", required=True
     )
-    c = vmp.add_parser("run", help="boot an image, run one command, print its output")
-    c.add_argument("--image", required=True)
-    c.add_argument("--disk", help="durable root disk URL (default: an ephemeral one)")
-    c.add_argument("--mount", action="append", help="GUEST=memory or GUEST=HOSTDIR[:ro]")
-    c.add_argument("--cpus", type=int, default=1)
-    c.add_argument("--memory", type=int, default=512, help="MiB")
-    c.add_argument("--cwd", default="/")
-    c.add_argument("--env", action="append", help="KEY=VALUE")
-    c.add_argument("--timeout", type=float, help="seconds before the command is killed")
-    c.add_argument("--stdin", action="store_true", help="pass this process's stdin")
+    c = vmp.add_parser(
+        "run",
+        help="boot an image, run one command, stream its output",
+        description=VM_RUN_DESCRIPTION,
+        epilog=VM_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--image", required=True, help="registered image id (see `lanekit image list`)")
+    c.add_argument(
+        "--disk",
+        help="durable root disk URL (file:///DIR/NAME or s3://BUCKET/PREFIX/NAME), created "
+        "from the image on first use; URL@TAG boots a checkpoint as a throwaway copy "
+        "(its writes are discarded when the sandbox stops). Default: an ephemeral disk",
+    )
+    c.add_argument(
+        "--mount", action="append", metavar="GUEST=SOURCE",
+        help="GUEST=memory (an in-memory filesystem) or GUEST=HOSTDIR[:ro]; repeatable",
+    )  # fmt: skip
+    c.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
+    c.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
+    c.add_argument("--cwd", default="/", help="absolute guest directory to run in (default /)")
+    c.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
+    c.add_argument("--user", help="run as this guest user: a name, a uid, or uid:gid")
+    c.add_argument(
+        "--timeout", type=float, metavar="SECONDS",
+        help="kill the command and everything it started after this long (exit 137)",
+    )  # fmt: skip
+    c.add_argument(
+        "-t", "--tty", action="store_true",
+        help="give the command a terminal (raw mode here, window size kept in step)",
+    )  # fmt: skip
+    c.add_argument(
+        "-i", "--interactive", action="store_true",
+        help="keep stdin open and pass it on even when it is a terminal",
+    )  # fmt: skip
+    c.add_argument("--stdin", action="store_true", help=argparse.SUPPRESS)  # older spelling of -i
+    c.add_argument(
+        "--force", action="store_true",
+        help="take the root disk over from a dead or unreachable holder (fences it)",
+    )  # fmt: skip
+    c.add_argument(
+        "--wait", type=float, metavar="SECONDS",
+        help="if the root disk is in use, wait this long for its lease to end",
+    )  # fmt: skip
     c.add_argument("--accel", choices=("kvm", "tcg"), help="default: KVM if it works, else TCG")
     c.add_argument("--s3-endpoint", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
-    c.add_argument("cmd", nargs=argparse.REMAINDER)
+    c.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     c.set_defaults(func=cmd_vm_run)
 
     vfsp = sub.add_parser("vfs", help="host-implemented filesystems").add_subparsers(

@@ -1,4 +1,4 @@
-"""The guest runtime mounted at ``/lanekit`` in every boot: an init, a guest agent, helpers.
+"""The guest runtime mounted at ``/lanekit`` in every boot: an init, the guest agent, helpers.
 
 The runtime travels in the initramfs (see :mod:`vm.kernel`), not in the images: the
 initramfs bind-mounts it over the image's empty ``/lanekit`` before handing over. So a
@@ -6,11 +6,14 @@ boot reads none of it over the root disk (a cold root disk in S3 fetches only th
 own blocks), images hold only what their builder put in, and a new runtime reaches every
 image without a rebuild.
 
-The guest agent is Debian's ``qemu-ga`` from the host, with the shared libraries it loads,
-started through the copied dynamic loader with ``--library-path``, so it runs the same in a
-busybox image and in a Debian one and never mixes with the image's own libraries.
-busybox-static provides the init's tools. The kernel command line tells the init which
-virtiofs tags to mount where (``lanekit.mount=TAG:PATH:ro|rw``).
+The guest agent is lanekit's own (:mod:`vm.agent.guest`), run by the host's Python
+interpreter with the shared libraries it loads, started through the copied dynamic loader
+with ``--library-path``, so it runs the same in a busybox image and in a Debian one and
+never mixes with the image's own libraries. busybox-static provides the init's tools. The
+kernel command line tells the init which virtiofs tags to mount where
+(``lanekit.mount=TAG:PATH:ro|rw``). qemu-guest-agent is carried only in the benchmark's
+variant of the runtime (``lanekit.qga`` on the command line starts it), as a peer to
+measure against.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .agent import runtime as agent_runtime
 from .errors import BuildError
 
-AGENT_BINARY = Path("/usr/sbin/qemu-ga")
+QGA_BINARY = Path("/usr/sbin/qemu-ga")
 BUSYBOX = Path("/bin/busybox")
 LOADER_CACHE = Path("/etc/ld.so.cache")
-AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+AGENT_PORT_NAME = "org.lanekit.agent.0"
+QGA_PORT_NAME = "org.qemu.guest_agent.0"
 MOUNT_POINTS = ("workspace", "tmp", "mnt", "proc", "sys", "dev", "run", "root")
+VARIANTS = ("default", "qga")
+"""Runtime variants: ``qga`` adds qemu-guest-agent (for ``lanekit bench exec`` only)."""
+
+AGENT_COMMAND = agent_runtime.agent_command('"$port"')
 
 GUEST_INIT = rf"""#!/lanekit/busybox sh
 # lanekit guest init: mount the usual filesystems and the per-boot virtiofs mounts,
@@ -53,10 +62,11 @@ for arg in $cmdline; do
             ;;
     esac
 done
-port=
+port=; qga=
 for d in /sys/class/virtio-ports/*; do
     name=; read -r name <"$d/name"
     [ "$name" = "{AGENT_PORT_NAME}" ] && port="/dev/${{d##*/}}"
+    [ "$name" = "{QGA_PORT_NAME}" ] && qga="/dev/${{d##*/}}"
 done
 if [ -z "$port" ]; then
     echo "lanekit-init: no guest agent port" >/dev/console
@@ -64,11 +74,20 @@ if [ -z "$port" ]; then
 fi
 (
     while :; do
-        /lanekit/lib/ld-linux-x86-64.so.2 --library-path /lanekit/lib /lanekit/qemu-ga \
-            -m virtio-serial -p "$port" -t /run -f /run/qemu-ga.pid
+        {AGENT_COMMAND} 2>>/dev/console
+        echo "lanekit-init: the guest agent exited ($?); restarting it" >/dev/console
         $bb sleep 0.2
     done
 ) &
+if [ -n "$qga" ] && [ -x /lanekit/qemu-ga ]; then
+    (
+        while :; do
+            /lanekit/lib/ld-linux-x86-64.so.2 --library-path /lanekit/lib /lanekit/qemu-ga \
+                -m virtio-serial -p "$qga" -t /run -f /run/qemu-ga.pid
+            $bb sleep 0.2
+        done
+    ) &
+fi
 echo "lanekit-init: ready" >/dev/console
 while :; do
     wait
@@ -83,53 +102,7 @@ devpts /dev/pts devpts gid=5,mode=620 0 0
 tmpfs /dev/shm tmpfs mode=1777,nosuid,nodev 0 0
 tmpfs /tmp tmpfs mode=1777,nosuid,nodev 0 0
 tmpfs /run tmpfs mode=755,nosuid,nodev 0 0
-"""
-
-RUN_WRAPPER = r"""#!/lanekit/busybox sh
-# lanekit exec wrapper: run "$@" in directory $1. The command is looked up in $PATH here:
-# this busybox prefers its own applets, so a bare `exec ls` would run busybox's ls, not
-# the image's.
-cd -- "$1" 2>/dev/null || { echo "lanekit: cannot change to directory $1" >&2; exit 126; }
-shift
-command=$1
-case "$command" in
-    */*) ;;
-    *)
-        found=
-        IFS=:
-        for dir in $PATH; do
-            if [ -f "${dir:-.}/$command" ] && [ -x "${dir:-.}/$command" ]; then
-                found="${dir:-.}/$command"
-                break
-            fi
-        done
-        unset IFS
-        if [ -z "$found" ]; then
-            echo "lanekit: $command: command not found" >&2
-            exit 127
-        fi
-        command=$found
-        ;;
-esac
-shift
-exec "$command" "$@"
-"""
-
-KILL_TREE = r"""#!/lanekit/busybox sh
-# Kill a process and all of its descendants (a timed-out exec). Stop first, so nothing
-# forks while the tree is walked; busybox-static has no pgrep, so read /proc.
-bb=/lanekit/busybox
-children() {
-    $bb awk -v P="$1" '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); if (f[2] == P) print $1 }' \
-        /proc/[0-9]*/stat 2>/dev/null
-}
-kill_tree() {
-    $bb kill -STOP "$1" 2>/dev/null
-    for child in $(children "$1"); do kill_tree "$child"; done
-    $bb kill -KILL "$1" 2>/dev/null
-}
-for pid in "$@"; do kill_tree "$pid"; done
-exit 0
+cgroup2 /sys/fs/cgroup cgroup2 nsdelegate 0 0
 """
 
 POWEROFF = r"""#!/lanekit/busybox sh
@@ -165,39 +138,48 @@ def shared_libraries(binary: Path) -> list[Path]:
     return libs
 
 
-def runtime_fingerprint() -> bytes:
-    """What the runtime is built from, cheaply (no ``ldd``): the scripts, and the names,
-    sizes and times of the binaries and of the loader cache, which ``ldconfig`` rewrites
-    whenever a library is installed or upgraded. A boot checks it; a change rebuilds."""
-    fingerprint = hashlib.sha256()
-    for text in (GUEST_INIT, FSTAB, RUN_WRAPPER, KILL_TREE, POWEROFF):
+def runtime_fingerprint(variant: str = "default") -> bytes:
+    """What the runtime is built from, cheaply (no ``ldd``): the scripts, the agent, and
+    the names, sizes and times of the binaries and of the loader cache, which ``ldconfig``
+    rewrites whenever a library is installed or upgraded. A boot checks it; a change
+    rebuilds."""
+    fingerprint = hashlib.sha256(variant.encode())
+    for text in (GUEST_INIT, FSTAB, POWEROFF):
         fingerprint.update(hashlib.sha256(text.encode()).digest())
-    for path in (AGENT_BINARY, BUSYBOX, LOADER_CACHE):
+    fingerprint.update(agent_runtime.fingerprint())
+    binaries = [BUSYBOX, LOADER_CACHE] + ([QGA_BINARY] if variant == "qga" else [])
+    for path in binaries:
         with contextlib.suppress(FileNotFoundError):
             st = path.stat()
             fingerprint.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
     return fingerprint.digest()
 
 
-def runtime_files() -> dict[str, tuple[bytes | Path, int]]:
+def runtime_files(variant: str = "default") -> dict[str, tuple[bytes | Path, int]]:
     """The runtime's files, by path under ``/lanekit``: contents (or a host file) and mode."""
-    for required in (AGENT_BINARY, BUSYBOX):
-        if not required.is_file():
+    if variant not in VARIANTS:
+        raise BuildError(f"unknown runtime variant {variant!r}")
+    required = [BUSYBOX] + ([QGA_BINARY] if variant == "qga" else [])
+    for path in required:
+        if not path.is_file():
             raise BuildError(
-                f"{required} is missing on this host: run tools/setup.sh "
-                "(it installs qemu-guest-agent and busybox-static)"
+                f"{path} is missing on this host: run tools/setup.sh "
+                "(it installs busybox-static and qemu-guest-agent)"
             )
     files: dict[str, tuple[bytes | Path, int]] = {
         "busybox": (BUSYBOX, 0o755),
-        "qemu-ga": (AGENT_BINARY, 0o755),
         "init": (GUEST_INIT.encode(), 0o755),
         "fstab": (FSTAB.encode(), 0o644),
-        "run": (RUN_WRAPPER.encode(), 0o755),
-        "kill-tree": (KILL_TREE.encode(), 0o755),
         "poweroff": (POWEROFF.encode(), 0o755),
     }
-    for lib in shared_libraries(AGENT_BINARY):
-        files[f"lib/{lib.name}"] = (lib.resolve(), 0o755)
+    files.update(agent_runtime.agent_files())
+    binaries = [agent_runtime.python_binary()]
+    if variant == "qga":
+        files["qemu-ga"] = (QGA_BINARY, 0o755)
+        binaries.append(QGA_BINARY)
+    for binary in binaries:
+        for lib in shared_libraries(binary):
+            files[f"lib/{lib.name}"] = (lib.resolve(), 0o755)
     return files
 
 

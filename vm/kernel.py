@@ -143,11 +143,13 @@ class KernelCache:
             p.name for p in self.root.iterdir() if (p / "vmlinuz").is_file() and p.name[0] != "."
         )
 
-    def ensure(self, refresh: bool = False) -> KernelAssets:
-        """The newest cached kernel, fetching Debian's cloud kernel if none (or ``refresh``)."""
+    def ensure(self, refresh: bool = False, variant: str = "default") -> KernelAssets:
+        """The newest cached kernel, fetching Debian's cloud kernel if none (or ``refresh``),
+        and its initramfs with the runtime ``variant`` (see :data:`vm.guest.VARIANTS`)."""
         versions = self.installed_versions()
         version = self._fetch() if refresh or not versions else versions[-1]
-        return KernelAssets(version, self.root / version / "vmlinuz", self._initramfs(version))
+        initramfs = self._initramfs(version, variant)
+        return KernelAssets(version, self.root / version / "vmlinuz", initramfs)
 
     def _fetch(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -187,17 +189,17 @@ class KernelCache:
             os.rename(staged, target)
             return version
 
-    def _initramfs(self, version: str) -> Path:
+    def _initramfs(self, version: str, variant: str) -> Path:
         """Cached under a key of its inputs' names, sizes and times, so a boot that finds
         it runs no ``modinfo`` or ``ldd`` and hashes only the scripts."""
         directory = self.root / version
         paths = {p.stem: p for p in (directory / "modules").glob("*.ko")}
         inputs = hashlib.sha256(INIT_SCRIPT.encode() + repr(GUEST_MODULES).encode())
-        inputs.update(runtime_fingerprint())
+        inputs.update(runtime_fingerprint(variant))
         for path in sorted(paths.values()):
             st = path.stat()
             inputs.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-        target = directory / f"initramfs-{inputs.hexdigest()[:16]}.cpio"
+        target = directory / f"initramfs-{variant}-{inputs.hexdigest()[:16]}.cpio"
         if target.is_file():
             return target
         wanted = load_order(module_dependencies(paths, GUEST_MODULES))
@@ -208,7 +210,14 @@ class KernelCache:
                 cpio.directory(d)
             cpio.char_device("dev/console", 5, 1, 0o600)
             cpio.file("init", INIT_SCRIPT.encode(), 0o755)
-            for name, (content, mode) in sorted(runtime_files().items()):
+            made = {"lanekit", "lanekit/lib"}
+            for name, (content, mode) in sorted(runtime_files(variant).items()):
+                parts = f"lanekit/{name}".split("/")
+                for i in range(2, len(parts)):
+                    parent = "/".join(parts[:i])
+                    if parent not in made:
+                        cpio.directory(parent)
+                        made.add(parent)
                 data = content.read_bytes() if isinstance(content, Path) else content
                 cpio.file(f"lanekit/{name}", data, mode)
             cpio.file("modules.order", "".join(f"{m}\n" for m in wanted).encode(), 0o644)
@@ -218,7 +227,9 @@ class KernelCache:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, target)
-        for old in directory.glob("initramfs-*.cpio"):
+        for old in directory.glob(f"initramfs-{variant}-*.cpio"):
             if old != target:
                 old.unlink()
+        for legacy in directory.glob("initramfs-" + "[0-9a-f]" * 16 + ".cpio"):
+            legacy.unlink()  # from before runtime variants
         return target

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from .errors import GuestAgentError
+from vm.errors import GuestAgentError
 
 _MAX_LINE = 64 << 20
 
