@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import blockstore
 from blockstore import MemoryObjectStore, create_disk, open_disk
 from blockstore.serve import NBDLimits, NBDServer, open_listener, serve_device
 from blockstore.serve import nbd as P
+from blockstore.serve.limits import ByteBudget
 from tests.nbdclient import RawClient, serve_disk
 
 MiB = 1 << 20
@@ -347,3 +349,29 @@ def test_limits_must_admit_one_request() -> None:
     with pytest.raises(ValueError, match="handshake_timeout"):
         NBDLimits(handshake_timeout=0)
     assert NBDLimits(handshake_timeout=None).handshake_timeout is None
+
+
+async def test_byte_budget_is_first_come_first_served_and_cancel_safe() -> None:
+    server = ByteBudget(10)
+    conn_a, conn_b = ByteBudget(8, parent=server), ByteBudget(8, parent=server)
+    assert conn_a.try_acquire(8) and not conn_b.try_acquire(4)
+    order: list[str] = []
+
+    async def take(budget: ByteBudget, n: int, name: str) -> None:
+        await budget.acquire(n)
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, conn_b, 4, "b4")  # waits in the server budget
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(take, server, 1, "s1")  # fits now, but b4 came first
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [] and (server.used, conn_b.used) == (8, 4)
+        conn_a.release(8)
+    assert order == ["b4", "s1"] and server.used == 5 and server.peak == 8
+    # Cancelled while waiting for the server's share: nothing stays taken.
+    with trio.move_on_after(0.05):
+        await conn_a.acquire(6)
+    assert (conn_a.used, server.used) == (0, 5)
+    with pytest.raises(ValueError):
+        await conn_a.acquire(9)

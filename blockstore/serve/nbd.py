@@ -554,9 +554,13 @@ class _Connection:
             if cmd == CMD_WRITE and length > limits.max_request:
                 # The payload cannot be skipped safely: drop the connection.
                 raise _Disconnect(f"write of {length} bytes exceeds the maximum")
-            cost = self._cost(cmd, length)
+            if cmd <= CMD_WRITE and length <= limits.max_request:
+                cost = length  # a read's reply data, a write's payload
+            else:
+                cost = self._reply_cost(cmd, length)
             await self.in_flight.acquire()
-            await self.budget.acquire(cost)
+            if not self.budget.try_acquire(cost):
+                await self.budget.acquire(cost)
             try:
                 payload = await self.reader.exactly(length) if cmd == CMD_WRITE else b""
             except BaseException:
@@ -564,16 +568,14 @@ class _Connection:
                 raise
             nursery.start_soon(self.run_request, flags, cmd, handle, offset, length, payload, cost)
 
-    def _cost(self, cmd: int, length: int) -> int:
-        """The bytes a request holds until its reply is sent."""
-        limits = self.server.limits
-        if cmd == CMD_WRITE or (cmd == CMD_READ and length <= limits.max_request):
-            return length
-        if cmd == CMD_BLOCK_STATUS:
-            block = max(self.server.device.block_size, 1)
-            runs = min(length // block + 2, MAX_EXTENT_RUNS)
-            return min(4 + _EXTENT_RUN * runs, limits.connection_bytes)
-        return 0
+    def _reply_cost(self, cmd: int, length: int) -> int:
+        """The bytes other requests hold until their replies are sent: a block status
+        reply's runs (at most one per block), nothing for the rest."""
+        if cmd != CMD_BLOCK_STATUS:
+            return 0
+        block = max(self.server.device.block_size, 1)
+        runs = min(length // block + 2, MAX_EXTENT_RUNS)
+        return min(4 + _EXTENT_RUN * runs, self.server.limits.connection_bytes)
 
     def _release(self, cost: int) -> None:
         self.in_flight.release()
@@ -599,7 +601,8 @@ class _Connection:
             self.undelivered += 1
             self.send_failure = self.send_failure or str(e.__cause__ or e)
         finally:
-            self._release(cost)
+            self.in_flight.release()
+            self.budget.release(cost)
 
     async def answer(
         self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: bytes
