@@ -1,15 +1,15 @@
 """Every conditional write can land and lose its reply: a writer recognises its own writes.
 
 A wrapper around a real object store (a local directory, or the SeaweedFS fixture) fails
-one chosen put as a lost reply would: after applying it, or before, optionally followed by
-an outage of a few requests (so the writer cannot even look at once). The disk must go on
+one chosen put as a lost reply would: after applying it, before, or with the request landing
+late (just before the writer's next put of that key), optionally followed by an outage of
+a few requests (so the writer cannot even look at once). The disk must go on
 working: no Fenced, no lost acknowledged write, the lease released at close.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -39,20 +39,30 @@ T = TypeVar("T")
 Rule = Callable[[str, bytes, bool, str | None], bool]
 
 
+APPLY_MODES = ("after", "before", "late")
+
+
 class LostReplies(ObjectStore):
     """A real store whose next put matching ``rule`` (once armed) fails as if its reply was
-    lost: applied first or not, then StoreUnavailable, then ``outage`` failing requests."""
+    lost, then ``outage`` requests fail too. ``apply``: "after" applies the put first,
+    "before" never, "late" just before the next put of the same key (a delayed request)."""
 
     def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
         self._lock = threading.Lock()
-        self._rule: tuple[Rule, bool, int] | None = None
+        self._rule: tuple[Rule, str, int] | None = None
         self._outage = 0
+        self._late: tuple[str, bytes, bool, str | None] | None = None
         self.fired: list[str] = []
 
-    def arm(self, rule: Rule, *, apply: bool, outage: int) -> None:
+    def arm(self, rule: Rule, *, apply: str, outage: int) -> None:
+        assert apply in APPLY_MODES
         with self._lock:
             self._rule = (rule, apply, outage)
+
+    def _put(self, key: str, data: bytes, if_none_match: bool, if_match: str | None) -> None:
+        with contextlib.suppress(PreconditionFailed):
+            self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
 
     def _request(self) -> None:
         with self._lock:
@@ -78,13 +88,19 @@ class LostReplies(ObjectStore):
                 rule = None
             else:
                 self._rule = None
+            late = self._late if self._late and self._late[0] == key else None
+            if late:
+                self._late = None
+        if late:
+            self._put(*late)
         if rule is None:
             return self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
         _, apply, outage = rule
-        if apply:
-            with contextlib.suppress(PreconditionFailed):
-                self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
+        if apply == "after":
+            self._put(key, data, if_none_match, if_match)
         with self._lock:
+            if apply == "late":
+                self._late = (key, data, if_none_match, if_match)
             self._outage = outage
             self.fired.append(key)
         raise StoreUnavailable(f"injected: the reply to PUT {key} was lost")
@@ -115,22 +131,24 @@ RULES: dict[str, Rule] = {
     "lease release": lambda k, d, inm, im: k == "disks/d/lease" and b'"released"' in d,
 }
 
-CASES = [(target, apply, 0) for target in RULES for apply in (True, False)] + [
+CASES = [(target, apply, 0) for target in RULES for apply in APPLY_MODES] + [
     # The store stays unreachable for a while after the lost reply: the call fails, and the
     # next one must first find out what happened.
-    ("head commit", True, 1),
-    ("head commit", False, 1),
-    ("head commit", True, 4),
-    ("lease create", True, 1),
-    ("fencing commit", True, 1),
-    ("lease renew", True, 1),
-    ("lease renew", False, 1),
-    ("checkpoint", True, 1),
-    ("fork", False, 1),
+    ("head commit", "after", 1),
+    ("head commit", "before", 1),
+    ("head commit", "late", 1),
+    ("head commit", "after", 4),
+    ("lease create", "after", 1),
+    ("fencing commit", "after", 1),
+    ("lease renew", "after", 1),
+    ("lease renew", "before", 1),
+    ("lease renew", "late", 1),
+    ("checkpoint", "after", 1),
+    ("fork", "before", 1),
 ]
 
 
-async def _scenario(real: ObjectStore, target: str, apply: bool, outage: int) -> None:
+async def _scenario(real: ObjectStore, target: str, apply: str, outage: int) -> None:
     objects = LostReplies(real)
     model = bytearray(64 * BS)
 
@@ -160,7 +178,7 @@ async def _scenario(real: ObjectStore, target: str, apply: bool, outage: int) ->
                 lambda: create_disk(objects, "d", len(model), block_size=BS)
             )
         except DiskExists:
-            assert target == "disk create" and apply and outage  # the first try landed
+            assert target == "disk create" and apply == "after" and outage  # it landed
 
     await retried(create)
     arm("lease create")
@@ -189,7 +207,7 @@ async def _scenario(real: ObjectStore, target: str, apply: bool, outage: int) ->
             try:
                 await trio.to_thread.run_sync(lambda: fork_disk(objects, "d", "cp", "f"))
             except DiskExists:
-                assert target == "fork" and apply and outage
+                assert target == "fork" and apply == "after" and outage
 
         await retried(fork)
         await write(disk, 16, b"C")
@@ -205,13 +223,13 @@ async def _scenario(real: ObjectStore, target: str, apply: bool, outage: int) ->
 
 @pytest.mark.parametrize("target, apply, outage", CASES)
 async def test_lost_reply_on_local_store(
-    target: str, apply: bool, outage: int, tmp_path: Path
+    target: str, apply: str, outage: int, tmp_path: Path
 ) -> None:
     await _scenario(LocalObjectStore(tmp_path / "store"), target, apply, outage)
 
 
 @pytest.mark.parametrize("target, apply, outage", CASES)
-async def test_lost_reply_on_s3(target: str, apply: bool, outage: int, s3: S3Endpoint) -> None:
+async def test_lost_reply_on_s3(target: str, apply: str, outage: int, s3: S3Endpoint) -> None:
     objects = s3.object_store()
     try:
         await _scenario(objects, target, apply, outage)
@@ -227,7 +245,7 @@ async def test_a_commit_that_landed_unseen_is_adopted_not_fenced(tmp_path: Path)
     create_disk(objects, "d", 64 * BS, block_size=BS)
     async with open_disk((objects, "d"), lease_ttl=600) as disk:
         await disk.write(0, b"1" * BS)
-        objects.arm(RULES["head commit"], apply=True, outage=3)
+        objects.arm(RULES["head commit"], apply="after", outage=3)
         failures = 0
         while True:
             try:
@@ -250,26 +268,29 @@ def test_put_new_recognises_its_own_landed_create(tmp_path: Path) -> None:
     from blockstore.objectstore import put_new
 
     objects = LostReplies(LocalObjectStore(tmp_path / "store"))
-    for apply in (True, False):
+    for apply in APPLY_MODES:
         key = f"x/{apply}"
         objects.arm(lambda k, d, inm, im: True, apply=apply, outage=0)
         assert put_new(objects, key, b"mine")
         assert not put_new(objects, key, b"other"), "other content is not ours"
         assert put_new(objects, key, b"mine"), "the same content again is a no-op"
-    objects.arm(lambda k, d, inm, im: True, apply=True, outage=1)
+    objects.arm(lambda k, d, inm, im: True, apply="after", outage=1)
     with pytest.raises(StoreUnavailable):
         put_new(objects, "y", b"mine")
     assert objects.inner.get("y").data == b"mine"
 
 
 def test_lost_reply_wrapper_really_applies_or_not(tmp_path: Path) -> None:
-    """The wrapper itself: applied puts are in the store, the others are not."""
+    """The wrapper itself: applied puts are in the store, the others are not (yet)."""
     inner = LocalObjectStore(tmp_path / "store")
     objects = LostReplies(inner)
-    for apply in (True, False):
+    for apply in APPLY_MODES:
         objects.arm(lambda k, d, inm, im: True, apply=apply, outage=1)
         with pytest.raises(StoreUnavailable):
-            objects.put(f"k{apply}", os.urandom(4))
+            objects.put(f"k-{apply}", b"first")
         with pytest.raises(StoreUnavailable, match="outage"):
-            objects.get(f"k{apply}")
-        assert any(o.key == f"k{apply}" for o in inner.list("")) == apply
+            objects.get(f"k-{apply}")
+        assert any(o.key == f"k-{apply}" for o in inner.list("")) == (apply == "after")
+    with pytest.raises(PreconditionFailed):  # the late one lands first, then this one
+        objects.put("k-late", b"second", if_none_match=True)
+    assert inner.get("k-late").data == b"first"
