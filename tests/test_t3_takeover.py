@@ -125,6 +125,44 @@ async def test_a_writer_whose_lease_was_broken_commits_nothing_more(tmp_path: Pa
         old._closed = True  # it may not flush on exit either
 
 
+async def test_a_takeover_against_a_writer_that_never_stops_gives_up_clearly(
+    tmp_path: Path,
+) -> None:
+    """A writer that ignores its lease (not lanekit's) keeps moving the head: the takeover
+    gives up after its bound with a clear error, and leaves no lease behind."""
+    import dataclasses
+    import uuid
+
+    from blockstore.manifest import read_head
+
+    objects = LocalObjectStore(tmp_path / "store")
+    create_disk(objects, "d", 64 * BS, block_size=BS)
+    async with open_disk((objects, "d")):
+        pass
+    stop = False
+
+    def rogue() -> None:
+        while not stop:
+            head, etag = read_head(objects, "d")
+            moved = dataclasses.replace(
+                head, generation=head.generation + 1, commit_id=uuid.uuid4().hex
+            )
+            with contextlib.suppress(blockstore.PreconditionFailed):
+                objects.put("disks/d/head", moved.encode(), if_match=etag)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, rogue)
+        try:
+            with trio.fail_after(30), pytest.raises(blockstore.BlockStoreError) as err:
+                async with open_disk((objects, "d"), force=True, lease_ttl=1):
+                    pass
+        finally:
+            stop = True
+    assert "could not fence the previous writer" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert disk_info(objects, "d")["lease_holder"] is None
+
+
 def _hold(url: str) -> subprocess.Popen[str]:
     holder = subprocess.Popen(
         [sys.executable, "-m", "tests.workers", "hold", url, "60"],
