@@ -331,9 +331,10 @@ async def test_format1_block_with_a_wrong_digest_is_refused(tmp_path: Path) -> N
 
 
 async def test_a_block_served_at_the_wrong_index_is_an_error() -> None:
-    """Block digests bind content to the block's index: a manifest entry moved to another
-    block (with every checksum of the metadata recomputed, as a bug could) is refused."""
-    from blockstore.layout import decode_segment, encode_segment
+    """Block digests bind content to its address, the block's index and the lineage of the
+    disk that wrote it: a manifest entry moved to another block or relabelled (with every
+    checksum of the metadata recomputed, as a bug could) is refused."""
+    from blockstore.layout import decode_segment, encode_segment, new_lineage
 
     objects = MemoryObjectStore()
     create_disk(objects, "d", 64 * BS, block_size=BS)
@@ -343,6 +344,10 @@ async def test_a_block_served_at_the_wrong_index_is_an_error() -> None:
     body = json.loads(data.partition(b"\n")[2])
     segment = body["segments"][0]["key"]
     entries = decode_segment(objects.get(segment).data, segment)
+    block0 = entries[0]
+    assert isinstance(block0, Location) and block0.lineage is not None
+    # Block 1's data moved to block 2; block 0 claimed by another disk's lineage.
+    entries[0] = block0._replace(lineage=new_lineage())
     entries[1], entries[2] = None, entries[1]
     moved = encode_segment(entries, BS)
     objects.put(segment, moved)
@@ -350,8 +355,9 @@ async def test_a_block_served_at_the_wrong_index_is_an_error() -> None:
     objects.put(head_key("d"), _sealed(body))
     async with open_disk((objects, "d"), writable=False) as disk:
         assert await disk.read(BS, BS) == bytes(BS)
-        with pytest.raises(CorruptBlock, match="another block"):
-            await disk.read(2 * BS, BS)
+        for block in (0, 2):
+            with pytest.raises(CorruptBlock, match="another block"):
+                await disk.read(block * BS, BS)
 
 
 async def test_gc_refuses_to_sweep_when_a_segment_is_damaged() -> None:
