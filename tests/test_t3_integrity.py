@@ -121,6 +121,7 @@ async def _outcome(
     return "error" if "error" in outcomes else "right"
 
 
+@pytest.mark.slow
 async def test_byte_flips_in_metadata_and_packs_give_an_error_or_the_right_data(
     tmp_path: Path,
 ) -> None:
