@@ -21,6 +21,7 @@ from .errors import (
     BaseMismatch,
     BlockStoreError,
     CorruptBlock,
+    CorruptMetadata,
     DiskExists,
     DiskNotFound,
     Fenced,
@@ -33,6 +34,7 @@ from .errors import (
     ReadOnly,
     StoreUnavailable,
 )
+from .identity import host_identity, process_identity
 from .lease import force_release
 from .objectstore import (
     LocalObjectStore,
@@ -55,6 +57,7 @@ __all__ = [
     "BlockStoreError",
     "BlockValue",
     "CorruptBlock",
+    "CorruptMetadata",
     "Disk",
     "DiskExists",
     "DiskNotFound",
@@ -82,11 +85,13 @@ __all__ = [
     "disk_info",
     "force_release",
     "fork_disk",
+    "host_identity",
     "list_checkpoints",
     "list_disks",
     "open_disk",
     "open_store",
     "parse_disk_url",
+    "process_identity",
     "resolve",
     "sha256_file",
 ]

@@ -1,7 +1,8 @@
 """Disk administration on an object store: create, checkpoint, fork, info, GC.
 
 These functions block (they call the object store directly); run them in a worker thread
-from async code.
+from async code. Every write here is a create-once put made idempotent by reading back
+(:func:`put_new`): a put that landed and lost its reply is recognised as this call's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BlockStoreError, DiskExists, DiskNotFound, ObjectNotFound, PreconditionFailed
+from .errors import BlockStoreError, CorruptMetadata, DiskExists, ObjectNotFound
 from .layout import (
     DISKS,
     PACKS,
@@ -21,23 +22,24 @@ from .layout import (
     check_name,
     checkpoint_key,
     checkpoint_prefix,
+    decode_head,
+    geometry_problem,
     head_key,
+    new_lineage,
     segment_packs,
 )
 from .lease import lease_is_live, read_lease
-from .objectstore import ObjectStore
-from .store import GC_GRACE, read_head
+from .manifest import read_checkpoint, read_head
+from .objectstore import ObjectStore, put_new
+from .store import GC_GRACE
 
 DEFAULT_BLOCK_SIZE = 64 << 10
 
 
 def check_geometry(size: int, block_size: int) -> None:
-    if block_size < 4096 or block_size > (4 << 20) or block_size & (block_size - 1):
-        raise BlockStoreError(
-            f"block size {block_size} is invalid: use a power of two from 4 KiB to 4 MiB"
-        )
-    if size <= 0 or size % 512:
-        raise BlockStoreError(f"disk size {size} is invalid: use a positive multiple of 512 bytes")
+    problem = geometry_problem(size, block_size)
+    if problem:
+        raise BlockStoreError(problem)
 
 
 def create_disk(
@@ -57,28 +59,18 @@ def create_disk(
         base_digest=base_digest,
         commit_id=uuid.uuid4().hex,
         committed_at=time.time(),
+        lineage=new_lineage().hex(),
     )
-    try:
-        objects.put(head_key(name), head.encode(), if_none_match=True)
-    except PreconditionFailed:
-        raise DiskExists(f"a disk named {name!r} already exists in {objects.describe()}") from None
+    if not put_new(objects, head_key(name), head.encode()):
+        raise DiskExists(f"a disk named {name!r} already exists in {objects.describe()}")
     return head
 
 
-def read_checkpoint(objects: ObjectStore, disk: str, tag: str) -> Head:
-    key = checkpoint_key(disk, tag)
-    try:
-        return Head.decode(objects.get(key).data, key)
-    except ObjectNotFound:
-        raise DiskNotFound(f"disk {disk!r} has no checkpoint {tag!r}") from None
-
-
 def save_checkpoint(objects: ObjectStore, head: Head, tag: str) -> Head:
-    """Freeze a committed head under a tag; a tag is never reused."""
-    try:
-        objects.put(checkpoint_key(head.disk, tag), head.encode(), if_none_match=True)
-    except PreconditionFailed:
-        raise DiskExists(f"disk {head.disk!r} already has a checkpoint {tag!r}") from None
+    """Freeze a committed head under a tag; a tag never names two states (saving the same
+    committed state again under its tag is a no-op)."""
+    if not put_new(objects, checkpoint_key(head.disk, tag), head.encode()):
+        raise DiskExists(f"disk {head.disk!r} already has a checkpoint {tag!r}")
     return head
 
 
@@ -89,7 +81,9 @@ def checkpoint_disk(objects: ObjectStore, disk: str, tag: str) -> Head:
 
 
 def fork_disk(objects: ObjectStore, disk: str, tag: str, new_name: str) -> Head:
-    """A new disk starting at a checkpoint, sharing its objects (nothing is copied)."""
+    """A new disk starting at a checkpoint, sharing its objects (nothing is copied). It
+    writes under a lineage of its own; its parent's blocks keep theirs. A fork of a
+    format-1 checkpoint is format 1 until its first commit upgrades it."""
     check_name(new_name)
     source = read_checkpoint(objects, disk, tag)
     head = dataclasses.replace(
@@ -101,11 +95,10 @@ def fork_disk(objects: ObjectStore, disk: str, tag: str, new_name: str) -> Head:
         committed_at=time.time(),
         parent=f"{disk}@{tag}",
         segments=list(source.segments),
+        lineage=new_lineage().hex() if source.format >= 2 else "",
     )
-    try:
-        objects.put(head_key(new_name), head.encode(), if_none_match=True)
-    except PreconditionFailed:
-        raise DiskExists(f"a disk named {new_name!r} already exists") from None
+    if not put_new(objects, head_key(new_name), head.encode()):
+        raise DiskExists(f"a disk named {new_name!r} already exists")
     return head
 
 
@@ -120,17 +113,32 @@ def list_checkpoints(objects: ObjectStore, disk: str) -> list[str]:
     return [o.key[len(prefix) :] for o in objects.list(prefix)]
 
 
+def _integrity(head: Head) -> str:
+    if head.format >= 2:
+        return "checksummed: head, segments, and blocks bound to their disk and index"
+    return (
+        "metadata not checksummed (format 1, written by older lanekit; "
+        "upgraded to format 2 at its first commit)"
+    )
+
+
 def disk_info(objects: ObjectStore, disk: str) -> dict[str, Any]:
     head, _ = read_head(objects, disk)
-    lease, _ = read_lease(objects, disk)
-    holder = None
-    if lease is not None and lease_is_live(lease):
-        holder = dict(
-            lease["holder"], since=lease["since"], expires=lease["renewed"] + lease["ttl"]
-        )
+    holder: dict[str, Any] | None = None
+    try:
+        lease, _ = read_lease(objects, disk)
+    except CorruptMetadata as e:
+        holder = {"error": str(e)}
+    else:
+        if lease is not None and lease_is_live(lease):
+            holder = dict(
+                lease["holder"], since=lease["since"], expires=lease["renewed"] + lease["ttl"]
+            )
     return {
         "disk": disk,
         "store": objects.describe(),
+        "format": head.format,
+        "integrity": _integrity(head),
         "size": head.size,
         "block_size": head.block_size,
         "base_digest": head.base_digest,
@@ -153,6 +161,8 @@ class GCReport:
     live_packs: int = 0
     deleted: list[str] = field(default_factory=list)
     spared_young: int = 0
+    temporary_deleted: int = 0
+    """Leftovers of puts killed mid-way (a local store's .tmp files), older than the grace."""
 
 
 def collect_garbage(
@@ -163,22 +173,26 @@ def collect_garbage(
     Safe with writers running: an object younger than ``grace`` is never deleted (a writer's
     uploads become referenced only at its commit, and a writer refuses to commit uploads
     older than grace/2), and a GC pass slower than grace/2 aborts before deleting anything.
+    A head or segment that cannot be read or verified aborts it too: what it references is
+    unknown. Temporary files of puts that never finished are removed once older than grace.
     """
     started = time.time()
     report = GCReport()
-    live_segments: set[str] = set()
+    live_segments: dict[str, str | None] = {}
     for info in objects.list(DISKS):
         if not (info.key.endswith("/head") or "/checkpoints/" in info.key):
             continue
         try:
-            head = Head.decode(objects.get(info.key).data, info.key)
+            head = decode_head(objects.get(info.key).data, info.key)
         except ObjectNotFound:
             continue
         report.heads += 1
-        live_segments.update(head.segments)
+        for ref in head.segments:
+            if live_segments.get(ref.key) is None:
+                live_segments[ref.key] = ref.sha256
     live_packs: set[str] = set()
-    for seg in live_segments:
-        live_packs |= segment_packs(objects.get(seg).data, seg)
+    for seg, sha256 in live_segments.items():
+        live_packs |= segment_packs(objects.get(seg).data, seg, sha256)
     report.live_segments, report.live_packs = len(live_segments), len(live_packs)
     if grace > 0 and time.time() - started > grace / 2:
         raise BlockStoreError("garbage collection took longer than grace/2; nothing deleted")
@@ -194,4 +208,5 @@ def collect_garbage(
     if not dry_run:
         for key in report.deleted:
             objects.delete(key)
+    report.temporary_deleted = objects.collect_temporary(cutoff, dry_run=dry_run)
     return report

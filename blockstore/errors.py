@@ -78,6 +78,16 @@ class CorruptBlock(BlockStoreError):
         self.block = block
 
 
+class CorruptMetadata(BlockStoreError):
+    """A head, checkpoint, manifest segment or lease failed its checksum or validation:
+    nothing is read through it (a wrong head could move or hide every block)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"corrupt metadata in {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 class ReadOnly(BlockStoreError):
     """A write to a disk opened read-only (or to a checkpoint)."""
 

@@ -78,8 +78,45 @@ class ObjectStore(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def collect_temporary(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Remove leftovers of puts that never finished (a process killed mid-put) last
+        modified before ``older_than`` (seconds since the epoch); how many there were.
+        The default store keeps none."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has nothing to release."""
+
+
+def put_new(objects: ObjectStore, key: str, data: bytes, *, attempts: int = 3) -> bool:
+    """Create ``key`` holding ``data`` unless the key exists; False if it holds other data.
+
+    Idempotent: a put can land and lose its reply (it raises, or the client's own retry
+    loses to it with PreconditionFailed). Either way the object is read back, and if it
+    holds exactly ``data`` it was this call's, so it counts as created. Raises the put's
+    error when the store cannot be read to find out.
+    """
+    error: Exception | None = None
+    for _ in range(attempts):
+        try:
+            objects.put(key, data, if_none_match=True)
+            return True
+        except PreconditionFailed:
+            pass
+        except Exception as e:
+            error = e
+        try:
+            existing = objects.get(key).data
+        except ObjectNotFound:
+            continue  # it did not land, and the store answers: try again
+        except Exception:
+            if error is not None:
+                raise error from None
+            raise
+        return existing == data
+    if error is not None:
+        raise error
+    raise StoreUnavailable(f"{key}: neither created nor found after {attempts} attempts")
 
 
 class MemoryObjectStore(ObjectStore):
@@ -243,6 +280,26 @@ class LocalObjectStore(ObjectStore):
                 os.unlink(tmp)
         return self._etag(data)
 
+    def collect_temporary(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Temporary files of puts killed before their rename (kill -9 leaves them)."""
+        count = 0
+        try:
+            entries = list(os.scandir(self.root / self._TMP))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.stat(follow_symlinks=False).st_mtime >= older_than:
+                    continue
+                if not dry_run:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue  # its put finished, or another collector took it
+            count += 1
+        return count
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
@@ -284,8 +341,9 @@ class S3ObjectStore(ObjectStore):
     Endpoint, region and credentials come from the standard AWS settings unless given.
     Retries with backoff on 5xx, throttling and connection errors (botocore's ``standard``
     mode, more attempts than its default); a bounded connection pool shared by all threads.
-    A conditional put retried after an ambiguous failure can lose to its own first attempt;
-    callers that care (manifest and lease commits) recognise their own write by content.
+    Any put can land on the server and still fail here (a lost reply, after all retries),
+    and a conditional put retried by botocore can lose to its own first attempt: callers
+    recognise their own writes (commit and lease ids, :func:`put_new`'s read-back).
     """
 
     def __init__(

@@ -10,11 +10,24 @@ ObjectBlockStore writes each batch of blocks as lz4-compressed, checksummed *pac
 PUT for many blocks), uploaded in parallel, and commits on flush by writing a manifest
 segment and then replacing the disk's head with If-Match. The head write is the only
 commit point: a crash before it leaves unreferenced packs that garbage collection removes.
+
+Commits are idempotent. Each attempt carries a fresh ``commit_id``; one whose outcome is
+unknown (the put raised something other than a lost race) is remembered until the head is
+seen again, and a head carrying the id of one of them is adopted as this writer's own
+commit, never taken for another writer's. Before a commit the writer reconfirms its lease
+when it last confirmed it more than a small fraction of the TTL ago (see ``lease``), so a
+writer that was taken over stops at once, and the new writer's fencing commit retries
+against a head that an older writer may still move for that moment.
+
+Format 1 (older lanekit) disks are read as they are; their first commit, the fencing commit
+of the first writable open, upgrades them to format 2: the new head names their segments
+with the SHA-256 of their bytes as read then, and later compactions rewrite them. Blocks
+written before keep their content-only digests; checkpoints taken before stay format 1.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -22,35 +35,42 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-import lz4.block
 import trio
 
 from .concurrency import parallel, run_sync
 from .errors import (
     BlockStoreError,
     CorruptBlock,
-    DiskNotFound,
+    CorruptMetadata,
     Fenced,
+    LeaseHeld,
     ObjectNotFound,
     PreconditionFailed,
     ReadOnly,
 )
 from .layout import (
+    FORMAT_VERSION,
     PACKS,
     SEGMENTS,
     ZERO,
     Entry,
     Head,
     Location,
-    checksum,
-    decode_segment,
+    SegmentRef,
+    decode_block,
+    encode_block,
     encode_segment,
     head_key,
+    head_problem,
+    new_lineage,
+    segment_sha256,
 )
-from .lease import DEFAULT_TTL, Lease
-from .objectstore import ObjectStore
+from .lease import DEFAULT_TTL, Lease, lease_is_live, read_lease
+from .manifest import SegmentCache, load_checkpoint, load_current, load_map, read_head
+from .objectstore import ObjectStore, put_new
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 BlockValue = bytes | None
 """Block data; ``b""`` reads as zeros; ``None`` means not held (fall through to the base)."""
@@ -59,6 +79,8 @@ MAX_SEGMENTS = 16
 GC_GRACE = 3600.0
 """GC spares unreferenced objects younger than this; a flush whose uploads are older than
 half of it refuses to commit them (they may have been collected)."""
+_COMMIT_ATTEMPTS = 3
+"""Head puts per commit while the store answers reads but the put itself keeps failing."""
 
 
 @runtime_checkable
@@ -91,24 +113,34 @@ class StoreStats:
     commits: int = 0
 
 
-def read_head(objects: ObjectStore, disk: str) -> tuple[Head, str]:
-    try:
-        obj = objects.get(head_key(disk))
-    except ObjectNotFound:
-        raise DiskNotFound(f"no disk named {disk!r} in {objects.describe()}") from None
-    return Head.decode(obj.data, head_key(disk)), obj.etag
+def _taken_while_opening(objects: ObjectStore, disk: str, head: Head) -> BlockStoreError:
+    lease, _ = read_lease(objects, disk)
+    if lease is not None and lease_is_live(lease):
+        expires = float(lease["renewed"]) + float(lease["ttl"])
+        return LeaseHeld(disk, lease["holder"], float(lease["since"]), expires)
+    return Fenced(f"disk {disk!r}: a newer writer (epoch {head.epoch}) took it during this open")
 
 
-def load_map(objects: ObjectStore, head: Head) -> dict[int, Entry]:
-    """Apply a head's segments in order into one block map (blocking; run in a thread)."""
-    result: dict[int, Entry] = {}
-    for seg in head.segments:
-        for block, entry in decode_segment(objects.get(seg).data, seg).items():
-            if entry is None:
-                result.pop(block, None)
-            else:
-                result[block] = entry
-    return result
+@dataclass
+class _Attempt:
+    """A head put: the head written and the pending entries it commits."""
+
+    head: Head
+    pending: dict[int, Entry | None]
+
+
+@dataclass
+class _Outcome:
+    """What a head put did: its etag if it succeeded; else its error and, when the store
+    could be read, the head found there (None if even that failed)."""
+
+    etag: str | None = None
+    error: Exception | None = None
+    current: tuple[Head, str] | None = None
+
+
+class _HeadMoved(Exception):
+    """An older writer committed while the new one was fencing it."""
 
 
 class ObjectBlockStore:
@@ -124,18 +156,24 @@ class ObjectBlockStore:
         lease: Lease | None = None,
         pack_size: int = 4 << 20,
         concurrency: int = 8,
+        segment_hashes: dict[str, str] | None = None,
     ) -> None:
         self.objects = objects
         self.head = head
         self.block_size = head.block_size
         self._head_etag = head_etag
         self._map = block_map
+        self._segment_hashes = dict(segment_hashes or {})
         self._pending: dict[int, Entry | None] = {}
         self._pending_since: float | None = None
+        self._unknown: list[_Attempt] = []
+        """Head puts whose outcome is unknown, all made on the head we last saw."""
+        self.lineage = bytes.fromhex(head.lineage) if head.lineage else new_lineage()
         self.lease = lease
         self.pack_size = max(pack_size, head.block_size)
         self.limiter = trio.CapacityLimiter(concurrency)
         self._commit_lock = trio.Lock()
+        self._lease_lock = trio.Lock()
         self.stats = StoreStats()
         self.fenced = False
 
@@ -157,34 +195,61 @@ class ObjectBlockStore:
     ) -> ObjectBlockStore:
         """Read the head and manifest (no blocks); take the lease and fence older writers."""
         if checkpoint is not None:
-            from .disks import read_checkpoint
-
             if writable:
                 raise ReadOnly(f"checkpoint {disk}@{checkpoint} is immutable: open it read-only")
-            head = await run_sync(read_checkpoint, objects, disk, checkpoint)
-            block_map = await run_sync(load_map, objects, head)
+            head, block_map = await run_sync(load_checkpoint, objects, disk, checkpoint)
             return cls(objects, head, None, block_map, **kwargs)
-        lease = None
-        if writable:
-            head, _ = await run_sync(read_head, objects, disk)
-            lease = Lease(objects, disk, ttl=lease_ttl)
+        if not writable:
+            head, etag, block_map, _ = await run_sync(load_current, objects, disk)
+            return cls(objects, head, etag, block_map, **kwargs)
+        head, _ = await run_sync(read_head, objects, disk)
+        lease = Lease(objects, disk, ttl=lease_ttl)
+        try:
             await run_sync(lambda: lease.acquire(head.epoch, force=force))
-        for attempt in range(4):
+            return await cls._take_over(objects, disk, lease, kwargs)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await run_sync(lease.release)
+                except Exception as e:
+                    log.warning("could not release the lease of %r (it will expire): %s", disk, e)
+            raise
+
+    @classmethod
+    async def _take_over(
+        cls, objects: ObjectStore, disk: str, lease: Lease, kwargs: dict[str, Any]
+    ) -> ObjectBlockStore:
+        """Commit a head carrying the new epoch: from then on no older writer can commit.
+        One may still commit for a moment, until it reconfirms its lease and finds it taken:
+        retry against the moving head, within the lease's TTL (any older writer, of any
+        version, notices the takeover at its next renewal within it)."""
+        deadline = trio.current_time() + max(lease.ttl, 5.0)
+        cache: SegmentCache = {}
+        delay = 0.005
+        while True:
+            hashes: dict[str, str] = {}
             head, etag = await run_sync(read_head, objects, disk)
-            try:
-                block_map = await run_sync(load_map, objects, head)
-                break
-            except ObjectNotFound:
-                # A concurrent compaction + GC removed a segment of the head we read.
-                if attempt == 3:
-                    raise
-        store = cls(objects, head, etag, block_map, lease=lease, **kwargs)
-        if lease is not None:
+            if head.format < FORMAT_VERSION:  # its upgrade names segments by their hashes
+                head, etag, _, hashes = await run_sync(load_current, objects, disk, cache)
+            if head.epoch >= lease.epoch:
+                raise await run_sync(_taken_while_opening, objects, disk, head)
+            store = cls(objects, head, etag, {}, lease=lease, segment_hashes=hashes, **kwargs)
             try:
                 await store._commit(fencing=True)
-            except BaseException:
-                await run_sync(lease.release)
-                raise
+                break
+            except _HeadMoved:
+                log.debug("disk %r: an older writer committed during the takeover; again", disk)
+                if trio.current_time() >= deadline:
+                    raise BlockStoreError(
+                        f"disk {disk!r}: could not fence the previous writer, whose commits "
+                        f"went on for {max(lease.ttl, 5.0):.0f}s after this one took the lease"
+                    ) from None
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        try:
+            store._map = (await run_sync(load_map, objects, store.head, cache))[0]
+        except ObjectNotFound as e:
+            raise CorruptMetadata(e.key, f"segment of {head_key(disk)} is missing") from None
         return store
 
     async def list_blocks(self) -> dict[int, bool]:
@@ -240,7 +305,7 @@ class ObjectBlockStore:
 
     def _fetch_range(self, group: list[tuple[int, Location]]) -> dict[int, bytes]:
         pack = group[0][1].pack
-        start = group[0][1].offset
+        start = min(loc.offset for _, loc in group)
         end = max(loc.offset + loc.length for _, loc in group)
         try:
             data = self.objects.get_range(pack, start, end - start)
@@ -253,14 +318,10 @@ class ObjectBlockStore:
             raw = data[loc.offset - start : loc.offset - start + loc.length]
             if len(raw) != loc.length:
                 raise CorruptBlock(pack, block, f"object is truncated ({len(data)} bytes read)")
-            if loc.compressed:
-                try:
-                    raw = lz4.block.decompress(raw, uncompressed_size=self.block_size)
-                except Exception as e:
-                    raise CorruptBlock(pack, block, f"lz4 decoding failed: {e}") from None
-            if len(raw) != self.block_size or checksum(raw, loc.sha256) != loc.digest:
-                raise CorruptBlock(pack, block, "checksum mismatch")
-            out[block] = raw
+            try:
+                out[block] = decode_block(raw, loc, block, self.block_size)
+            except ValueError as e:
+                raise CorruptBlock(pack, block, str(e)) from None
         self.stats.blocks_fetched += len(group)
         return out
 
@@ -301,22 +362,24 @@ class ObjectBlockStore:
         self._pending.update(meta)
         self._pending.update(uploaded)
 
+    def _create(self, key: str, body: bytes) -> None:
+        """Upload a new immutable object (idempotent, see put_new)."""
+        if not put_new(self.objects, key, body):
+            raise BlockStoreError(f"{key} already exists with other content")
+        self.stats.puts += 1
+        self.stats.bytes_uploaded += len(body)
+
     def _upload_pack(self, group: list[tuple[int, bytes]]) -> dict[int, Location]:
         key = f"{PACKS}{uuid.uuid4().hex}"
         parts: list[bytes] = []
         locations: dict[int, Location] = {}
         offset = 0
         for block, data in group:
-            packed = lz4.block.compress(data, store_size=False)
-            compressed = len(packed) < len(data) - len(data) // 32
-            stored = packed if compressed else data
-            locations[block] = Location(key, offset, len(stored), compressed, checksum(data))
+            stored, compressed, digest = encode_block(self.lineage, block, data)
+            locations[block] = Location(key, offset, len(stored), compressed, digest, self.lineage)
             parts.append(stored)
             offset += len(stored)
-        body = b"".join(parts)
-        self.objects.put(key, body, if_none_match=True)
-        self.stats.puts += 1
-        self.stats.bytes_uploaded += len(body)
+        self._create(key, b"".join(parts))
         self.stats.blocks_uploaded += len(group)
         return locations
 
@@ -332,27 +395,91 @@ class ObjectBlockStore:
             await self._commit(fencing=False)
 
     async def renew_lease(self) -> None:
-        if self.lease is not None:
-            await run_sync(self.lease.renew)
+        lease = self.lease
+        if lease is not None:
+            async with self._lease_lock:
+                await run_sync(lease.renew)
+
+    async def _confirm_lease(self) -> None:
+        """No commit without a lease known to be ours and unexpired (see CONFIRM_FRACTION)."""
+        lease = self.lease
+        assert lease is not None
+        if not lease.needs_confirmation():
+            return
+        async with self._lease_lock:
+            if lease.needs_confirmation():
+                try:
+                    await run_sync(lease.renew)
+                except Fenced:
+                    self.fenced = True
+                    raise
 
     async def _commit(self, *, fencing: bool) -> None:
         if self.fenced:
             raise Fenced(f"disk {self.head.disk!r}: this writer was fenced by a newer one")
+        lease = self.lease
+        assert lease is not None
+        await self._confirm_lease()  # a takeover's retries may outlast a confirmation too
+        if self._pending_since and time.time() - self._pending_since > GC_GRACE / 2:
+            self._pending.clear()
+            self._pending_since = None
+            raise BlockStoreError(
+                "uploads pending for longer than half the GC grace period may have been "
+                "collected; write the data again and flush"
+            )
+        error: Exception | None = None
+        for _attempt in range(_COMMIT_ATTEMPTS):
+            if self._unknown:
+                # An earlier flush's put may have landed: look before writing on top.
+                seen = await run_sync(read_head, self.objects, self.head.disk)
+                if self._settle(seen) and (fencing or not self._pending):
+                    return
+            attempt = await self._prepare()
+            outcome = await run_sync(self._put_head, attempt)
+            if outcome.etag is not None:
+                self._apply(attempt, outcome.etag)
+                return
+            assert outcome.error is not None
+            self._unknown.append(attempt)
+            if outcome.current is None:
+                raise outcome.error
+            error = outcome.error
+            if self._settle(outcome.current):
+                if fencing or not self._pending:
+                    return
+                continue
+            current, etag = outcome.current
+            if etag == self._head_etag:
+                continue  # it did not land (yet), and the store answers: try again
+            self._unknown.clear()  # the head moved on: none of ours can land any more
+            if fencing and current.epoch < lease.epoch:
+                raise _HeadMoved
+            self.fenced = True
+            raise Fenced(
+                f"disk {self.head.disk!r}: another writer committed (epoch {current.epoch}, "
+                f"generation {current.generation}); this writer (epoch {lease.epoch}) was "
+                "fenced and its unflushed writes are discarded"
+            ) from None
+        assert error is not None
+        raise error
+
+    def _settle(self, current: tuple[Head, str]) -> bool:
+        """If the head is one of our attempts whose outcome was unknown, it is ours: adopt it."""
+        head, etag = current
+        for attempt in self._unknown:
+            if attempt.head.commit_id == head.commit_id:
+                self._apply(attempt, etag)
+                return True
+        return False
+
+    def _segment_refs(self) -> list[SegmentRef]:
+        if self.head.format >= FORMAT_VERSION:
+            return list(self.head.segments)
+        return [SegmentRef(s.key, self._segment_hashes[s.key]) for s in self.head.segments]
+
+    async def _prepare(self) -> _Attempt:
+        """The next head (after uploading its segment, if anything is pending)."""
         assert self.lease is not None
-        if not fencing:
-            if self.lease.expired_locally(margin=self.lease.ttl / 4) or self.lease.lost:
-                try:
-                    await run_sync(self.lease.renew)
-                except Fenced:
-                    self.fenced = True
-                    raise
-            if self._pending_since and time.time() - self._pending_since > GC_GRACE / 2:
-                self._pending.clear()
-                self._pending_since = None
-                raise BlockStoreError(
-                    "uploads pending for longer than half the GC grace period may have been "
-                    "collected; write the data again and flush"
-                )
         pending = dict(self._pending)
         # Stats follow from the delta; the whole map is only walked when compacting.
         blocks, stored = self.head.stored_blocks, self.head.stored_bytes
@@ -362,8 +489,9 @@ class ObjectBlockStore:
                 blocks, stored = blocks - 1, stored - old.length
             if isinstance(e, Location):
                 blocks, stored = blocks + 1, stored + e.length
-        segments = list(self.head.segments)
+        segments = self._segment_refs()
         if pending:
+            entries = pending
             if len(segments) + 1 > MAX_SEGMENTS:
                 full: dict[int, Entry | None] = dict(self._map)
                 for b, e in pending.items():
@@ -373,59 +501,78 @@ class ObjectBlockStore:
                         full[b] = e
                 if self.head.base_digest is None:
                     full = {b: e for b, e in full.items() if e != ZERO}
-                segments = []
-                body = await run_sync(encode_segment, full)
-            else:
-                body = await run_sync(encode_segment, pending)
-            seg_key = f"{SEGMENTS}{uuid.uuid4().hex}"
-            await run_sync(lambda: self.objects.put(seg_key, body, if_none_match=True))
-            self.stats.puts += 1
-            segments.append(seg_key)
-        new_head = dataclasses.replace(
-            self.head,
-            generation=self.head.generation + 1,
+                segments, entries = [], full
+            key = f"{SEGMENTS}{uuid.uuid4().hex}"
+
+            def upload() -> str:
+                body = encode_segment(entries, self.block_size)
+                self._create(key, body)
+                return segment_sha256(body)
+
+            segments.append(SegmentRef(key, await run_sync(upload)))
+        base = self.head
+        head = Head(
+            disk=base.disk,
+            size=base.size,
+            block_size=base.block_size,
+            base_digest=base.base_digest,
+            generation=base.generation + 1,
             epoch=self.lease.epoch,
             commit_id=uuid.uuid4().hex,
             committed_at=time.time(),
             segments=segments,
+            parent=base.parent,
             stored_blocks=blocks,
             stored_bytes=stored,
+            format=FORMAT_VERSION,
+            lineage=self.lineage.hex(),
         )
-        etag = await run_sync(self._put_head, new_head)
+        problem = head_problem(head)
+        if problem:
+            raise BlockStoreError(f"refusing to commit an invalid head of {base.disk!r}: {problem}")
+        return _Attempt(head, pending)
+
+    def _put_head(self, attempt: _Attempt) -> _Outcome:
+        """Blocking; changes nothing: the caller acts on the outcome in the trio thread."""
+        disk = attempt.head.disk
+        try:
+            body = attempt.head.encode()
+            etag = self.objects.put(head_key(disk), body, if_match=self._head_etag or "-")
+            return _Outcome(etag=etag)
+        except Exception as e:
+            try:
+                return _Outcome(error=e, current=read_head(self.objects, disk))
+            except Exception as unreadable:
+                # A lost race we cannot look into is an unknown outcome like any other.
+                return _Outcome(error=unreadable if isinstance(e, PreconditionFailed) else e)
+
+    def _apply(self, attempt: _Attempt, etag: str) -> None:
+        """The attempt is committed: it becomes the head and its entries leave pending."""
+        self.head, self._head_etag = attempt.head, etag
         self.stats.puts += 1
         self.stats.commits += 1
-        self.head, self._head_etag = new_head, etag
-        for b, e in pending.items():
+        for b, e in attempt.pending.items():
             if e is None:
                 self._map.pop(b, None)
             else:
                 self._map[b] = e
-        for b, e in pending.items():
+        for b, e in attempt.pending.items():
             if self._pending.get(b, ...) is e:
                 del self._pending[b]
         if not self._pending:
             self._pending_since = None
-
-    def _put_head(self, new_head: Head) -> str:
-        key = head_key(new_head.disk)
-        try:
-            return self.objects.put(key, new_head.encode(), if_match=self._head_etag or "-")
-        except PreconditionFailed:
-            current, etag = read_head(self.objects, new_head.disk)
-            if current.commit_id == new_head.commit_id:
-                return etag
-            self.fenced = True
-            raise Fenced(
-                f"disk {new_head.disk!r}: another writer committed (epoch {current.epoch}, "
-                f"generation {current.generation}); this writer (epoch {new_head.epoch}) was "
-                "fenced and its unflushed writes are discarded"
-            ) from None
+        self._unknown.clear()
+        self._segment_hashes.clear()
 
     async def release(self) -> None:
         """Give up the lease (after a flush, so the next host sees everything)."""
-        if self.lease is not None and not self.fenced:
-            await run_sync(self.lease.release)
-        self.lease = None
+        lease = self.lease
+        try:
+            if lease is not None and not self.fenced:
+                async with self._lease_lock:
+                    await run_sync(lease.release)
+        finally:
+            self.lease = None
 
     async def checkpoint(self, tag: str) -> Head:
         """Name the committed state (call after flush to include every write)."""

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import struct
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from blockstore.serve import nbd as P
 
@@ -62,6 +68,16 @@ class RawClient:
             struct.pack(">IHHQQI", P.REQUEST_MAGIC, flags, cmd, handle, offset, length) + data
         )
 
+    def pipeline(self, requests: Iterable[tuple[int, int, int, int]]) -> None:
+        """Send many (cmd, offset, length, handle) requests in one write, replies unread:
+        a client that keeps sending and stops reading."""
+        self.sock.sendall(
+            b"".join(
+                struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, cmd, handle, offset, length)
+                for cmd, offset, length, handle in requests
+            )
+        )
+
     def reply(self) -> tuple[int, int, bytes]:
         """(handle, error, payload) for one complete reply."""
         (magic,) = struct.unpack(">I", self.recv(4))
@@ -81,3 +97,39 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.contextmanager
+def serve_disk(url: str, sock: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`lanekit disk serve URL --nbd unix:SOCK` in a subprocess, its stderr (the log) in
+    ``log``; SIGTERM at the end must exit 0 after a flush and release."""
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tools.cli",
+                "disk",
+                "serve",
+                url,
+                "--nbd",
+                f"unix:{sock}",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line + log.read_text()
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, log.read_text()
+        assert "flushed and released" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

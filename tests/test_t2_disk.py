@@ -26,7 +26,7 @@ from blockstore import (
     create_disk,
     open_disk,
 )
-from blockstore.layout import Location, checksum, decode_segment, encode_segment
+from blockstore.layout import Location
 from tests.conftest import S3Endpoint
 
 BS = 4096
@@ -262,47 +262,6 @@ async def test_interleaved_sequential_streams_each_get_readahead() -> None:
         assert store.stats.blocks_fetched >= 512
         # 128 reads; without a stream per reader every read would be a request of its own.
         assert store.stats.gets < 40
-
-
-async def test_blocks_with_blake2b_digests_from_older_lanekit_stay_readable() -> None:
-    """Older lanekit checksummed blocks with BLAKE2b; new blocks use SHA-256. A disk whose
-    manifest holds both reads back intact, and a wrong digest of either kind is refused."""
-    objects = MemoryObjectStore()
-    create_disk(objects, "d", 64 * BS, block_size=BS)
-    old = {b: os.urandom(BS) for b in range(16)}
-    async with open_disk((objects, "d")) as disk:
-        for b, data in old.items():
-            await disk.write(b * BS, data)
-    # Rewrite the manifest the way older lanekit wrote it: BLAKE2b digests, no SHA-256 flag.
-    for info in list(objects.list("segments/")):
-        entries = decode_segment(objects.get(info.key).data, info.key)
-        for b, e in entries.items():
-            if isinstance(e, Location):
-                assert e.sha256 and e.digest == checksum(old[b])
-                entries[b] = e._replace(digest=checksum(old[b], sha256=False), sha256=False)
-        objects.put(info.key, encode_segment(entries))
-    new = {b: os.urandom(BS) for b in range(16, 24)}
-    async with open_disk((objects, "d")) as disk:
-        for b, data in new.items():
-            await disk.write(b * BS, data)
-    async with open_disk((objects, "d"), writable=False) as disk:
-        store = disk.store
-        assert isinstance(store, blockstore.ObjectBlockStore)
-        kinds = {e.sha256 for e in store._map.values() if isinstance(e, Location)}
-        assert kinds == {True, False}, "the manifest should now mix both digests"
-        for b, data in {**old, **new}.items():
-            assert await disk.read(b * BS, BS) == data
-    for sha256 in (False, True):
-        block = 0 if not sha256 else 16
-        for info in list(objects.list("segments/")):
-            entries = decode_segment(objects.get(info.key).data, info.key)
-            e = entries.get(block)
-            if isinstance(e, Location):
-                entries[block] = e._replace(sha256=not sha256)
-                objects.put(info.key, encode_segment(entries))
-        async with open_disk((objects, "d"), writable=False) as disk:
-            with pytest.raises(CorruptBlock, match="checksum"):
-                await disk.read(block * BS, BS)
 
 
 async def test_corrupted_object_is_an_error_naming_it(tmp_path: Path) -> None:

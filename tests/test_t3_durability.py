@@ -161,11 +161,8 @@ async def test_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> Non
     finally:
         holder.kill()
         holder.wait()
-    # The holder crashed: its lease stays until the TTL or a forced takeover.
-    with pytest.raises(LeaseHeld):
-        async with open_disk(url):
-            pass
-    async with open_disk(url, force=True) as disk:
+    # The holder died on this host: its lease is free at once (more in test_t3_takeover).
+    async with open_disk(url) as disk:
         await disk.write(0, b"mine")
 
 

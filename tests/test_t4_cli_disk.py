@@ -42,6 +42,7 @@ def test_disk_lifecycle_on_local_store(tmp_path: Path) -> None:
     assert info["size"] == (src.stat().st_size + 511) // 512 * 512
     assert info["stored_blocks"] == 49, "zero blocks are not stored"
     assert info["lease_holder"] is None
+    assert info["format"] == 2 and info["integrity"].startswith("checksummed")
     lanekit("disk", "checkpoint", f"file://{store}/imported", "v1")
     assert lanekit("disk", "info", f"file://{store}/imported")["checkpoints"] == ["v1"]
     lanekit("disk", "fork", f"file://{store}/imported@v1", f"file://{store}/copy")
@@ -54,6 +55,54 @@ def test_disk_lifecycle_on_local_store(tmp_path: Path) -> None:
     gc = lanekit("disk", "gc", f"file://{store}", "--grace", "0")
     assert gc["deleted"] == 0
     assert gc["heads_and_checkpoints"] == 4
+
+
+@pytest.mark.parametrize("damage", ["head", "segments", "packs"])
+def test_export_of_a_damaged_disk_fails_with_one_line(tmp_path: Path, damage: str) -> None:
+    store = tmp_path / "store"
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(512 << 10))
+    lanekit("disk", "import", str(src), f"file://{store}/d")
+    victim = (
+        store / "disks" / "d" / "head" if damage == "head" else next((store / damage).iterdir())
+    )
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x08
+    victim.write_bytes(bytes(raw))
+    proc = lanekit("disk", "export", f"file://{store}/d", str(tmp_path / "out"), ok=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("lanekit: error: corrupt")
+    assert str(victim.relative_to(store)) in proc.stderr
+
+
+def test_gc_removes_temporary_files_left_by_killed_puts(tmp_path: Path) -> None:
+    """A local store writes each object to STORE/.tmp first; kill -9 mid-put leaves it there.
+    GC removes such files once older than its grace, and spares younger ones (a put in
+    progress)."""
+    import time
+
+    store = tmp_path / "store"
+    lanekit("disk", "create", f"file://{store}/d", "--size", "1M")
+    tmp = store / ".tmp"
+    tmp.mkdir(exist_ok=True)
+    dead = [tmp / f"dead-{i}" for i in range(3)]
+    for path in dead:
+        path.write_bytes(os.urandom(1000))
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    young = tmp / "young"
+    young.write_bytes(b"a put in progress")
+    lanekit("disk", "gc", f"file://{store}", "--dry-run")
+    assert all(path.exists() for path in dead)
+    lanekit("disk", "gc", f"file://{store}")
+    assert not any(path.exists() for path in dead)
+    assert young.exists()
+    from blockstore import LocalObjectStore, collect_garbage
+
+    os.utime(young, (time.time() - 7200, time.time() - 7200))
+    assert collect_garbage(LocalObjectStore(store)).temporary_deleted == 1
+    assert not young.exists()
+    assert lanekit("disk", "info", f"file://{store}/d")["size"] == 1 << 20
 
 
 def test_disk_create_with_base_and_info(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import os
+import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +23,7 @@ from typing import Protocol
 import trio
 
 from ..errors import BlockStoreError, OutOfRange, ReadOnly
+from .limits import ByteBudget, NBDLimits
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,12 @@ _ALLOWED_FLAGS = {
 
 _REQUEST = struct.Struct(">IHHQQI")
 MAX_OPTION_DATA = 64 << 10
+MAX_EXTENT_RUNS = 1 << 20
+_EXTENT_RUN = 8
+
+# TCP keepalive on accepted TCP connections: a peer that vanished without a FIN or RST is
+# found after about two minutes of silence.
+_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 
 
 class BlockDevice(Protocol):
@@ -146,9 +155,11 @@ class _Reader:
         while len(self.buf) < n:
             chunk = await self.stream.receive_some(max(65536, n - len(self.buf)))
             if not chunk:
-                raise _Disconnect("client closed the connection mid-message")
+                where = "mid-message" if self.buf else "between messages"
+                raise _Disconnect(f"client closed the connection {where}")
             self.buf += chunk
-        out = bytes(self.buf[:n])
+        with memoryview(self.buf) as view:
+            out = bytes(view[:n])
         del self.buf[:n]
         return out
 
@@ -159,10 +170,12 @@ class ServerStats:
     requests: int = 0
     errors: int = 0
     dropped: int = 0
+    refused: int = 0
+    undelivered: int = 0
 
 
 class NBDServer:
-    """Serve one device under one export name to any number of connections."""
+    """Serve one device under one export name to up to ``limits.max_connections`` clients."""
 
     def __init__(
         self,
@@ -170,17 +183,24 @@ class NBDServer:
         *,
         name: str = "",
         description: str = "lanekit disk",
-        max_request: int = 32 << 20,
-        max_in_flight: int = 64,
+        limits: NBDLimits | None = None,
     ) -> None:
         self.device = device
         self.name = name
         self.description = description
-        self.max_request = max_request
-        self.max_in_flight = max_in_flight
+        self.limits = limits = limits or NBDLimits()
         self.read_only = device.read_only
-        self._writer_active = False
+        self.budget = ByteBudget(limits.server_bytes)
         self.stats = ServerStats()
+        self._writer_active = False
+        self._open = 0
+        self._refusing = False
+        self._refused_quietly = 0
+
+    @property
+    def open_connections(self) -> int:
+        """Connections in handshake or transmission now (refused ones are not counted)."""
+        return self._open
 
     def _matches(self, name: bytes) -> bool:
         return name in (b"", self.name.encode())
@@ -203,12 +223,50 @@ class NBDServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.stats.connections += 1
+        number = self.stats.connections
+        if self._open >= self.limits.max_connections:
+            self._refuse()
+            await stream.aclose()
+            return
+        self._open += 1
+        try:
+            await self._serve_connection(stream, number)
+        finally:
+            self._open -= 1
+            if self._refusing:
+                self._refusing = False
+                if self._refused_quietly:
+                    log.warning("NBD refused %d more connections at the cap", self._refused_quietly)
+
+    def _refuse(self) -> None:
+        """One log line when refusing starts, one with the count when a slot frees: a client
+        retrying in a loop must not flood the log."""
+        self.stats.refused += 1
+        if self._refusing:
+            self._refused_quietly += 1
+            return
+        self._refusing, self._refused_quietly = True, 0
+        log.warning(
+            "NBD connection refused: %d connections are open, the most allowed "
+            "(max_connections=%d)",
+            self._open,
+            self.limits.max_connections,
+        )
+
+    async def _serve_connection(self, stream: trio.abc.Stream, number: int) -> None:
+        """Serve one connection; however it ends, it logs at most one line."""
         claimed = False
+        conn = _Connection(self, stream)
+        reason = ""
         try:
             async with stream:
-                conn = _Connection(self, stream)
+                _keep_alive(stream)
                 try:
-                    await conn.handshake()
+                    timeout = self.limits.handshake_timeout
+                    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                        await conn.handshake()
+                    if scope.cancelled_caught:
+                        raise _Disconnect(f"no handshake within {timeout:g} s")
                     if not self.read_only:
                         if self._writer_active:
                             raise _Disconnect("second client on a read-write export")
@@ -216,12 +274,34 @@ class NBDServer:
                     await conn.transmission()
                 except _Disconnect as e:
                     self.stats.dropped += 1
-                    log.info("NBD connection dropped: %s", e)
+                    reason = str(e)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    log.info("NBD connection lost: %s", e)
+                    reason = f"connection lost: {e}"
         finally:
             if claimed:
                 self._writer_active = False
+        if conn.undelivered:
+            self.stats.undelivered += conn.undelivered
+            log.warning(
+                "NBD connection %d: client gone with %d replies undelivered (%s)",
+                number,
+                conn.undelivered,
+                conn.send_failure,
+            )
+        elif reason:
+            log.info("NBD connection %d dropped: %s", number, reason)
+
+
+def _keep_alive(stream: trio.abc.Stream) -> None:
+    if not isinstance(stream, trio.SocketStream):
+        return
+    sock = stream.socket
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in _KEEPALIVE:
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class _Connection:
@@ -236,7 +316,11 @@ class _Connection:
         self.no_zeroes = False
         self.structured = False
         self.meta_selected = False
-        self.in_flight = trio.Semaphore(server.max_in_flight)
+        self.in_flight = trio.Semaphore(server.limits.max_in_flight)
+        self.budget = ByteBudget(server.limits.connection_bytes, parent=server.budget)
+        self._receiving: trio.CancelScope | None = None
+        self.undelivered = 0
+        self.send_failure = ""
 
     async def send(self, *parts: bytes) -> None:
         """Send one message whole. Replies that become ready while a send is under way
@@ -261,6 +345,10 @@ class _Connection:
             for _, event in batch + self._queued:
                 event.set()
             self._queued = []
+            if self._receiving is not None:
+                # No reply can reach this client: read no more of its requests, even
+                # while waiting for budget that stalled clients hold.
+                self._receiving.cancel()
             raise
         finally:
             self._sending = False
@@ -385,11 +473,11 @@ class _Connection:
                 REP_INFO,
                 struct.pack(">H", INFO_DESCRIPTION) + self.server.description.encode(),
             )
-        preferred = min(max(device.block_size, 4096), self.server.max_request)
+        preferred = min(max(device.block_size, 4096), self.server.limits.max_request)
         await self.reply(
             option,
             REP_INFO,
-            struct.pack(">HIII", INFO_BLOCK_SIZE, 1, preferred, self.server.max_request),
+            struct.pack(">HIII", INFO_BLOCK_SIZE, 1, preferred, self.server.limits.max_request),
         )
         await self.reply(option, REP_ACK)
         return True
@@ -439,74 +527,116 @@ class _Connection:
         connection after the requests already in flight are answered."""
         dropped: _Disconnect | None = None
         async with trio.open_nursery() as nursery:
-            try:
-                await self._receive_requests(nursery)
-            except _Disconnect as e:
-                dropped = e
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                dropped = _Disconnect(f"connection lost: {e}")
+            with trio.CancelScope() as self._receiving:
+                try:
+                    await self._receive_requests(nursery)
+                except _Disconnect as e:
+                    dropped = e
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    dropped = _Disconnect(f"connection lost: {e}")
+            if self._receiving.cancelled_caught:
+                dropped = _Disconnect("client gone: its replies cannot be sent")
         if dropped is not None:
             raise dropped
 
     async def _receive_requests(self, nursery: trio.Nursery) -> None:
+        """Read requests while this connection's and the server's byte budgets allow: a
+        client that does not consume its replies stops being read."""
+        limits = self.server.limits
         while True:
             header = await self.reader.exactly(_REQUEST.size)
             magic, flags, cmd, handle, offset, length = _REQUEST.unpack(header)
             if magic != REQUEST_MAGIC:
                 raise _Disconnect(f"bad request magic {magic:#x}")
             self.server.stats.requests += 1
-            payload = b""
-            if cmd == CMD_WRITE:
-                if length > self.server.max_request:
-                    # The payload cannot be skipped safely: drop the connection.
-                    raise _Disconnect(f"write of {length} bytes exceeds the maximum")
-                payload = await self.reader.exactly(length)
             if cmd == CMD_DISC:
                 return  # the nursery waits for requests in flight
+            if cmd == CMD_WRITE and length > limits.max_request:
+                # The payload cannot be skipped safely: drop the connection.
+                raise _Disconnect(f"write of {length} bytes exceeds the maximum")
+            if cmd <= CMD_WRITE and length <= limits.max_request:
+                cost = length  # a read's reply data, a write's payload
+            else:
+                cost = self._reply_cost(cmd, length)
             await self.in_flight.acquire()
-            nursery.start_soon(self.run_request, flags, cmd, handle, offset, length, payload)
+            if not self.budget.try_acquire(cost):
+                await self.budget.acquire(cost)
+            try:
+                payload = await self.reader.exactly(length) if cmd == CMD_WRITE else b""
+            except BaseException:
+                self._release(cost)
+                raise
+            nursery.start_soon(self.run_request, flags, cmd, handle, offset, length, payload, cost)
+
+    def _reply_cost(self, cmd: int, length: int) -> int:
+        """The bytes other requests hold until their replies are sent: a block status
+        reply's runs (at most one per block), nothing for the rest."""
+        if cmd != CMD_BLOCK_STATUS:
+            return 0
+        block = max(self.server.device.block_size, 1)
+        runs = min(length // block + 2, MAX_EXTENT_RUNS)
+        return min(4 + _EXTENT_RUN * runs, self.server.limits.connection_bytes)
+
+    def _release(self, cost: int) -> None:
+        self.in_flight.release()
+        self.budget.release(cost)
 
     async def run_request(
-        self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: bytes
+        self,
+        flags: int,
+        cmd: int,
+        handle: int,
+        offset: int,
+        length: int,
+        payload: bytes,
+        cost: int,
     ) -> None:
         try:
-            err, message = self.validate(flags, cmd, offset, length)
-            if err:
-                await self.send_error(cmd, handle, err, message)
-                return
-            device = self.server.device
-            try:
-                if cmd == CMD_READ:
-                    data = await device.read(offset, length)
-                    await self.send_read(handle, offset, data)
-                    return
-                if cmd == CMD_WRITE:
-                    await device.write(offset, payload, fua=bool(flags & CMD_FLAG_FUA))
-                elif cmd == CMD_FLUSH:
-                    await device.flush()
-                elif cmd == CMD_TRIM:
-                    await device.trim(offset, length)
-                    if flags & CMD_FLAG_FUA:
-                        await device.flush()
-                elif cmd == CMD_WRITE_ZEROES:
-                    await device.write_zeroes(offset, length, fua=bool(flags & CMD_FLAG_FUA))
-                elif cmd == CMD_BLOCK_STATUS:
-                    await self.send_block_status(flags, handle, offset, length)
-                    return
-            except Exception as e:
-                code = nbd_errno(e)
-                if not isinstance(e, BlockStoreError):
-                    log.exception("unexpected error serving NBD command %d", cmd)
-                else:
-                    log.warning("NBD command %d at %d+%d failed: %s", cmd, offset, length, e)
-                self.server.stats.errors += 1
-                await self.send_error(cmd, handle, code, str(e))
-                return
-            await self.send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            reply = await self.answer(flags, cmd, handle, offset, length, payload)
+            del payload
+            await self.send(*reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            # Counted, and logged once for the connection: a client that vanished with
+            # many requests in flight must not cost a log line each.
+            self.undelivered += 1
+            self.send_failure = self.send_failure or str(e.__cause__ or e)
         finally:
             self.in_flight.release()
+            self.budget.release(cost)
+
+    async def answer(
+        self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: bytes
+    ) -> tuple[bytes, ...]:
+        """Carry out one request; the reply's parts (the device's failures become NBD
+        errors here, never failures to send)."""
+        err, message = self.validate(flags, cmd, offset, length)
+        if err:
+            return self.error_reply(handle, err, message)
+        device = self.server.device
+        try:
+            if cmd == CMD_READ:
+                return self.read_reply(handle, offset, await device.read(offset, length))
+            if cmd == CMD_WRITE:
+                await device.write(offset, payload, fua=bool(flags & CMD_FLAG_FUA))
+            elif cmd == CMD_FLUSH:
+                await device.flush()
+            elif cmd == CMD_TRIM:
+                await device.trim(offset, length)
+                if flags & CMD_FLAG_FUA:
+                    await device.flush()
+            elif cmd == CMD_WRITE_ZEROES:
+                await device.write_zeroes(offset, length, fua=bool(flags & CMD_FLAG_FUA))
+            elif cmd == CMD_BLOCK_STATUS:
+                return await self.block_status_reply(flags, handle, offset, length)
+        except Exception as e:
+            code = nbd_errno(e)
+            if not isinstance(e, BlockStoreError):
+                log.exception("unexpected error serving NBD command %d", cmd)
+            else:
+                log.warning("NBD command %d at %d+%d failed: %s", cmd, offset, length, e)
+            self.server.stats.errors += 1
+            return self.error_reply(handle, code, str(e))
+        return (struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle),)
 
     def validate(self, flags: int, cmd: int, offset: int, length: int) -> tuple[int, str]:
         allowed = _ALLOWED_FLAGS.get(cmd)
@@ -524,14 +654,13 @@ class _Connection:
         if offset + length > size:
             code = errno.ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
             return code, f"range {offset}+{length} is beyond the end of the export ({size})"
-        if cmd == CMD_READ and length > self.server.max_request:
+        if cmd == CMD_READ and length > self.server.limits.max_request:
             return errno.EINVAL, f"read of {length} bytes exceeds the maximum"
         return 0, ""
 
-    async def send_read(self, handle: int, offset: int, data: bytes) -> None:
+    def read_reply(self, handle: int, offset: int, data: bytes) -> tuple[bytes, ...]:
         if not self.structured:
-            await self.send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle), data)
-            return
+            return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle), data
         head = struct.pack(
             ">IHHQIQ",
             STRUCTURED_REPLY_MAGIC,
@@ -541,18 +670,17 @@ class _Connection:
             8 + len(data),
             offset,
         )
-        await self.send(head, data)
+        return head, data
 
-    async def send_block_status(self, flags: int, handle: int, offset: int, length: int) -> None:
-        runs = await self.server.device.extents(offset, length) if length else [(0, 0)]
-        if not length:
-            runs = []
+    async def block_status_reply(
+        self, flags: int, handle: int, offset: int, length: int
+    ) -> tuple[bytes, ...]:
+        runs = await self.server.device.extents(offset, length) if length else []
         if flags & CMD_FLAG_REQ_ONE:
             runs = runs[:1]
-        runs = runs[: 1 << 20]
+        runs = runs[:MAX_EXTENT_RUNS]
         if not runs:
-            await self.send_error(CMD_BLOCK_STATUS, handle, errno.EINVAL, "empty range")
-            return
+            return self.error_reply(handle, errno.EINVAL, "empty range")
         body = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
             struct.pack(">II", n, f) for n, f in runs
         )
@@ -564,18 +692,17 @@ class _Connection:
             handle,
             len(body),
         )
-        await self.send(head, body)
+        return head, body
 
-    async def send_error(self, cmd: int, handle: int, code: int, message: str) -> None:
+    def error_reply(self, handle: int, code: int, message: str) -> tuple[bytes, ...]:
         if not self.structured:
-            await self.send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, code, handle))
-            return
+            return (struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, code, handle),)
         msg = message.encode()[:4096]
         body = struct.pack(">IH", code, len(msg)) + msg
         head = struct.pack(
             ">IHHQI", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, len(body)
         )
-        await self.send(head, body)
+        return head, body
 
 
 def parse_address(spec: str) -> tuple[str, str | int]:
@@ -630,12 +757,13 @@ async def serve_device(
     address: str,
     *,
     name: str = "",
+    limits: NBDLimits | None = None,
     on_ready: Callable[[str], Awaitable[None] | None] | None = None,
     task_status: trio.TaskStatus[NBDServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; unix socket files are removed on the way out."""
     listener = await open_listener(address)
-    server = NBDServer(device, name=name)
+    server = NBDServer(device, name=name, limits=limits)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, [listener])
