@@ -35,6 +35,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .identity import host_identity, process_identity
+from .layered import DiskBase
 from .lease import force_release
 from .objectstore import (
     LocalObjectStore,
@@ -59,6 +60,7 @@ __all__ = [
     "CorruptBlock",
     "CorruptMetadata",
     "Disk",
+    "DiskBase",
     "DiskExists",
     "DiskNotFound",
     "DiskURL",

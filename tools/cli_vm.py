@@ -14,12 +14,14 @@ import trio
 
 import blockstore
 import vfs
-from vm import Healthcheck, ImageEntry, ProbeResult, Registry
+from vm import Healthcheck, ImageEntry, ProbeResult, Registry, transfer
 from vm.errors import VMError
-from vm.images import RECIPES, ImageStore
+from vm.images import RECIPES, ImageStore, check_digest, not_built_message
 from vm.launcher import Mount, Sandbox
+from vm.registry import validate_id
 from vm.state import state_paths
 
+from . import progress
 from .config import lanekit_home, parse_size, serve_until_signalled
 from .vmrun import RunOptions, run_in_sandbox
 
@@ -93,10 +95,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     if image_id is None:
         raise VMError("--id is required when building from a directory, OCI image or suite")
     if not registry.has(image_id):
-        # Validate the id before spending time on the build.
-        from vm.registry import validate_id
-
-        validate_id(image_id)
+        validate_id(image_id)  # before spending time on the build
     if args.recipe:
         meta = images.build_recipe(args.recipe, size=size)
     elif args.from_dir:
@@ -148,26 +147,32 @@ def cmd_image_register(args: argparse.Namespace) -> int:
 
 def _digest_of(registry: Registry, name: str) -> str:
     if registry.has(name):
-        digest = registry.lookup(name).digest
-        if digest is None:
-            raise VMError(f"image {name!r} is not built: run `lanekit image build {name}`")
-        return digest
-    return name.removeprefix("sha256:")
+        entry = registry.lookup(name)
+        if entry.digest is None:
+            raise VMError(not_built_message(entry))
+        return entry.digest
+    return check_digest(name)
 
 
 def cmd_image_push(args: argparse.Namespace) -> int:
     registry, images = _state()
     digest = _digest_of(registry, args.image)
     objects = blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
-    sent = images.push(digest, objects)
-    print(f"pushed sha256:{digest} ({sent} chunks) to {args.store}")
+    with progress.byte_bar(f"push sha256:{digest[:12]}") as update:
+        sent = trio.run(transfer.push, images, digest, objects, update)
+    what = f"{sent >> 20} MiB of data" if sent else "already there"
+    print(f"pushed sha256:{digest} to {args.store} ({what})")
     return 0
 
 
 def cmd_image_pull(args: argparse.Namespace) -> int:
     registry, images = _state()
+    if args.id:
+        validate_id(args.id)
     objects = blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
-    meta = images.pull(args.digest, objects)
+    digest = check_digest(args.digest)
+    with progress.byte_bar(f"pull sha256:{digest[:12]}") as update:
+        meta = trio.run(transfer.pull, images, digest, objects, update)
     if args.id:
         _pin(registry, args.id, meta.digest, "pulled")
     print(f"pulled sha256:{meta.digest}")

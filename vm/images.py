@@ -3,38 +3,38 @@
 An image is ``images/sha256/<digest>/disk.raw`` plus ``meta.json`` under the state
 directory. A build works in its own directory under ``images/build/`` and moves the
 finished disk into place with one rename, so a failed build (bad input, a full disk)
-leaves nothing behind and registers nothing. Images travel through any blockstore
-:class:`~blockstore.ObjectStore`: the disk is cut into 4 MiB chunks, all-zero chunks are
-skipped, the rest are lz4-compressed, and the meta lists each chunk's sha256; a pull
-verifies every chunk and then the whole digest before the image appears.
+leaves nothing behind and registers nothing. Builds are reproducible: the same recipe
+and the same host packages give the same digest on any host (every time in the tree and
+in the filesystem is fixed, as are the filesystem's UUID and directory hash seed, which
+are derived from the tree's content). Images travel between hosts through object stores
+as read-only disks (:mod:`vm.transfer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
-import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import lz4.frame
-
-from blockstore import ObjectNotFound, ObjectStore, sha256_file
+from blockstore import sha256_file
 
 from .errors import BuildError, ImageNotFoundError
 from .guest import install_busybox_userland, prepare_tree
 from .oci import unpack_image
 from .proc import run_tool
-from .registry import DIGEST_RE
+from .registry import DIGEST_RE, ImageEntry
 
 MIB = 1 << 20
-CHUNK = 4 * MIB
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 RECIPES: dict[str, tuple[str, ...] | None] = {
     "shell": None,
@@ -59,11 +59,25 @@ class ImageMeta:
         return cls(data["digest"], data["size"], data["source"], data["created"])
 
 
-def _check_digest(digest: str) -> str:
+def check_digest(digest: str) -> str:
     digest = digest.removeprefix("sha256:")
     if not DIGEST_RE.fullmatch(digest):
         raise ImageNotFoundError(f"{digest!r} is not a sha256 image digest (64 hex characters)")
     return digest
+
+
+def not_built_message(entry: ImageEntry) -> str:
+    """What to run when an image is registered but not built on this host: only commands
+    that work for that entry."""
+    if entry.id in RECIPES:
+        return f"image {entry.id!r} is not built on this host: run `lanekit image build {entry.id}`"
+    return (
+        f"image {entry.id!r} ({entry.image}) is registered but not built on this host: build "
+        f"it with `lanekit image build --from-oci FILE --id {entry.id}` (an OCI layout or "
+        f"`docker save` tarball), `lanekit image build --debian bookworm --packages PKG... "
+        f"--id {entry.id}` or `lanekit image build --from-dir DIR --id {entry.id}`, or fetch "
+        f"a built one with `lanekit image pull sha256:DIGEST --store URL --id {entry.id}`"
+    )
 
 
 def _run(argv: Sequence[str], what: str, **kwargs: Any) -> None:
@@ -81,6 +95,65 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
+FIXED_TIME = 1577836800
+"""2020-01-01: every time in an image (files, directories, the filesystem's own)."""
+
+
+def tree_uuids(root: Path) -> tuple[str, str]:
+    """A filesystem UUID and a directory hash seed derived from the tree's content, so the
+    same tree makes the same image (mkfs picks both at random otherwise)."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            digest.update(f"{rel}\0{st.st_mode}:{st.st_uid}:{st.st_gid}:{st.st_rdev}\0".encode())
+            if stat.S_ISLNK(st.st_mode):
+                digest.update(os.readlink(path).encode())
+            elif stat.S_ISREG(st.st_mode):
+                digest.update(bytes.fromhex(sha256_file(path)))
+    raw = digest.digest()
+    return str(uuid.UUID(bytes=raw[:16], version=4)), str(uuid.UUID(bytes=raw[16:], version=4))
+
+
+def set_fixed_times(root: Path) -> None:
+    """Every file's access and modification time to :data:`FIXED_TIME` (mkfs copies them)."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), (FIXED_TIME, FIXED_TIME), follow_symlinks=False)
+    os.utime(root, (FIXED_TIME, FIXED_TIME))
+
+
+DEBIAN_NOISE = (
+    "var/cache/ldconfig/aux-cache",
+    "var/lib/dpkg/status-old",
+    "var/lib/dpkg/diversions-old",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+    "var/lib/apt/extended_states",
+)
+"""Files a debootstrap run fills with times or chance: removed from images."""
+
+
+def clean_debian_tree(tree: Path) -> None:
+    for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for item in (tree / cache).glob("*"):
+            if item.is_file() and item.name != "lock":
+                item.unlink()
+    for rel in DEBIAN_NOISE:
+        with contextlib.suppress(FileNotFoundError):
+            (tree / rel).unlink()
+    for log in (tree / "var/log").rglob("*"):
+        if log.is_file() and not log.is_symlink():
+            log.write_bytes(b"")
+    for rel in ("etc/machine-id", "var/lib/dbus/machine-id"):
+        path = tree / rel
+        if path.is_file() and not path.is_symlink():
+            path.write_bytes(b"")
+
+
 def default_size(content: int) -> int:
     """Room for the tree plus working space, in whole 64 MiB steps, at least 256 MiB."""
     size = max(256 * MIB, int(content * 1.5) + 192 * MIB)
@@ -96,7 +169,7 @@ class ImageStore:
         self.builds = root / "build"
 
     def path(self, digest: str) -> Path:
-        digest = _check_digest(digest)
+        digest = check_digest(digest)
         disk = self.by_digest / digest / "disk.raw"
         if not disk.is_file():
             raise ImageNotFoundError(
@@ -106,7 +179,7 @@ class ImageStore:
 
     def meta(self, digest: str) -> ImageMeta:
         self.path(digest)
-        with open(self.by_digest / _check_digest(digest) / "meta.json") as f:
+        with open(self.by_digest / check_digest(digest) / "meta.json") as f:
             return ImageMeta.from_json(json.load(f))
 
     def has(self, digest: str) -> bool:
@@ -183,11 +256,13 @@ class ImageStore:
             disk_size = size or default_size(tree_bytes(tree))
             with open(disk, "wb") as f:
                 f.truncate(disk_size)
+            fs_uuid, hash_seed = tree_uuids(tree)
+            set_fixed_times(tree)
             _run(
-                ["mkfs.ext4", "-q", "-F", "-L", "lanekit-root", "-m", "0",
-                 "-E", "root_owner=0:0", "-d", str(tree), str(disk)],
+                ["mkfs.ext4", "-q", "-F", "-L", "lanekit-root", "-m", "0", "-U", fs_uuid,
+                 "-E", f"root_owner=0:0,hash_seed={hash_seed}", "-d", str(tree), str(disk)],
                 "mkfs.ext4 -d (making the image's filesystem)",
-                env={**os.environ, "E2FSPROGS_FAKE_TIME": str(int(time.time()))},
+                env={**os.environ, "E2FSPROGS_FAKE_TIME": str(FIXED_TIME)},
             )  # fmt: skip
             _run(["e2fsck", "-fn", str(disk)], "e2fsck of the new image")
             return self.add(disk, source)
@@ -235,12 +310,13 @@ class ImageStore:
             _run(
                 [*argv, suite, str(tree), mirror],
                 f"debootstrap {suite}",
-                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                env={
+                    **os.environ,
+                    "DEBIAN_FRONTEND": "noninteractive",
+                    "SOURCE_DATE_EPOCH": str(FIXED_TIME),
+                },
             )
-            for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for item in (tree / cache).glob("*"):
-                    if item.is_file() and item.name not in ("lock",):
-                        item.unlink()
+            clean_debian_tree(tree)
             return {"kind": "debian", "suite": suite, "packages": list(packages)}
 
         return self.build(populate, size=size)
@@ -257,57 +333,3 @@ class ImageStore:
 
             return self.build(populate, size=size)
         return self.build_debian("bookworm", packages, size=size)
-
-    # ------------------------------------------------------------ travel
-
-    def push(self, digest: str, objects: ObjectStore, prefix: str = "images") -> int:
-        """Upload an image (skipping all-zero chunks); returns the number of chunks sent."""
-        disk = self.path(digest)
-        meta = self.meta(digest)
-        base = f"{prefix}/sha256/{meta.digest}"
-        chunks: list[str | None] = []
-        sent = 0
-        zero = bytes(CHUNK)
-        with open(disk, "rb") as f:
-            index = 0
-            while data := f.read(CHUNK):
-                if data == zero[: len(data)]:
-                    chunks.append(None)
-                else:
-                    chunk_digest = hashlib.sha256(data).hexdigest()
-                    chunks.append(chunk_digest)
-                    objects.put(f"{base}/chunks/{index:08d}", lz4.frame.compress(data))
-                    sent += 1
-                index += 1
-        manifest = {**meta.to_json(), "chunk_size": CHUNK, "chunks": chunks}
-        objects.put(f"{base}/manifest.json", json.dumps(manifest).encode())
-        return sent
-
-    def pull(self, digest: str, objects: ObjectStore, prefix: str = "images") -> ImageMeta:
-        """Download and verify an image; it appears in the store only once it checks out."""
-        digest = _check_digest(digest)
-        if self.has(digest):
-            return self.meta(digest)
-        base = f"{prefix}/sha256/{digest}"
-        try:
-            manifest = json.loads(objects.get(f"{base}/manifest.json").data)
-        except ObjectNotFound:
-            raise ImageNotFoundError(f"no image sha256:{digest} under {prefix}/ in that store")
-        work = self.new_build_dir()
-        try:
-            disk = work / "disk.raw"
-            with open(disk, "wb") as f:
-                f.truncate(int(manifest["size"]))
-                for index, chunk_digest in enumerate(manifest["chunks"]):
-                    if chunk_digest is None:
-                        continue
-                    data = lz4.frame.decompress(objects.get(f"{base}/chunks/{index:08d}").data)
-                    if hashlib.sha256(data).hexdigest() != chunk_digest:
-                        raise BuildError(f"chunk {index} of image sha256:{digest} is corrupt")
-                    f.seek(index * int(manifest["chunk_size"]))
-                    f.write(data)
-            if sha256_file(disk) != digest:
-                raise BuildError(f"pulled image does not match sha256:{digest}")
-            return self.add(disk, manifest["source"], digest)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)

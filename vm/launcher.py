@@ -13,30 +13,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-import blockstore
-from blockstore import BaseImage, Disk
 from blockstore.concurrency import Services, blocking, first_failure
+from blockstore.identity import process_identity
 from blockstore.serve.nbd import serve_device
 
 from .accel import QEMU, choose_accelerator
 from .agent.patches import Patch, apply_patches
 from .errors import BootError, GuestAgentError, ImageNotFoundError, VMError
 from .guest import AGENT_PORT_NAME
-from .images import RECIPES
+from .images import RECIPES, not_built_message
 from .machine import Machine, SyncMachine, describe_exit, tail
 from .proc import Child, open_child
-from .registry import ImageEntry
+from .rootdisk import DiskOptions, root_disk
 from .state import lanekit_home, state_paths
+
+log = logging.getLogger(__name__)
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 _SAFE_GUEST_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_.-")
@@ -70,16 +72,6 @@ RUNTIME_PREFIX = "lanekit-vm-"
 _OWNER = "owner"
 
 
-def _process_identity(pid: int) -> str | None:
-    """``pid:start-time``: a pid alone may be reused by another process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return f"{pid}:{fields[19]}"
-
-
 def _sweep_runtime_dirs(base: Path) -> None:
     """Remove runtime dirs whose launcher died without cleaning up (kill -9): each names
     its owner; qemu and virtiofsd die with their parent, FUSE mounts unmount themselves."""
@@ -89,7 +81,7 @@ def _sweep_runtime_dirs(base: Path) -> None:
         except OSError:
             continue  # not ours to judge, or already gone
         pid = owner.partition(":")[0]
-        if pid.isdigit() and _process_identity(int(pid)) != owner:
+        if pid.isdigit() and process_identity(int(pid)) != owner:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -98,7 +90,7 @@ def _runtime_dir() -> Path:
     _sweep_runtime_dirs(base)
     path = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir=base))
     os.chmod(path, 0o700)
-    identity = _process_identity(os.getpid())
+    identity = process_identity(os.getpid())
     assert identity is not None
     (path / _OWNER).write_text(identity)
     return path
@@ -164,6 +156,9 @@ class Sandbox:
         s3_endpoint: str | None = None,
         build_missing: bool = True,
         patches: Sequence[Patch] = (),
+        force: bool = False,
+        lease_wait: float | None = None,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         if not 1 <= cpus <= 64:
             raise VMError("cpus must be between 1 and 64")
@@ -180,51 +175,29 @@ class Sandbox:
         self.s3_endpoint = s3_endpoint
         self.build_missing = build_missing
         self.patches = list(patches)
+        self.force = force
+        self.lease_wait = lease_wait
+        self.notice = notice or (lambda line: log.info("%s", line))
         self.registry, self.images, self.kernels = state_paths(self.home)
 
-    def _resolve_image(self) -> tuple[ImageEntry, Path]:
+    def _local_image(self) -> tuple[str, Path]:
+        """The registry image's (digest, path) on this host, built first if it is a
+        built-in recipe this host has not built (saying so: it takes a while)."""
         entry = self.registry.lookup(self.image)
         if entry.digest is None or not self.images.has(entry.digest):
             if not (self.build_missing and entry.id in RECIPES):
-                raise ImageNotFoundError(
-                    f"image {entry.id!r} is registered but not built here: run "
-                    f"`lanekit image build {entry.id}` or `lanekit image pull`"
-                )
+                raise ImageNotFoundError(not_built_message(entry))
+            self.notice(f"building image {entry.id!r} for its first use on this host")
             meta = self.images.build_recipe(entry.id)
             entry = self.registry.pin(entry.id, meta.digest)
         assert entry.digest is not None
-        return entry, self.images.path(entry.digest)
+        return entry.digest, self.images.path(entry.digest)
 
-    @contextlib.asynccontextmanager
-    async def _root_disk(self, runtime: Path, image: Path, digest: str) -> AsyncIterator[Disk]:
-        """The root disk: on first use a copy-on-write disk over the image. A disk that
-        was created without a base (an image imported into the object store, so a boot
-        fetches every block from there) is opened as it is."""
-        base: BaseImage | None = BaseImage(image, digest=digest)
-        try:
-            if self.disk_url is None:
-                target: Any = (blockstore.LocalObjectStore(runtime / "root-store"), "root")
-            else:
-                target = self.disk_url
-            objects, name, _ = blockstore.resolve(target, self.s3_endpoint)
-            if name not in await trio.to_thread.run_sync(blockstore.list_disks, objects):
-                assert base is not None
-                size = max(self.disk_size or 0, base.size)
-                with contextlib.suppress(blockstore.DiskExists):
-                    await blockstore.create((objects, name), size, base=base)
-            else:
-                info = await trio.to_thread.run_sync(blockstore.disk_info, objects, name)
-                if info["base_digest"] is None:
-                    assert base is not None
-                    base.close()
-                    base = None
-            async with blockstore.open_disk(
-                (objects, name), base=base, spill_dir=str(runtime)
-            ) as disk:
-                yield disk
-        finally:
-            if base is not None:
-                base.close()
+    def _disk_options(self) -> DiskOptions:
+        return DiskOptions(
+            self.disk_url, self.disk_size, self.s3_endpoint, self.force, self.lease_wait,
+            self.notice,
+        )  # fmt: skip
 
     async def _host_filesystems(
         self, stack: contextlib.AsyncExitStack, runtime: Path, mounts: Sequence[Mount]
@@ -327,13 +300,14 @@ class Sandbox:
         async with contextlib.AsyncExitStack() as stack:
             runtime = await trio.to_thread.run_sync(_runtime_dir)
             stack.callback(shutil.rmtree, runtime, True)
-            entry, image = await trio.to_thread.run_sync(self._resolve_image)
+            entry = await trio.to_thread.run_sync(self.registry.lookup, self.image)
             assets = await trio.to_thread.run_sync(self.kernels.ensure)
             accel = await trio.to_thread.run_sync(
                 choose_accelerator, assets.kernel, self.home / "accel.json", self.accel
             )
-            assert entry.digest is not None
-            disk = await stack.enter_async_context(self._root_disk(runtime, image, entry.digest))
+            disk = await stack.enter_async_context(
+                root_disk(self._disk_options(), runtime, self.images, self._local_image)
+            )
             nursery = await stack.enter_async_context(trio.open_nursery())
             services = Services(nursery)
             stack.callback(services.close)

@@ -93,7 +93,7 @@ def run(*, quick: bool = False) -> Report:
 
 def _measure(report: Report, home: Path, repeats: int) -> None:
     warm = Sandbox("shell", home=home, memory_mib=256)
-    warm._resolve_image()
+    warm._local_image()
     accel = choose_accelerator(warm.kernels.ensure().kernel, home / "accel.json", None)
     report.notes.append(f"accelerator: {accel}; 1 vCPU, 256 MiB; shell image (busybox)")
     with tempfile.TemporaryDirectory() as s3dir, S3Server(Path(s3dir)) as server:
@@ -101,7 +101,7 @@ def _measure(report: Report, home: Path, repeats: int) -> None:
         client.create_bucket(Bucket="vmboot")
         os.environ.update(server.env)
         store = "s3://vmboot/lanes"
-        _, image = warm._resolve_image()
+        _, image = warm._local_image()
         subprocess.run(
             [sys.executable, "-m", "tools.cli", "disk", "import", str(image), f"{store}/image",
              "--s3-endpoint", server.endpoint],

@@ -1,0 +1,62 @@
+"""Progress on stderr for long work (image builds, imports, exports, pushes, pulls): shown
+only when stderr is a terminal and ``--quiet`` is not given, so scripts and logs get none.
+tqdm draws the bars: small, dependency-free, and it computes rates and ETAs."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from tqdm import tqdm
+
+_quiet = [False]
+
+
+def set_quiet(quiet: bool) -> None:
+    _quiet[0] = quiet
+
+
+def enabled() -> bool:
+    return not _quiet[0] and sys.stderr.isatty()
+
+
+def phase(text: str) -> None:
+    """One line saying what starts now (a phase of a build, say)."""
+    if enabled():
+        print(f"lanekit: {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def byte_bar(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A bar for a transfer; yields ``update(done, total)``, cheap when nothing is shown."""
+    if not enabled():
+        yield lambda done, total: None
+        return
+    bar = tqdm(
+        total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
+        file=sys.stderr, leave=False, dynamic_ncols=True,
+    )  # fmt: skip
+
+    def update(done: int, total: int) -> None:
+        if total and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def count_bar(description: str, unit: str) -> Iterator[Callable[[int], None]]:
+    """A counter without a known end (objects looked at, say)."""
+    if not enabled():
+        yield lambda n: None
+        return
+    bar = tqdm(desc=description, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+    try:
+        yield lambda n: bar.update(n - bar.n)
+    finally:
+        bar.close()
