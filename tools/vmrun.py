@@ -10,6 +10,7 @@ cancellation, is what keeps the root disk's last flush.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -98,12 +99,13 @@ class _Session:
 
 async def _pump_stdin(handle: ExecHandle, tty: bool) -> None:
     fd = stdin_fd()
-    while True:
-        data = await read_some(fd)
-        if not data:
-            await handle.stdin.close()
-            return
-        await handle.stdin.write(data)
+    with contextlib.suppress(BrokenPipeError):  # the command exited before reading it all
+        while True:
+            data = await read_some(fd)
+            if not data:
+                await handle.stdin.close()
+                return
+            await handle.stdin.write(data)
 
 
 async def _follow_window(handle: ExecHandle) -> None:

@@ -223,7 +223,7 @@ class Machine:
             if stdin is not None:
 
                 async def feed() -> None:
-                    with contextlib.suppress(GuestAgentError):
+                    with contextlib.suppress(GuestAgentError, BrokenPipeError):
                         await handle.stdin.write(stdin)
                         await handle.stdin.close()
 

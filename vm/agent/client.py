@@ -78,6 +78,8 @@ class _Stream:
         self.stdin_room = trio.Event()
         self.error: BaseException | None = None
         self.first_reply: Any = None
+        self.ended = False
+        """The process exited: what is still written to its stdin goes nowhere."""
 
     def fail(self, error: BaseException) -> None:
         if self.error is None:
@@ -110,15 +112,22 @@ class AgentSession:
     def alive(self) -> bool:
         return self._dead is None and self._stream is not None
 
-    async def open(self, tasks: TaskSpawner, *, timeout: float = HELLO_TIMEOUT) -> None:
-        """Connect and say HELLO; returns when the agent has answered (the guest may still
-        be booting: the HELLO waits in qemu's socket until the agent opens its port)."""
-        while True:
+    async def open(
+        self,
+        tasks: TaskSpawner,
+        *,
+        timeout: float = HELLO_TIMEOUT,
+        stream: trio.SocketStream | None = None,
+    ) -> None:
+        """Connect (or use ``stream``) and say HELLO; returns when the agent has answered
+        (the guest may still be booting: the HELLO waits in qemu's socket until the agent
+        opens its port)."""
+        while stream is None:
             try:
-                self._stream = await trio.open_unix_socket(self.socket_path)
-                break
+                stream = await trio.open_unix_socket(self.socket_path)
             except OSError:
                 await trio.sleep(0.01)
+        self._stream = stream
         tasks.start_soon(self._read_loop)
         await self._hello()
         with trio.move_on_after(timeout):
@@ -188,15 +197,17 @@ class AgentSession:
                 self._streams.clear()
                 await self._hello()
             return
+        # Parsed before the stream is looked up: garbage is an error wherever it is sent.
+        message = P.parse_message(payload) if kind in (P.REPLY, P.EVENT) else None
         stream = self._streams.get(sid)
         if stream is None:
             return  # a stream this session gave up on
         if kind == P.REPLY:
-            reply = P.parse_message(payload)
+            assert message is not None
             with contextlib.suppress(trio.WouldBlock):
-                stream.replies_in.send_nowait(reply)
+                stream.replies_in.send_nowait(message)
         elif kind == P.EVENT:
-            stream.events_in.send_nowait(("event", P.parse_message(payload)))
+            stream.events_in.send_nowait(("event", message))
         elif kind == P.DATA:
             channel, offset, data = P.parse_data(payload)
             if channel == P.STDIN:
@@ -330,7 +341,7 @@ class AgentSession:
     async def _write_stdin(self, stream: _Stream, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            while stream.stdin_limit <= stream.stdin_sent:
+            while stream.stdin_limit <= stream.stdin_sent and not stream.ended:
                 if stream.error is not None:
                     raise stream.error
                 stream.stdin_room = trio.Event()
@@ -338,13 +349,15 @@ class AgentSession:
                     await stream.stdin_room.wait()
             if stream.error is not None:
                 raise stream.error
+            if stream.ended:
+                raise BrokenPipeError(errno.EPIPE, "the command has exited: its stdin is closed")
             n = min(len(view), stream.stdin_limit - stream.stdin_sent, P.DATA_CHUNK)
             await self._send(P.data_frame(stream.sid, P.STDIN, stream.stdin_sent, view[:n]))
             stream.stdin_sent += n
             view = view[n:]
 
     async def _close_stdin(self, stream: _Stream) -> None:
-        if stream.error is None:
+        if stream.error is None and not stream.ended:
             await self._send(P.eof_frame(stream.sid, P.STDIN, stream.stdin_sent))
 
     def _forget(self, stream: _Stream) -> None:
@@ -480,6 +493,8 @@ class ExecHandle:
         self.exit = ExecEvent(
             "exited", exit_code=code, signal=sig, timed_out=bool(event.get("timed_out"))
         )
+        self._stream.ended = True
+        self._stream.stdin_room.set()
         self._session._forget(self._stream)
         with contextlib.suppress(GuestAgentError):  # the guest may forget the process now
             await self._session._send(P.message(P.CONTROL, self._stream.sid, {"op": "release"}))

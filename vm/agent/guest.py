@@ -120,8 +120,9 @@ class Agent:
         self.connected = True
         self.retry_at: float | None = None
         self.session = os.urandom(8).hex()
-        self.cgroups = self._init_cgroups()
+        self.cgroups = not socket_mode and self._init_cgroups()
         os.set_blocking(port, False)
+        os.set_inheritable(port, False)  # a child holding it would outlive our session
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -711,6 +712,8 @@ class Agent:
         self.owners[fd] = stream
         self.streams[sid] = stream
         self.reply(sid, {"size": size})
+        # Read now: epoll would wait for a writer on a FIFO that never had one.
+        self.read_out(stream, stream.outs[P.STDOUT])
 
     def start_write(self, sid: int, call: dict[str, object]) -> None:
         fd = files.open_for_write(call)
