@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from vm import BuildError, ImageNotFoundError, Registry
+from vm import BuildError, ImageNotFoundError, Registry, transfer
 from vm.errors import UnsafeArchive
 from vm.images import ImageStore
 from vm.kernel import GUEST_MODULES, KernelCache, load_order, module_dependencies
@@ -263,34 +264,44 @@ def test_full_disk_during_build(tmp_path: Path) -> None:
 
 
 def test_push_pull_round_trip(store: ImageStore, tmp_path: Path, s3: object) -> None:
+    """An image travels as a read-only disk of the store: its data only (zeros and holes
+    skipped), and a pull is verified against the digest before it appears."""
     objects = s3.object_store("images-test")  # type: ignore[attr-defined]
     meta = store.build_recipe("shell")
-    sent = store.push(meta.digest, objects)
-    assert 0 < sent < meta.size // (4 << 20)  # zero chunks are skipped
+    sent = trio.run(transfer.push, store, meta.digest, objects)
+    assert 0 < sent < meta.size // 4
+    assert trio.run(transfer.push, store, meta.digest, objects) == 0  # once per store
     other = ImageStore(tmp_path / "other-host")
-    pulled = other.pull(meta.digest, objects)
+    pulled = trio.run(transfer.pull, other, meta.digest, objects)
     assert pulled.digest == meta.digest
     assert other.path(meta.digest).read_bytes() == store.path(meta.digest).read_bytes()
-    with pytest.raises(ImageNotFoundError):
-        ImageStore(tmp_path / "third").pull("1" * 64, objects)
+    with pytest.raises(ImageNotFoundError, match="push it from a host that has it"):
+        trio.run(transfer.pull, ImageStore(tmp_path / "third"), "1" * 64, objects)
 
 
 def test_pull_detects_corruption(store: ImageStore, tmp_path: Path) -> None:
-    from blockstore import LocalObjectStore
+    from blockstore import CorruptBlock, LocalObjectStore
 
     objects = LocalObjectStore(tmp_path / "remote")
     meta = store.build_recipe("shell")
-    store.push(meta.digest, objects)
-    key = next(k.key for k in objects.list("images/") if "/chunks/" in k.key)
-    import lz4.frame
-
-    data = bytearray(lz4.frame.decompress(objects.get(key).data))
+    trio.run(transfer.push, store, meta.digest, objects)
+    key = next(k.key for k in objects.list("packs/"))
+    data = bytearray(objects.get(key).data)
     data[100] ^= 0xFF
-    objects.put(key, lz4.frame.compress(bytes(data)))
+    path = objects.root / key
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
     other = ImageStore(tmp_path / "other")
-    with pytest.raises(BuildError, match="corrupt"):
-        other.pull(meta.digest, objects)
+    with pytest.raises(CorruptBlock):
+        trio.run(transfer.pull, other, meta.digest, objects)
     assert other.list() == [] and leftovers(other) == []
+
+
+def test_recipes_build_reproducibly(tmp_path: Path) -> None:
+    """Two hosts (two state directories) build the shell recipe to the same digest."""
+    first = ImageStore(tmp_path / "a").build_recipe("shell")
+    second = ImageStore(tmp_path / "b").build_recipe("shell")
+    assert first.digest == second.digest
 
 
 # ------------------------------------------------------------ kernel
@@ -310,8 +321,16 @@ def test_kernel_assets_cached(kernels: KernelCache) -> None:
     listing = sh("sh", "-c", f"busybox cpio -t < {first.initramfs}").stdout
     for module in GUEST_MODULES:
         assert f"modules/{module}.ko" in listing
-    for runtime in ("init", "qemu-ga", "busybox", "run", "lib/ld-linux-x86-64.so.2"):
-        assert f"lanekit/{runtime}" in listing.split(), runtime
+    names = listing.split()
+    for runtime in ("init", "busybox", "poweroff", "lib/ld-linux-x86-64.so.2",
+                    "python/bin/python3", "python/lib/python3.11/lanekit_agent/guest.pyc",
+                    "python/lib/python3.11/lanekit_agent/protocol.pyc"):  # fmt: skip
+        assert f"lanekit/{runtime}" in names, runtime
+    assert "lanekit/qemu-ga" not in names  # only the benchmark's variant carries it
+    qga = kernels.ensure(variant="qga")
+    assert qga.initramfs != first.initramfs
+    assert "lanekit/qemu-ga" in sh("sh", "-c", f"busybox cpio -t < {qga.initramfs}").stdout.split()
+    assert kernels.ensure().initramfs == first.initramfs  # both variants stay cached
 
 
 def test_module_order_respects_dependencies(kernels: KernelCache) -> None:

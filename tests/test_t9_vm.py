@@ -236,7 +236,7 @@ def test_private_runtime_directory(machine: SyncMachine) -> None:
     runtime = machine._machine.runtime
     assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
     sockets = [p for p in runtime.iterdir() if stat.S_ISSOCK(p.stat().st_mode)]
-    assert {p.name for p in sockets} >= {"nbd.sock", "qga.sock", "fs0.sock"}
+    assert {p.name for p in sockets} >= {"nbd.sock", "agent.sock", "fs0.sock"}
     for sock in sockets:
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600, sock
 
