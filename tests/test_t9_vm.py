@@ -19,6 +19,7 @@ import trio
 import blockstore
 import vfs
 from blockstore import LeaseHeld
+from blockstore.identity import process_identity
 from vm import ExecTimeout, Healthcheck, HealthcheckFailed, ImageEntry, launcher
 from vm.launcher import Sandbox, SyncMachine
 
@@ -248,7 +249,7 @@ def test_runtime_dirs_of_dead_launchers_are_swept(tmp_path: Path) -> None:
     for d in (dead, alive, unowned, reused):
         (d / "sub").mkdir(parents=True)
     (dead / "owner").write_text(f"{dead_pid}:{start}")
-    (alive / "owner").write_text(launcher._process_identity(os.getpid()) or "")
+    (alive / "owner").write_text(process_identity(os.getpid()) or "")
     (reused / "owner").write_text(f"{os.getpid()}:1")  # our pid, another start time
     launcher._sweep_runtime_dirs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lanekit-vm-b", "lanekit-vm-c"]

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 
 import trio
 
+from blockstore import Fenced
 from vm.agent import ExecHandle
+from vm.errors import GuestAgentError, VMError
 from vm.launcher import Mount, Sandbox
 from vm.machine import Machine
 
@@ -163,8 +165,14 @@ async def run_in_sandbox(sandbox: Sandbox, mounts: Sequence[Mount], run: RunOpti
                     session.machine = machine
                     with raw_terminal(stdin_fd()) if run.tty else _no_terminal() as raw:
                         _raw[0] = bool(raw)
-                        code = await _run_command(machine, run, session)
-                    _raw[0] = False
+                        try:
+                            code = await _run_command(machine, run, session)
+                        except (GuestAgentError, VMError):
+                            if machine.fenced:  # the watcher said why, once
+                                raise Fenced("another host took the root disk over") from None
+                            raise
+                        finally:
+                            _raw[0] = False
             nursery.cancel_scope.cancel()
     if code is None:
         _say("interrupted; the sandbox was stopped")

@@ -329,11 +329,25 @@ class Sandbox:
             qemu = await stack.enter_async_context(_process(argv, runtime / "qemu.log", "qemu"))
             machine = Machine(self, entry, qemu, disk, runtime, cwd, services)
             stack.push_async_callback(_shielded, machine.stop)
+            services.start_soon(self._watch_fencing, machine)
             await _wait_for_socket(machine.agent_socket, qemu, "qemu", runtime / "qemu.log")
             await self._wait_for_agent(machine)
             if self.patches:
                 await apply_patches(await machine.session(), self.patches)
             yield machine
+
+    async def _watch_fencing(self, machine: Machine) -> None:
+        """A newer writer took the root disk over: stop the guest at once, so it does not
+        go on working on writes that can never reach the disk."""
+        store = machine.disk.store
+        while not getattr(store, "fenced", False):
+            await trio.sleep(0.5)
+        machine.fenced = True
+        self.notice(
+            "fenced: another host took this disk over; the sandbox stops, and what it "
+            "wrote since then is not on the disk"
+        )
+        await machine.kill()
 
     async def _wait_for_agent(self, machine: Machine) -> None:
         """Until the guest agent answers; if the guest dies or hangs instead, a BootError

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from blockstore import Disk
+from blockstore import Disk, Fenced
 from blockstore.concurrency import Services
 
 from .agent import AgentSession, ExecEvent, ExecHandle, GuestProcess
@@ -121,12 +121,16 @@ class Machine:
         self._healthy = False
         self._health_lock = trio.Lock()
         self._stopped = False
+        self.fenced = False
+        """Another writer took the root disk over (the guest was stopped then)."""
 
     @property
     def console_log(self) -> Path:
         return self.runtime / "console.log"
 
     def _check_running(self) -> None:
+        if self.fenced:
+            raise Fenced("fenced: another host took this disk over; this sandbox was stopped")
         if self._stopped:
             raise VMError("the sandbox has been stopped")
         if self.qemu.returncode is not None:
@@ -153,9 +157,15 @@ class Machine:
             self._agent = None
         return (await self.session()).processes
 
-    async def attach(self, stream_id: int) -> ExecHandle:
-        """A process started before the last reconnect (see :meth:`reconnect`)."""
-        return await (await self.session()).attach(stream_id)
+    async def attach(self, stream_id: int, offsets: Mapping[str, int] | None = None) -> ExecHandle:
+        """A process started before the last reconnect (see :meth:`reconnect`), its output
+        resumed at ``offsets`` (what the caller already has; see ``AgentSession.attach``)."""
+        return await (await self.session()).attach(stream_id, offsets)
+
+    @property
+    def agent_pid(self) -> int | None:
+        """The guest agent's pid in the guest (while a session is open)."""
+        return self._agent.agent_pid if self._agent is not None else None
 
     # ------------------------------------------------------------ commands
 
@@ -443,8 +453,12 @@ class SyncMachine:
     def reconnect(self) -> list[GuestProcess]:
         return self._call(self._machine.reconnect)
 
-    def attach(self, stream_id: int) -> SyncExecHandle:
-        return SyncExecHandle(self._call(self._machine.attach, stream_id), self._token)
+    def attach(self, stream_id: int, offsets: Mapping[str, int] | None = None) -> SyncExecHandle:
+        return SyncExecHandle(self._call(self._machine.attach, stream_id, offsets), self._token)
+
+    @property
+    def agent_pid(self) -> int | None:
+        return self._machine.agent_pid
 
     def read_file(self, path: str) -> bytes:
         return self._call(self._machine.read_file, path)

@@ -22,6 +22,7 @@ from ..errors import GuestAgentError
 from . import protocol as P
 
 HELLO_TIMEOUT = 30.0
+CHANNEL_NUMBERS = {"stdout": P.STDOUT, "stderr": P.STDERR}
 
 
 class TaskSpawner(Protocol):
@@ -314,10 +315,12 @@ class AgentSession:
         stream.stdin_limit = int(started.get("window") or 0)
         return ExecHandle(self, stream, int(started["pid"]), tty)
 
-    async def attach(self, sid: int) -> ExecHandle:
-        """A process started by an earlier session, from the output that session had not
-        consumed (bytes the guest had to drop are reported as a ``gap``)."""
-        stream = await self._start("attach", {"window": self.window}, sid=sid)
+    async def attach(self, sid: int, offsets: Mapping[str, int] | None = None) -> ExecHandle:
+        """A process started by an earlier session. ``offsets`` ({"stdout": n, "stderr":
+        m}): how much of each the caller already has; output resumes there (by default,
+        from the oldest output the guest still keeps: what no session acknowledged)."""
+        wanted = {str(CHANNEL_NUMBERS[k]): int(v) for k, v in (offsets or {}).items()}
+        stream = await self._start("attach", {"window": self.window, "offsets": wanted}, sid=sid)
         info = stream.first_reply
         for key, offset in (info.get("from") or {}).items():
             stream.received[int(key)] = stream.consumed[int(key)] = int(offset)

@@ -35,6 +35,7 @@ DRAIN_IDLE = 0.1
 long (a background child may hold them open for good)."""
 OUT_HIGH = 2 << 20
 READ_CHUNK = 256 << 10
+PORT_READS = 256
 MAX_RETIRED = 256
 IN = select.EPOLLIN
 OUT = select.EPOLLOUT
@@ -70,6 +71,7 @@ class InChannel:
         self.buffer = bytearray()
         self.eof_at: int | None = None
         self.broken = False
+        self.error = ""
 
 
 class Stream:
@@ -248,17 +250,22 @@ class Agent:
 
     def on_port(self, mask: int) -> None:
         if mask & select.EPOLLIN:
-            try:
-                data = os.read(self.port, 1 << 20)
-            except BlockingIOError:
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
-                self.disconnected()
-                return
-            if data:
+            # A virtio-serial read returns one guest buffer (a page): read on until the
+            # port is drained, then parse, rather than a turn of the loop per page.
+            got = False
+            for _ in range(PORT_READS):
+                try:
+                    data = os.read(self.port, 1 << 20)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    self.disconnected()
+                    return
                 self.reader.feed(data)
+                got = True
+            if got:
                 self.dispatch_frames()
         elif mask & (select.EPOLLHUP | select.EPOLLERR):
             self.disconnected()
@@ -560,8 +567,9 @@ class Agent:
             n = os.write(inc.fd, inc.buffer[: 1 << 16])
         except BlockingIOError:
             return
-        except OSError:
-            inc.broken = True  # the reader is gone: what comes is discarded
+        except OSError as exc:
+            inc.broken = True  # the reader is gone (or the disk full): what comes is discarded
+            inc.error = exc.strerror or str(exc)
             n = len(inc.buffer)
             self.want(inc.fd, 0)
         del inc.buffer[:n]
@@ -727,7 +735,7 @@ class Agent:
     def finish_write(self, stream: FileWrite, inc: InChannel) -> None:
         try:
             if inc.broken:
-                raise OSError(errno.EIO, "a write to the file failed")
+                raise OSError(errno.EIO, inc.error or "a write to the file failed")
             os.fsync(inc.fd)
             result: dict[str, object] = {"event": "closed", "size": inc.written}
         except OSError as exc:
