@@ -271,9 +271,11 @@ def cmd_disk_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_mount(args: argparse.Namespace) -> int:
-    from blockstore.serve.fusefile import mount_disk_file
+    from blockstore.serve.fusefile import clear_dead_fuse_mount, mount_disk_file
 
     mountpoint = os.path.abspath(args.mountpoint)
+    if notice := clear_dead_fuse_mount(mountpoint):
+        print(notice, file=sys.stderr)
     if not os.path.isdir(mountpoint):
         raise CLIError(f"mount point {mountpoint} is not a directory", EXIT_USAGE)
 
