@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+import vfs
 from blockstore.serve.fusefile import (
     clear_dead_fuse_mount,
     is_dead_fuse_mount,
@@ -151,6 +153,16 @@ def test_a_dead_mount_above_the_mount_point_is_a_clear_error(where: Path) -> Non
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "is a directory above it a dead mount?" in lines[0], lines
     assert len(our_mounts(where)) == 1  # not ours to clear
+
+
+def test_serve_refuses_a_dead_mount_with_the_fix(where: Path) -> None:
+    os.close(raw_fuse_mount(where))
+
+    async def main() -> None:
+        with pytest.raises(vfs.MountError, match=f"fusermount3 -uz {where}"):
+            await vfs.serve(vfs.MemoryFS(), where)
+
+    trio.run(main)
 
 
 def test_readahead_is_set_without_asking_the_server(where: Path) -> None:
