@@ -15,6 +15,7 @@ checks a condition and then writes without a lock passes it (moto's threaded ser
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -91,6 +92,8 @@ class Verdict:
     source: str = "probe"
     """Where the verdict came from: "probe" (just now), "store" (a saved pass) or
     "process" (remembered by this process)."""
+    saved: bool = False
+    """A pass is saved in the store (a failure to save one only costs a probe next time)."""
 
     @property
     def ok(self) -> bool:
@@ -267,9 +270,9 @@ def _saved_pass(objects: ObjectStore) -> bool:
     )
 
 
-def _save(objects: ObjectStore, verdict: Verdict) -> None:
-    """Save a pass, or remove a saved one after a refusal; a failure to is only logged
-    (the next open probes again)."""
+def _save(objects: ObjectStore, verdict: Verdict) -> bool:
+    """Save a pass, or remove a saved one after a refusal; whether a pass is saved now (a
+    failure is only logged: the next open probes again)."""
     try:
         if verdict.ok:
             record = {
@@ -280,10 +283,11 @@ def _save(objects: ObjectStore, verdict: Verdict) -> None:
                 "checked_by": socket.gethostname(),
             }
             objects.put(VERDICT_KEY, json.dumps(record, sort_keys=True).encode())
-        else:
-            objects.delete(VERDICT_KEY)
+            return True
+        objects.delete(VERDICT_KEY)
     except Exception as e:
         log.debug("could not save the conditional-write verdict of %s: %s", verdict.store, e)
+    return False
 
 
 def check_conditional_writes(objects: ObjectStore, *, fresh: bool = False) -> Verdict:
@@ -295,13 +299,13 @@ def check_conditional_writes(objects: ObjectStore, *, fresh: bool = False) -> Ve
     if not fresh:
         remembered = _remembered(objects)
         if remembered is not None:
-            return Verdict(remembered.store, remembered.guarantee, remembered.detail, "process")
+            return dataclasses.replace(remembered, source="process")
         if _saved_pass(objects):
-            verdict = Verdict(objects.describe(), None, source="store")
+            verdict = Verdict(objects.describe(), None, source="store", saved=True)
             _remember(objects, verdict)
             return verdict
     verdict = probe_conditional_writes(objects)
-    _save(objects, verdict)
+    verdict = dataclasses.replace(verdict, saved=_save(objects, verdict))
     _remember(objects, verdict)
     return verdict
 

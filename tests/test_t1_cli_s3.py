@@ -45,6 +45,7 @@ def test_check_passes_on_both_servers_and_saves_the_verdict(any_s3: S3Endpoint) 
     proc = lanekit("s3", "check", f"s3://{bucket}/lanes", env=any_s3.env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"ok: s3://{bucket}/lanes/ honours If-None-Match: *")
+    assert f"(verdict saved as {VERDICT_KEY})" in proc.stdout
     assert len(proc.stdout.splitlines()) == 1 and proc.stderr == ""
     keys = [o["Key"] for o in any_s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == [f"lanes/{VERDICT_KEY}"], "the probe's own objects are gone"

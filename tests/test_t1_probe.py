@@ -166,7 +166,7 @@ def test_every_implementation_passes_and_leaves_only_its_verdict(objects: Object
     assert verdict.ok and verdict.guarantee is None, verdict
     assert list(objects.list(PROBE_PREFIX)) == [], "the probe cleans up after itself"
     checked = check_conditional_writes(objects)
-    assert checked.ok and checked.source == "probe"
+    assert checked.ok and checked.source == "probe" and checked.saved
     assert [o.key for o in objects.list()] == [VERDICT_KEY]
     saved = json.loads(objects.get(VERDICT_KEY).data)
     assert saved["conditional_writes"] == "honoured"
@@ -274,6 +274,23 @@ def test_a_saved_pass_from_elsewhere_or_unreadable_is_not_trusted(tmp_path: Path
         forget_verdicts()
         store.put(VERDICT_KEY, damaged)
         assert check_conditional_writes(store).source == "probe"
+
+
+class CannotSaveVerdicts(Wrapper):
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        if key == VERDICT_KEY:
+            raise StoreRejected("s3://b/: PutObject refused: AccessDenied", "AccessDenied")
+        return super().put(key, data, if_none_match=if_none_match, if_match=if_match)
+
+
+def test_a_pass_that_cannot_be_saved_still_passes_and_says_so() -> None:
+    store = CannotSaveVerdicts(MemoryObjectStore())
+    verdict = check_conditional_writes(store)
+    assert verdict.ok and not verdict.saved
+    forget_verdicts()
+    assert check_conditional_writes(store).source == "probe"
 
 
 def test_a_refusal_removes_a_saved_pass(tmp_path: Path) -> None:

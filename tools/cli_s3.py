@@ -72,10 +72,12 @@ def cmd_s3_check(args: argparse.Namespace) -> int:
     finally:
         objects.close()
     if verdict.ok:
-        print(
-            f"ok: {verdict.store} honours If-None-Match: * and If-Match "
-            f"(verdict saved as {VERDICT_KEY})"
+        kept = (
+            f"verdict saved as {VERDICT_KEY}"
+            if verdict.saved
+            else f"the verdict could not be saved as {VERDICT_KEY}: each new process probes again"
         )
+        print(f"ok: {verdict.store} honours If-None-Match: * and If-Match ({kept})")
         return 0
     print(f"refused: {verdict.refusal()}")
     return 1
