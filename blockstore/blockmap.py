@@ -14,6 +14,7 @@ import bisect
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,8 +46,7 @@ FOLD_EXTENTS = 8
 """A block with this many extents is folded into a whole block by compaction."""
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(NamedTuple):
     """One map entry as the store reads it."""
 
     kind: int
@@ -71,6 +71,7 @@ class Run:
         self.pages = pages
         self.level = level
         self.firsts = [p.first for p in pages]
+        self.first_keys = np.array(self.firsts, np.uint64)
         self.entries = sum(p.count for p in pages)
 
     def page_for(self, block: int) -> PageRef | None:
@@ -155,6 +156,50 @@ class BlockMap:
         if len(found) == 1:
             return found[0]
         return [p for part in reversed(found) for p in part]
+
+    def summarize(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For sorted distinct keys, what their committed entries hold: (1 if any holds
+        data, stored bytes, extents), vectorised (commits of many blocks need it). Their
+        pages must be loaded."""
+        n = len(keys)
+        held = np.zeros(n, bool)
+        stored = np.zeros(n, np.int64)
+        extents = np.zeros(n, np.int64)
+        done = np.zeros(n, bool)
+        for run in reversed(self.runs):
+            todo = np.flatnonzero(~done)
+            if not len(todo) or not run.pages:
+                break
+            where = np.searchsorted(run.first_keys, keys[todo], "right") - 1
+            todo, where = todo[where >= 0], where[where >= 0]
+            if not len(where):
+                continue
+            starts = np.flatnonzero(np.r_[True, where[1:] != where[:-1]])
+            ends = [*starts[1:].tolist(), len(where)]
+            for lo_i, hi_i in zip(starts, ends, strict=True):
+                page = run.pages[int(where[lo_i])].page
+                assert page is not None, "page not loaded"
+                sel = todo[lo_i:hi_i]
+                rel = keys[sel].astype(np.int64) - page.base
+                pkeys = page.keys.astype(np.int64)
+                lo = np.searchsorted(pkeys, rel, "left")
+                hi = np.searchsorted(pkeys, rel, "right")
+                found = hi > lo
+                if not found.any():
+                    continue
+                kinds = (page.meta >> np.uint32(_KIND_SHIFT)) & np.uint32(7)
+                data = (kinds == DATA) | (kinds == EXTENT)
+                size = np.where(data, page.meta & np.uint32(MAX_STORED), 0).astype(np.int64)
+                partial = (kinds == EXTENT) | (kinds == ZERO_EXTENT)
+                cs_data, cs_size, cs_part = (
+                    np.r_[0, np.cumsum(x, dtype=np.int64)] for x in (data, size, partial)
+                )
+                f, lo, hi = sel[found], lo[found], hi[found]
+                held[f] |= cs_data[hi] > cs_data[lo]
+                stored[f] += cs_size[hi] - cs_size[lo]
+                extents[f] += cs_part[hi] - cs_part[lo]
+                done[f[np.isin(kinds[lo], (DATA, ZERO, TOMB))]] = True
+        return held, stored, extents
 
     def states(self, first: int, count: int) -> np.ndarray:
         """Per block of [first, first+count): 0 not held, 1 data (or extents), 2 zeros.
@@ -322,8 +367,6 @@ def plan(runs: Sequence[Run]) -> MergePlan | None:
     end; level k >= 1 holds up to ``level_capacity(k)`` entries; older runs sit at deeper
     levels. Merges take contiguous runs (a newer entry must stay above an older one)."""
     n = len(runs)
-    if n < 2 and not (n == 1 and runs[0].level == 0 and runs[0].entries > LEVEL_BASE):
-        return None
     tail = n
     while tail > 0 and runs[tail - 1].level == 0:
         tail -= 1
@@ -331,10 +374,10 @@ def plan(runs: Sequence[Run]) -> MergePlan | None:
     if n > MAX_RUNS or len(l0) >= L0_TRIGGER or sum(r.entries for r in l0) >= LEVEL_BASE:
         start = tail
         if n > MAX_RUNS and len(l0) < 2:
-            start = max(0, n - (n - MAX_RUNS) - 2)
+            start = MAX_RUNS - 2
         elif tail > 0 and runs[tail - 1].level == 1:
             start = tail - 1
-        if n - start >= 2 or (n - start == 1 and runs[start].level == 0):
+        if n - start >= 2 or runs[start].level == 0:
             return MergePlan(start, n, max(1, max(r.level for r in runs[start:])), start == 0)
     for i in range(n - 1, -1, -1):
         run = runs[i]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 
 import lz4.block
 
@@ -22,6 +23,7 @@ from .layout import block_digest, checksum
 
 HEADER = 16
 _ADDRESS = struct.Struct("<8s16s16sQQIIB")
+_WHERE = struct.Struct("<QQIIB")
 _MAGIC = b"LKPC0003"
 
 # Entry kinds (3 bits of an entry's meta word). Whole-block kinds replace whatever older
@@ -45,24 +47,49 @@ def replaces(kind: int) -> bool:
 
 def _digest(
     lineage: bytes, pack: bytes, offset: int, block: int, start: int, length: int, flags: int
-) -> hashlib._Hash:
+) -> Any:
     return hashlib.sha256(_ADDRESS.pack(_MAGIC, lineage, pack, offset, block, start, length, flags))
+
+
+class PackWriter:
+    """The pieces of one pack, encoded one after the other."""
+
+    def __init__(self, lineage: bytes, pack: bytes) -> None:
+        self._prefix = hashlib.sha256(_MAGIC + lineage + pack)
+        self._parts: list[bytes] = []
+        self.offset = 0
+
+    def add(self, block: int, start: int, data: bytes | memoryview) -> tuple[int, int, int]:
+        """Encode ``data`` written at ``start`` of ``block``: (offset, stored length, flags)."""
+        flags = 0
+        payload: bytes | memoryview = data
+        if len(data) >= 64:
+            packed = lz4.block.compress(data, store_size=False)
+            if len(packed) < len(data) - len(data) // 32:
+                payload, flags = packed, COMPRESSED
+        h = self._prefix.copy()
+        offset = self.offset
+        h.update(_WHERE.pack(offset, block, start, len(data), flags))
+        h.update(payload)
+        self._parts.append(h.digest()[:HEADER])
+        self._parts.append(payload if isinstance(payload, bytes) else bytes(payload))
+        stored = HEADER + len(payload)
+        self.offset += stored
+        return offset, stored, flags
+
+    def body(self) -> bytes:
+        return b"".join(self._parts)
 
 
 def encode_piece(
     lineage: bytes, pack: bytes, offset: int, block: int, start: int, data: bytes | memoryview
 ) -> tuple[bytes, int]:
     """(stored bytes, flags) of ``data`` written at ``start`` of ``block``, at ``offset`` of
-    the pack whose uuid is ``pack``."""
-    flags = 0
-    payload: bytes | memoryview = data
-    if len(data) >= 64:
-        packed = lz4.block.compress(data, store_size=False)
-        if len(packed) < len(data) - len(data) // 32:
-            payload, flags = packed, COMPRESSED
-    h = _digest(lineage, pack, offset, block, start, len(data), flags)
-    h.update(payload)
-    return h.digest()[:HEADER] + bytes(payload), flags
+    the pack whose uuid is ``pack`` (one piece; see PackWriter for many)."""
+    writer = PackWriter(lineage, pack)
+    writer.offset = offset
+    _, _, flags = writer.add(block, start, data)
+    return writer.body(), flags
 
 
 def decode_piece(

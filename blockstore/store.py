@@ -77,9 +77,9 @@ from .pieces import (
     TOMB,
     ZERO,
     ZERO_EXTENT,
+    PackWriter,
     decode_legacy,
     decode_piece,
-    encode_piece,
 )
 from .segments import NO_PACK, Columns, PageRef, build_pages, encode_segment, meta, new_refs
 
@@ -642,22 +642,17 @@ class ObjectBlockStore:
 
     def _upload_pack(self, group: list[tuple[int, int, bytes | memoryview]]) -> list[Piece]:
         pack_uuid = uuid.uuid4().bytes
-        key = f"{PACKS}{pack_uuid.hex()}"
         index = self._map.packs.add(pack_uuid, self.lineage)
-        parts: list[bytes] = []
+        writer = PackWriter(self.lineage, pack_uuid)
         pieces: list[Piece] = []
-        offset = 0
+        bs = self.block_size
         for block, start, data in group:
-            stored, flags = encode_piece(self.lineage, pack_uuid, offset, block, start, data)
-            whole = start == 0 and len(data) == self.block_size
-            kind = DATA if whole else EXTENT
-            length = 0 if whole else len(data)
-            pieces.append(
-                Piece(kind, index, offset, len(stored), flags, start if not whole else 0, length)
-            )
-            parts.append(stored)
-            offset += len(stored)
-        self._create(key, b"".join(parts))
+            offset, stored, flags = writer.add(block, start, data)
+            if start == 0 and len(data) == bs:
+                pieces.append(Piece(DATA, index, offset, stored, flags, 0, 0))
+            else:
+                pieces.append(Piece(EXTENT, index, offset, stored, flags, start, len(data)))
+        self._create(f"{PACKS}{pack_uuid.hex()}", writer.body())
         return pieces
 
     # ------------------------------------------------------------ commits
@@ -785,18 +780,32 @@ class ObjectBlockStore:
         """The next head, with a segment of everything pending (if anything is)."""
         pending = dict(self._pending)
         await self._load_pages(self._map.unloaded(pending))
-        blocks, stored = self.head.stored_blocks, self.head.stored_bytes
-        for b, mine in pending.items():
-            old = self._map.lookup(b)
-            new = mine if mine[0].replaces else old + mine
-            (h0, s0), (h1, s1) = _held(old), _held(new)
-            blocks, stored = blocks + h1 - h0, stored + s1 - s0
-            if _extents(new) >= FOLD_EXTENTS:
+        blocks = sorted(pending)
+        old_held, old_stored, old_extents = self._map.summarize(np.array(blocks, np.uint64))
+        held, stored = old_held.copy(), old_stored.copy()
+        for i, b in enumerate(blocks):
+            mine = pending[b]
+            first = mine[0]
+            if len(mine) == 1 and first.kind != EXTENT and first.kind != ZERO_EXTENT:
+                held[i], stored[i] = first.kind == DATA, first.stored
+                continue
+            h, size = _held(mine)
+            if first.replaces:
+                held[i], stored[i] = h, size
+            else:
+                held[i] |= bool(h)
+                stored[i] += size
+                if old_extents[i] + _extents(mine) >= FOLD_EXTENTS:
+                    self.fold_candidates.add(b)
+                continue
+            if _extents(mine) >= FOLD_EXTENTS:
                 self.fold_candidates.add(b)
+        total_blocks = self.head.stored_blocks + int(held.sum()) - int(old_held.sum())
+        total_bytes = self.head.stored_bytes + int(stored.sum()) - int(old_stored.sum())
         runs = list(self._map.runs)
         if pending:
             runs.append(await self._new_run(pending, 0))
-        return self._attempt(runs, blocks, stored, pending)
+        return self._attempt(runs, total_blocks, total_bytes, pending)
 
     def _attempt(
         self, runs: list[Run], blocks: int, stored: int, pending: dict[int, list[Piece]]
