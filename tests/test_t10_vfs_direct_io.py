@@ -433,3 +433,27 @@ def test_o_noatime_is_dropped_when_the_host_refuses_it_to_the_server(shared_dir:
     )  # fmt: skip
     assert served.returncode == 0, served.stderr
     assert served.stdout == "readable by all\n"
+
+
+def test_path_api_works_on_passthrough_too(
+    mnt: Path, counting: CountingPassthrough, host_dir: Path
+) -> None:
+    """vfs.Paths is not MemoryFS's alone: on a PassthroughFS it edits the host directory
+    and the mount shows it at once, through an open file too."""
+    paths = vfs.BlockingPaths(vfs.Paths(counting))
+    paths.mkdir("via-paths/sub", parents=True)
+    paths.write_file("via-paths/sub/f.txt", "one")
+    path = mnt / "pass" / "via-paths" / "sub" / "f.txt"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100, 0) == b"one"
+        paths.write_file("via-paths/sub/f.txt", "a longer second version")
+        assert os.pread(fd, 100, 0) == b"a longer second version"
+        assert (host_dir / "via-paths" / "sub" / "f.txt").read_text() == "a longer second version"
+    finally:
+        os.close(fd)
+    paths.rename("via-paths/sub/f.txt", "via-paths/g.txt")
+    assert sorted(os.listdir(mnt / "pass" / "via-paths")) == ["g.txt", "sub"]
+    paths.remove("via-paths/g.txt")
+    paths.remove("via-paths/sub")
+    assert os.listdir(mnt / "pass" / "via-paths") == [] == paths.listdir("via-paths")

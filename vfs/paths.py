@@ -16,6 +16,7 @@ acts with root's rights, and what it creates belongs to the root directory's own
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import stat
@@ -30,6 +31,7 @@ from .interface import (
     Context,
     Exists,
     Filesystem,
+    FSError,
     InvalidArgument,
     IsADirectory,
     Key,
@@ -44,6 +46,11 @@ PathLike = str | bytes | os.PathLike[str]
 _READ_SIZE = 1 << 20
 
 
+def _missing(exc: Exception) -> bool:
+    """A lookup's "no such entry", as an FSError or as the OSError a host call raised."""
+    return isinstance(exc, NotFound) or (isinstance(exc, OSError) and exc.errno == errno.ENOENT)
+
+
 def _parts(path: PathLike) -> list[bytes]:
     parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
     if b".." in parts:
@@ -53,7 +60,9 @@ def _parts(path: PathLike) -> list[bytes]:
 
 class Paths:
     """``read_file``, ``write_file``, ``listdir``, ``mkdir``, ``remove``, ``rename``,
-    ``stat`` and ``exists`` on ``fs`` by path, each announced to its mounts."""
+    ``stat`` and ``exists`` on ``fs`` by path, each announced to its mounts. Errors are
+    the filesystem's own: :class:`~vfs.FSError` from MemoryFS, OSError from a host
+    directory (PassthroughFS)."""
 
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
@@ -92,8 +101,10 @@ class Paths:
     async def _child(self, parent: Attr, name: bytes, held: list[Key]) -> Attr | None:
         try:
             attr = await self.fs.lookup(parent.key, name)
-        except NotFound:
-            return None
+        except (FSError, OSError) as exc:
+            if _missing(exc):
+                return None
+            raise
         held.append(attr.key)
         return attr
 
@@ -111,8 +122,10 @@ class Paths:
     async def exists(self, path: PathLike) -> bool:
         try:
             await self.stat(path)
-        except (NotFound, NotADirectory):
-            return False
+        except (FSError, OSError) as exc:
+            if _missing(exc) or isinstance(exc, (NotADirectory, NotADirectoryError)):
+                return False
+            raise
         return True
 
     async def read_file(self, path: PathLike) -> bytes:
