@@ -129,13 +129,19 @@ class BlockMap:
 
     def unloaded(self, blocks: Iterable[int]) -> list[PageRef]:
         """Pages a lookup of ``blocks`` needs that are not loaded yet."""
-        out: dict[int, PageRef] = {}
-        for b in blocks:
-            for run in self.runs:
-                ref = run.page_for(b)
-                if ref is not None and ref.page is None:
-                    out[id(ref)] = ref
-        return list(out.values())
+        keys = np.fromiter(blocks, np.uint64)
+        out: list[PageRef] = []
+        for run in self.runs:
+            if not run.pages or all(p.page is not None for p in run.pages):
+                continue
+            where = np.unique(np.searchsorted(run.first_keys, keys, "right") - 1)
+            for i in where[where >= 0].tolist():
+                ref = run.pages[i]
+                if ref.page is None and len(keys):
+                    hit = keys[(keys >= ref.first) & (keys <= ref.last)]
+                    if len(hit):
+                        out.append(ref)
+        return out
 
     def unloaded_in(self, first: int, end: int) -> list[PageRef]:
         return [p for run in self.runs for p in run.pages_in(first, end) if p.page is None]

@@ -24,6 +24,8 @@ from .layout import block_digest, checksum
 HEADER = 16
 _ADDRESS = struct.Struct("<8s16s16sQQIIB")
 _WHERE = struct.Struct("<QQIIB")
+_pack_where = _WHERE.pack
+_compress = lz4.block.compress
 _MAGIC = b"LKPC0003"
 
 # Entry kinds (3 bits of an entry's meta word). Whole-block kinds replace whatever older
@@ -61,20 +63,22 @@ class PackWriter:
 
     def add(self, block: int, start: int, data: bytes | memoryview) -> tuple[int, int, int]:
         """Encode ``data`` written at ``start`` of ``block``: (offset, stored length, flags)."""
+        n = len(data)
         flags = 0
-        payload: bytes | memoryview = data
-        if len(data) >= 64:
-            packed = lz4.block.compress(data, store_size=False)
-            if len(packed) < len(data) - len(data) // 32:
+        payload = data
+        if n >= 64:
+            packed = _compress(data, store_size=False)
+            if len(packed) < n - (n >> 5):
                 payload, flags = packed, COMPRESSED
         h = self._prefix.copy()
         offset = self.offset
-        h.update(_WHERE.pack(offset, block, start, len(data), flags))
+        h.update(_pack_where(offset, block, start, n, flags))
         h.update(payload)
-        self._parts.append(h.digest()[:HEADER])
-        self._parts.append(payload if isinstance(payload, bytes) else bytes(payload))
+        parts = self._parts
+        parts.append(h.digest()[:HEADER])
+        parts.append(payload if type(payload) is bytes else bytes(payload))
         stored = HEADER + len(payload)
-        self.offset += stored
+        self.offset = offset + stored
         return offset, stored, flags
 
     def body(self) -> bytes:

@@ -81,7 +81,7 @@ from .pieces import (
     decode_legacy,
     decode_piece,
 )
-from .segments import NO_PACK, Columns, PageRef, build_pages, encode_segment, meta, new_refs
+from .segments import NO_PACK, Columns, PageRef, build_pages, encode_segment, new_refs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -214,26 +214,22 @@ def _state(pieces: Sequence[Piece]) -> int:
 
 
 def columns_of(entries: Mapping[int, Sequence[Piece]]) -> Columns:
-    """Columns of per-block entries (a block's oldest first), sorted by block."""
+    """Columns of new entries (a block's oldest first), sorted by block. New entries are
+    format-3 pieces: they carry no digest (theirs is in the pack)."""
     blocks = sorted(entries)
-    rows = [(b, p) for b in blocks for p in entries[b]]
-    n = len(rows)
-    keys = np.fromiter((b for b, _ in rows), np.uint64, n)
-    packs = np.fromiter((p.pack if p.pack >= 0 else NO_PACK for _, p in rows), np.uint32, n)
-    offsets = np.fromiter((p.offset for _, p in rows), np.uint32, n)
-    metas = np.fromiter((meta(p.stored, p.kind, p.flags) for _, p in rows), np.uint32, n)
-    ext = np.fromiter(
-        (p.start << 32 | p.length if p.kind in (EXTENT, ZERO_EXTENT) else 0 for _, p in rows),
-        np.uint64,
-        n,
-    )
+    rows = [(b, *p[:7]) for b in blocks for p in entries[b]]
+    table = np.array(rows, np.int64).reshape(len(rows), 8)
+    keys, kinds, packs, offsets, stored, flags, starts, lengths = table.T
+    partial = (kinds == EXTENT) | (kinds == ZERO_EXTENT)
     digests = None
-    if any(p.digest is not None for _, p in rows):
-        digests = np.zeros((n, 16), np.uint8)
-        for i, (_, p) in enumerate(rows):
-            if p.digest is not None:
-                digests[i] = np.frombuffer(p.digest, np.uint8)
-    return Columns(keys, packs, offsets, metas, ext, digests)
+    return Columns(
+        keys.astype(np.uint64),
+        np.where(packs < 0, NO_PACK, packs).astype(np.uint32),
+        offsets.astype(np.uint32),
+        (stored | kinds << 24 | flags << 27).astype(np.uint32),
+        np.where(partial, starts << 32 | lengths, 0).astype(np.uint64),
+        digests,
+    )
 
 
 class ObjectBlockStore:
@@ -617,28 +613,26 @@ class ObjectBlockStore:
 
     async def _upload(self, items: list[tuple[int, int, bytes | memoryview]]) -> list[Piece]:
         """Pieces of (block, start, data), packed and uploaded in parallel, in order."""
-        groups: list[list[int]] = []
-        size = 0
+        groups: list[tuple[int, int]] = []
+        size = lo = 0
         for i, (_, _, value) in enumerate(items):
-            if not groups or size + len(value) > self.pack_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
+            if size and size + len(value) > self.pack_size:
+                groups.append((lo, i))
+                size, lo = 0, i
             size += len(value) + HEADER
-        out: list[Piece | None] = [None] * len(items)
+        if items:
+            groups.append((lo, len(items)))
+        out: list[list[Piece]] = [[] for _ in groups]
 
-        def uploader(group: list[int]) -> Callable[[], Awaitable[None]]:
+        def uploader(g: int) -> Callable[[], Awaitable[None]]:
             async def upload() -> None:
-                pieces = await run_sync(
-                    self._upload_pack, [items[i] for i in group], limiter=self.limiter
-                )
-                for i, p in zip(group, pieces, strict=True):
-                    out[i] = p
+                lo, hi = groups[g]
+                out[g] = await run_sync(self._upload_pack, items[lo:hi], limiter=self.limiter)
 
             return upload
 
-        await parallel([uploader(g) for g in groups])
-        return [p for p in out if p is not None]
+        await parallel([uploader(g) for g in range(len(groups))])
+        return [p for part in out for p in part]
 
     def _upload_pack(self, group: list[tuple[int, int, bytes | memoryview]]) -> list[Piece]:
         pack_uuid = uuid.uuid4().bytes
@@ -754,9 +748,9 @@ class ObjectBlockStore:
                 return True
         return False
 
-    async def _new_run(self, entries: Mapping[int, Sequence[Piece]], level: int) -> Run:
+    async def _new_run(self, entries: Mapping[int, Sequence[Piece]] | Columns, level: int) -> Run:
         """Upload a segment of the entries; the run that names it."""
-        cols = columns_of(entries)
+        cols = entries if isinstance(entries, Columns) else columns_of(entries)
         key = f"{SEGMENTS}{uuid.uuid4().hex}"
         packs = self._map.packs
 
@@ -779,32 +773,35 @@ class ObjectBlockStore:
     async def _prepare_flush(self) -> _Attempt:
         """The next head, with a segment of everything pending (if anything is)."""
         pending = dict(self._pending)
+        runs = list(self._map.runs)
+        if not pending:
+            return self._attempt(runs, self.head.stored_blocks, self.head.stored_bytes, pending)
         await self._load_pages(self._map.unloaded(pending))
-        blocks = sorted(pending)
-        old_held, old_stored, old_extents = self._map.summarize(np.array(blocks, np.uint64))
-        held, stored = old_held.copy(), old_stored.copy()
-        for i, b in enumerate(blocks):
-            mine = pending[b]
-            first = mine[0]
-            if len(mine) == 1 and first.kind != EXTENT and first.kind != ZERO_EXTENT:
-                held[i], stored[i] = first.kind == DATA, first.stored
-                continue
-            h, size = _held(mine)
-            if first.replaces:
-                held[i], stored[i] = h, size
-            else:
-                held[i] |= bool(h)
-                stored[i] += size
-                if old_extents[i] + _extents(mine) >= FOLD_EXTENTS:
+        cols = columns_of(pending)
+        keys = cols.keys[np.r_[True, cols.keys[1:] != cols.keys[:-1]]]
+        old_held, old_stored, old_extents = self._map.summarize(keys)
+        kinds = (cols.meta >> np.uint32(24)) & np.uint32(7)
+        if len(keys) == len(cols) and not ((kinds == EXTENT) | (kinds == ZERO_EXTENT)).any():
+            # Whole blocks only (one entry each): the new figures follow from the columns.
+            held = kinds == DATA
+            stored = np.where(held, cols.meta & np.uint32(0xFFFFFF), 0).astype(np.int64)
+        else:
+            held, stored = old_held.copy(), old_stored.copy()
+            for i, b in enumerate(keys.tolist()):
+                mine = pending[b]
+                h, size = _held(mine)
+                extents = _extents(mine)
+                if mine[0].replaces:
+                    held[i], stored[i] = h, size
+                else:
+                    held[i] |= bool(h)
+                    stored[i] += size
+                    extents += int(old_extents[i])
+                if extents >= FOLD_EXTENTS:
                     self.fold_candidates.add(b)
-                continue
-            if _extents(mine) >= FOLD_EXTENTS:
-                self.fold_candidates.add(b)
         total_blocks = self.head.stored_blocks + int(held.sum()) - int(old_held.sum())
         total_bytes = self.head.stored_bytes + int(stored.sum()) - int(old_stored.sum())
-        runs = list(self._map.runs)
-        if pending:
-            runs.append(await self._new_run(pending, 0))
+        runs.append(await self._new_run(cols, 0))
         return self._attempt(runs, total_blocks, total_bytes, pending)
 
     def _attempt(
