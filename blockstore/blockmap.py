@@ -42,8 +42,9 @@ FANOUT = 8
 MAX_RUNS = 16
 """Past this many runs a reader would consult, the newest are merged first, whatever
 their levels."""
-FOLD_EXTENTS = 8
-"""A block with this many extents is folded into a whole block by compaction."""
+FOLD_EXTENTS = 16
+"""A block with this many extents is folded into a whole block by compaction (so is one
+whose pieces hold twice the block: see ``store``)."""
 
 
 class Piece(NamedTuple):
@@ -183,9 +184,13 @@ class BlockMap:
             starts = np.flatnonzero(np.r_[True, where[1:] != where[:-1]])
             ends = [*starts[1:].tolist(), len(where)]
             for lo_i, hi_i in zip(starts, ends, strict=True):
-                page = run.pages[int(where[lo_i])].page
-                assert page is not None, "page not loaded"
+                ref = run.pages[int(where[lo_i])]
                 sel = todo[lo_i:hi_i]
+                sel = sel[keys[sel] <= np.uint64(ref.last)]
+                if not len(sel):
+                    continue
+                page = ref.page
+                assert page is not None, "page not loaded"
                 rel = keys[sel].astype(np.int64) - page.base
                 pkeys = page.keys.astype(np.int64)
                 lo = np.searchsorted(pkeys, rel, "left")

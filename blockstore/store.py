@@ -72,7 +72,6 @@ from .objectstore import ObjectStore, PreconditionFailed, put_new
 from .pieces import (
     DATA,
     EXTENT,
-    HEADER,
     LEGACY,
     TOMB,
     ZERO,
@@ -258,7 +257,7 @@ class ObjectBlockStore:
         """Head puts whose outcome is unknown, all made on the head we last saw."""
         self.lineage = bytes.fromhex(head.lineage) if head.lineage else new_lineage()
         self.lease = lease
-        self.pack_size = min(max(pack_size, head.block_size + HEADER), 1 << 30)
+        self.pack_size = min(max(pack_size, head.block_size), 1 << 30)
         self.limiter = trio.CapacityLimiter(concurrency)
         self._commit_lock = trio.Lock()
         self._lease_lock = trio.Lock()
@@ -616,10 +615,12 @@ class ObjectBlockStore:
         groups: list[tuple[int, int]] = []
         size = lo = 0
         for i, (_, _, value) in enumerate(items):
+            # Content counts, not headers: a pack of whole blocks holds a whole number of
+            # them, so read-ahead windows do not straddle packs.
             if size and size + len(value) > self.pack_size:
                 groups.append((lo, i))
                 size, lo = 0, i
-            size += len(value) + HEADER
+            size += len(value)
         if items:
             groups.append((lo, len(items)))
         out: list[list[Piece]] = [[] for _ in groups]
@@ -797,7 +798,10 @@ class ObjectBlockStore:
                     held[i] |= bool(h)
                     stored[i] += size
                     extents += int(old_extents[i])
-                if extents >= FOLD_EXTENTS:
+                # Folding rewrites the block: worth it once its extents hold about as
+                # much as the block (a fold then costs at most what they cost), or once
+                # there are so many that a read would fetch too many pieces.
+                if extents >= FOLD_EXTENTS or (extents > 1 and stored[i] >= 2 * self.block_size):
                     self.fold_candidates.add(b)
         total_blocks = self.head.stored_blocks + int(held.sum()) - int(old_held.sum())
         total_bytes = self.head.stored_bytes + int(stored.sum()) - int(old_stored.sum())

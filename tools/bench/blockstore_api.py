@@ -151,10 +151,10 @@ async def _scale(objects: S3ObjectStore, name: str, stored: int) -> dict[str, fl
     del store
     gc.collect()
     out: dict[str, float] = {"commit_ms": statistics.median(times[2:]) * 1000}
+    before = _rss()
     start = time.perf_counter()
     reader = await ObjectBlockStore.open(objects, name, writable=False)
     out["open_ms"] = (time.perf_counter() - start) * 1000
-    before = _rss()
     await reader.load_map()
     out["map_bytes_per_block"] = reader.map_nbytes() / stored
     out["rss_per_block"] = max(0, _rss() - before) / stored
