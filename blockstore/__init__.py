@@ -44,7 +44,9 @@ from .objectstore import (
     ObjectStore,
     S3ObjectStore,
     StoredObject,
+    StoreRejected,
 )
+from .probe import UnsafeStore, Verdict, check_conditional_writes
 from .store import BlockStore, BlockValue, ObjectBlockStore
 from .url import DiskURL, open_store, parse_disk_url
 
@@ -78,8 +80,12 @@ __all__ = [
     "PreconditionFailed",
     "ReadOnly",
     "S3ObjectStore",
+    "StoreRejected",
     "StoreUnavailable",
     "StoredObject",
+    "UnsafeStore",
+    "Verdict",
+    "check_conditional_writes",
     "checkpoint_disk",
     "collect_garbage",
     "create",

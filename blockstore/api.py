@@ -13,6 +13,7 @@ from .disks import DEFAULT_BLOCK_SIZE, create_disk
 from .errors import BaseMismatch
 from .lease import DEFAULT_TTL
 from .objectstore import ObjectStore
+from .probe import checked, require_conditional_writes
 from .store import ObjectBlockStore
 from .url import DiskURL, open_store, parse_disk_url
 
@@ -20,11 +21,13 @@ Target = str | DiskURL | tuple[ObjectStore, str]
 
 
 def resolve(target: Target, s3_endpoint: str | None = None) -> tuple[ObjectStore, str, str | None]:
-    """(object store, disk name, checkpoint tag) for a URL or an (object store, name) pair."""
+    """(object store, disk name, checkpoint tag) for a URL or an (object store, name) pair.
+    The store is checked for conditional writes before its first conditional put, unless
+    it honours them by construction (a local directory, memory)."""
     if isinstance(target, tuple):
         objects, name = target
         name, _, tag = name.partition("@")
-        return objects, name, tag or None
+        return checked(objects), name, tag or None
     url = parse_disk_url(target) if isinstance(target, str) else target
     return open_store(url.store_url, s3_endpoint=s3_endpoint), url.name, url.checkpoint
 
@@ -40,6 +43,7 @@ async def create(
     """Create a disk; a :class:`BaseImage` passed in (its digest already known, say) stays
     open for the caller, a path is opened, hashed and closed here."""
     objects, name, _ = resolve(target, s3_endpoint)
+    await run_sync(require_conditional_writes, objects)
     digest = None
     if base is not None:
         image = base if isinstance(base, BaseImage) else BaseImage(base)
@@ -76,6 +80,8 @@ async def open_disk(
     objects, name, tag = resolve(target, s3_endpoint)
     if tag is not None:
         writable = False
+    if writable:
+        await run_sync(require_conditional_writes, objects)
     store = await ObjectBlockStore.open(
         objects,
         name,

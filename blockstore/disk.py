@@ -1,33 +1,37 @@
 """A disk: byte-addressed reads and writes over a block store and an optional base image.
 
 Writes land in a bounded write-back cache and reach the block store on ``flush()`` or, in
-the background, once the cache passes its soft limit. Past its memory budget a writer waits
-for that background flush while the store accepts uploads, and spills to an unlinked local
-file while the store is failing, waiting only past the hard limit. Reads come from the
-write-back cache, a bounded LRU of clean blocks, or the block store in parallel batches with
-sequential read-ahead, falling through to the base image (or zeros) for blocks the store
-does not hold.
+the background, once the cache passes its soft limit. A write smaller than a block records
+only the bytes it changes (a *patch*): the block's old content is not read to complete it.
+On a store that takes extents (:class:`ExtentBlockStore`) a flush sends only those bytes;
+on any other store the flush completes the block then (reading it once). Past its memory
+budget a writer waits for that background flush while the store accepts uploads, and
+spills whole dirty blocks to an unlinked local file while the store is failing, waiting
+only past the hard limit. Reads compose the write-back cache over the store's content,
+from a bounded LRU of it or the block store in parallel batches with sequential
+read-ahead, falling through to the base image (or zeros) for blocks the store does not
+hold. On a store that compacts (the reference one), a background task runs its steps.
 
-Concurrency: state changes that belong together happen with no ``await`` between them; a
-partial-block write (read-modify-write) holds a per-block marker so that concurrent writes to
-the same block serialise.
+The clean LRU holds the *store's* content of blocks; patches lie over it. Concurrency:
+state changes that belong together happen with no ``await`` between them; a store fetch
+that a flush overtakes (it wrote the block meanwhile) is not cached.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
+from . import spans as sp
 from .concurrency import run_sync
-from .errors import BaseMismatch, OutOfRange, ReadOnly
-from .store import BlockStore, BlockValue, ObjectBlockStore
+from .errors import BaseMismatch, Fenced, OutOfRange, ReadOnly
+from .local import BaseImage, SpillFile, sha256_file
+from .store import BlockStore, BlockValue, ExtentBlockStore, Layered, ObjectBlockStore
+
+__all__ = ["HOLE", "ZERO_FLAG", "BaseImage", "Disk", "DiskStats", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -35,75 +39,39 @@ HOLE = 1
 ZERO_FLAG = 2
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class BaseImage:
-    """A read-only raw image under a disk; identified by the sha256 of its content."""
-
-    def __init__(self, path: str | os.PathLike[str], digest: str | None = None) -> None:
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
-        self.size = os.fstat(self._fd).st_size
-        self._digest = digest
-
-    @property
-    def digest(self) -> str:
-        if self._digest is None:
-            self._digest = sha256_file(self.path)
-        return self._digest
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset) if offset < self.size else b""
-        return data + bytes(length - len(data)) if len(data) < length else data
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class _SpillFile:
-    """Fixed-size slots in an unlinked temporary file, for dirty blocks beyond the memory budget."""
-
-    def __init__(self, block_size: int, directory: str | None) -> None:
-        self.block_size = block_size
-        self._fd, name = tempfile.mkstemp(prefix="lanekit-spill-", dir=directory)
-        os.unlink(name)
-        self._free: list[int] = []
-        self._next = 0
-
-    def allocate(self) -> int:
-        if self._free:
-            return self._free.pop()
-        self._next += 1
-        return self._next - 1
-
-    def free(self, slot: int) -> None:
-        self._free.append(slot)
-
-    def write(self, slot: int, data: bytes) -> None:
-        os.pwrite(self._fd, data, slot * self.block_size)
-
-    def read(self, slot: int) -> bytes:
-        return os.pread(self._fd, self.block_size, slot * self.block_size)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
 @dataclass(frozen=True)
 class _Spilled:
     slot: int
 
 
-_Dirty = BlockValue | _Spilled
+class _Over:
+    """What a patch lies over."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+STORE, ZEROS, BASE = _Over("store"), _Over("zeros"), _Over("base")
+
+
+@dataclass(frozen=True, eq=False)
+class _Patch:
+    """Bytes written into a block over its store content (or zeros, the base image, or a
+    whole block spilled to the local file)."""
+
+    spans: tuple[sp.Span, ...]
+    over: _Over | _Spilled
+
+    @property
+    def cost(self) -> int:
+        return sp.data_bytes(self.spans) + 64 * len(self.spans)
+
+
+_Dirty = BlockValue | _Spilled | _Patch
+_ABSENT = object()
 
 MAX_READ_STREAMS = 8
 
@@ -124,6 +92,7 @@ class DiskStats:
     bytes_written: int = 0
     reads: int = 0
     writes: int = 0
+    partial_writes: int = 0
     flushes: int = 0
 
 
@@ -145,6 +114,7 @@ class Disk:
         readahead_max: int = 64 << 20,
         spill_dir: str | None = None,
         lease_renew_interval: float | None = None,
+        compact: bool = True,
     ) -> None:
         if base is not None and base_digest is not None and base.digest != base_digest:
             raise BaseMismatch(
@@ -156,6 +126,7 @@ class Disk:
                 f"the disk was created on a base image (sha256 {base_digest}): pass it to open"
             )
         self.store = store
+        self._extent_store = store if isinstance(store, ExtentBlockStore) else None
         self.size = size
         self.block_size = store.block_size
         self.base = base
@@ -169,6 +140,7 @@ class Disk:
         self.readahead_max = min(readahead_max, cache_bytes // 4) // self.block_size
         self.spill_dir = spill_dir
         self.lease_renew_interval = lease_renew_interval
+        self.compact_in_background = compact
         self.stats = DiskStats()
         self._zero = bytes(self.block_size)
         self._clean: OrderedDict[int, bytes] = OrderedDict()
@@ -176,9 +148,9 @@ class Disk:
         self._dirty: dict[int, _Dirty] = {}
         self._flushing: dict[int, _Dirty] = {}
         self._dirty_mem = 0
-        self._dirty_count = 0
-        self._spill: _SpillFile | None = None
-        self._rmw: dict[int, trio.Event] = {}
+        self._dirty_upload = 0
+        """What a flush of the dirty blocks would upload (whole blocks, or patches' bytes)."""
+        self._spill: SpillFile | None = None
         self._inflight: dict[int, trio.Event] = {}
         self._stale: set[int] = set()
         self._flush_lock = trio.Lock()
@@ -188,6 +160,8 @@ class Disk:
         self._background_error: BaseException | None = None
         self._streams: list[_ReadStream] = []
         self._nursery: trio.Nursery | None = None
+        self._compactor: trio.CancelScope | None = None
+        self._compactor_done = trio.Event()
         self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -199,6 +173,9 @@ class Disk:
             self._nursery.start_soon(self._background_flusher)
             if isinstance(self.store, ObjectBlockStore) and self.store.lease is not None:
                 self._nursery.start_soon(self._lease_renewer, self.store)
+                if self.compact_in_background:
+                    self._compactor = trio.CancelScope()
+                    self._nursery.start_soon(self._background_compactor, self.store)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -209,6 +186,7 @@ class Disk:
             if exc[0] is None:
                 await self.close()
         finally:
+            await self._stop_compactor()
             self._nursery.cancel_scope.cancel()
             await self._nursery_cm.__aexit__(None, None, None)
             self._nursery = None
@@ -224,6 +202,7 @@ class Disk:
         """Flush and release the lease; the disk can no longer be used."""
         if self._closed:
             return
+        await self._stop_compactor()
         if not self.read_only:
             await self.flush()
         await self._release()
@@ -232,6 +211,7 @@ class Disk:
         if self._closed:
             return
         self._closed = True
+        await self._stop_compactor()
         if isinstance(self.store, ObjectBlockStore):
             with trio.CancelScope(shield=True):
                 await self.store.release()
@@ -267,6 +247,50 @@ class Disk:
                 log.warning("background flush failed (will retry): %s", e)
                 await trio.sleep(1.0)
 
+    async def _background_compactor(self, store: ObjectBlockStore) -> None:
+        """Compaction steps while there is work, then wait for the next commit."""
+        assert self._compactor is not None
+        delay = 1.0
+        try:
+            with self._compactor:
+                while store.lease is not None and not store.fenced:
+                    try:
+                        worked = await store.compact(self._base_blocks)
+                        delay = 1.0
+                    except Fenced:
+                        return
+                    except Exception as e:
+                        log.warning("compaction of %s failed (will retry): %s", store.head.disk, e)
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, 60.0)
+                        continue
+                    if not worked:
+                        with trio.move_on_after(30):
+                            await store.changed.wait()
+        finally:
+            self._compactor_done.set()
+
+    async def _stop_compactor(self) -> None:
+        """Stop background compaction at its next step (a step's commit is never cut)."""
+        if self._compactor is not None:
+            self._compactor.cancel()
+            await self._compactor_done.wait()
+
+    async def compact(self) -> int:
+        """Run compaction steps until none is due (tests and tools; the background task
+        does the same); how many ran."""
+        compact = getattr(self.store, "compact", None)
+        steps = 0
+        while compact is not None and await compact(self._base_blocks):
+            steps += 1
+        return steps
+
+    async def _base_blocks(self, blocks: list[int]) -> dict[int, bytes]:
+        base, bs = self.base, self.block_size
+        if base is None:
+            return {b: self._zero for b in blocks}
+        return await run_sync(lambda: {b: base.read(b * bs, bs) for b in blocks})
+
     # ----------------------------------------------------------------- helpers
 
     def _check_range(self, offset: int, length: int) -> None:
@@ -275,34 +299,20 @@ class Disk:
                 f"range {offset}+{length} is outside the disk (size {self.size} bytes)"
             )
 
-    def _dirty_bytes(self) -> int:
-        return self._dirty_count * self.block_size
-
-    def _cached(self, block: int) -> bytes | _Spilled | None:
-        """The block's content if known without asking the store (a spill slot needs a read)."""
-        for table in (self._dirty, self._flushing):
-            if block in table:
-                v = table[block]
-                if isinstance(v, _Spilled):
-                    return v
-                if v is None:
-                    return self._base_block_if_cheap(block)
-                return self._zero if v == b"" else v
-        v2 = self._clean.get(block)
-        if v2 is not None:
-            self._clean.move_to_end(block)
-        return v2
-
     def _base_block_if_cheap(self, block: int) -> bytes | None:
         if self.base is None or block * self.block_size >= self.base.size:
             return self._zero
         return None
 
     def _remember_clean(self, block: int, data: bytes) -> None:
-        if block in self._dirty or block in self._flushing or block in self._stale:
+        """Cache the store's content of a block (not for blocks wholly rewritten in the
+        write-back cache: it would only hide behind them)."""
+        if block in self._stale or block in self._clean:
             return
-        if block in self._clean:
-            return
+        for table in (self._dirty, self._flushing):
+            v = table.get(block, _ABSENT)
+            if v is not _ABSENT and not isinstance(v, _Patch):
+                return
         cost = 0 if data is self._zero else len(data)
         self._clean[block] = data
         self._clean_bytes += cost
@@ -314,48 +324,107 @@ class Disk:
         old = self._clean.pop(block, None)
         if old is not None:
             self._clean_bytes -= 0 if old is self._zero else len(old)
-        if block in self._inflight:
-            self._stale.add(block)
+
+    def _composition(self, block: int) -> tuple[object, list[_Patch]]:
+        """How to read a block now: its bottom (bytes; STORE, BASE, or a spill slot) and
+        the patches over it, oldest first."""
+        patches: list[_Patch] = []
+        for table in (self._dirty, self._flushing):
+            if block not in table:
+                continue
+            v = table[block]
+            if isinstance(v, _Patch):
+                patches.append(v)
+                if v.over is STORE:
+                    continue
+                bottom: object = v.over if isinstance(v.over, _Spilled) else BASE
+                return (self._zero if v.over is ZEROS else bottom), patches[::-1]
+            return self._full(v), patches[::-1]
+        return STORE, patches[::-1]
+
+    def _full(self, v: _Dirty) -> object:
+        if isinstance(v, _Spilled):
+            return v
+        if v is None:
+            return BASE
+        return self._zero if v == b"" else v
 
     async def _load(self, blocks: list[int]) -> dict[int, bytes]:
         """Current content of blocks, fetching what no cache holds (deduplicating in-flight)."""
-        result: dict[int, bytes] = {}
-        missing: list[int] = []
+        plans = {b: self._composition(b) for b in blocks}
+        bottoms: dict[int, bytes] = {}
+        from_store: list[int] = []
+        from_base: list[int] = []
         spilled: list[tuple[int, int]] = []
-        waits: list[tuple[int, trio.Event]] = []
-        for b in blocks:
-            data = self._cached(b)
-            if isinstance(data, _Spilled):
-                spilled.append((b, data.slot))
-            elif data is not None:
-                result[b] = data
-            elif b in self._inflight:
-                waits.append((b, self._inflight[b]))
+        for b, (bottom, _) in plans.items():
+            if isinstance(bottom, bytes):
+                bottoms[b] = bottom
+            elif bottom is BASE:
+                cheap = self._base_block_if_cheap(b)
+                if cheap is None:
+                    from_base.append(b)
+                else:
+                    bottoms[b] = cheap
+            elif isinstance(bottom, _Spilled):
+                spilled.append((b, bottom.slot))
             else:
-                missing.append(b)
+                from_store.append(b)
         if spilled:
             spill = self._spill
             assert spill is not None
             slots = [slot for _, slot in spilled]
             datas = await run_sync(lambda: [spill.read(s) for s in slots])
-            result.update(zip((b for b, _ in spilled), datas, strict=True))
+            bottoms.update(zip((b for b, _ in spilled), datas, strict=True))
+        if from_base:
+            bottoms.update(await self._base_blocks(from_base))
+        if from_store:
+            bottoms.update(await self._store_content(from_store))
+        result: dict[int, bytes] = {}
+        for b, (_, patches) in plans.items():
+            data = bottoms[b]
+            for patch in patches:
+                data = sp.apply(patch.spans, data)
+            result[b] = data
+        return result
+
+    async def _store_content(self, blocks: list[int]) -> dict[int, bytes]:
+        result: dict[int, bytes] = {}
+        missing: list[int] = []
+        waits: list[tuple[int, trio.Event]] = []
+        for b in blocks:
+            data = self._clean.get(b)
+            if data is not None:
+                self._clean.move_to_end(b)
+                result[b] = data
+            elif b in self._inflight:
+                waits.append((b, self._inflight[b]))
+            else:
+                missing.append(b)
         if missing:
             result.update(await self._fetch(missing))
         for b, event in waits:
             await event.wait()
-            result[b] = (await self._load([b]))[b]
+            result[b] = (await self._store_content([b]))[b]
         return result
 
     async def _fetch(self, blocks: list[int]) -> dict[int, bytes]:
+        """The store's content of blocks (base image or zeros where it holds none)."""
         events = {b: trio.Event() for b in blocks}
         self._inflight.update(events)
         try:
-            values = await self.store.read_blocks(blocks)
+            if self._extent_store is not None:
+                values = await self._extent_store.read_layers(blocks)
+            else:
+                values = dict(await self.store.read_blocks(blocks))
             out: dict[int, bytes] = {}
             need_base: list[int] = []
+            layered: dict[int, Layered] = {}
             for b in blocks:
                 v = values.get(b)
-                if v is None:
+                if isinstance(v, Layered):
+                    layered[b] = v
+                    need_base.append(b)
+                elif v is None:
                     cheap = self._base_block_if_cheap(b)
                     if cheap is None:
                         need_base.append(b)
@@ -364,14 +433,15 @@ class Disk:
                 else:
                     out[b] = self._zero if v == b"" else v
             if need_base:
-                base = self.base
-                assert base is not None
-                bs = self.block_size
-
-                def read_base() -> dict[int, bytes]:
-                    return {b: base.read(b * bs, bs) for b in need_base}
-
-                out.update(await run_sync(read_base))
+                base = await self._base_blocks(need_base)
+                for b in need_base:
+                    data = base[b]
+                    if b in layered:
+                        buf = bytearray(data)
+                        for start, part in layered[b].extents:
+                            buf[start : start + len(part)] = part
+                        data = bytes(buf)
+                    out[b] = data
             for b, data in out.items():
                 self._remember_clean(b, data)
             return out
@@ -395,11 +465,10 @@ class Disk:
         loaded = await self._load(blocks)
         self.stats.reads += 1
         self.stats.bytes_read += length
+        start = offset - first * bs
         if first == last:
-            start = offset - first * bs
             return loaded[first][start : start + length]
         buf = b"".join(loaded[b] for b in blocks)
-        start = offset - first * bs
         return buf[start : start + length]
 
     def _maybe_readahead(self, first: int, last: int) -> None:
@@ -429,10 +498,7 @@ class Disk:
         ahead = [
             b
             for b in range(start, stop)
-            if b not in self._inflight
-            and b not in self._clean
-            and b not in self._dirty
-            and b not in self._flushing
+            if b not in self._inflight and b not in self._clean and self._composition(b)[0] is STORE
         ]
         if ahead:
             self._nursery.start_soon(self._readahead, ahead)
@@ -460,14 +526,14 @@ class Disk:
             if n == bs:
                 await self._put_block(block, bytes(chunk))
             else:
-                await self._patch_block(block, start, chunk)
+                await self._patch_block(block, start, start + n, bytes(chunk))
             pos += n
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
         await self._after_write(fua)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        """Zero a range; whole blocks become metadata only (never stored as data)."""
+        """Zero a range; whole blocks and parts of blocks become metadata only."""
         self._check_writable()
         self._check_range(offset, length)
         bs = self.block_size
@@ -479,7 +545,7 @@ class Disk:
             if n == bs:
                 await self._put_block(block, self._zero)
             else:
-                await self._patch_block(block, start, memoryview(bytes(n)))
+                await self._patch_block(block, start, start + n, None)
             pos += n
         await self._after_write(fua)
 
@@ -493,22 +559,28 @@ class Disk:
         if self._closed:
             raise ReadOnly("the disk is closed")
 
-    async def _patch_block(self, block: int, start: int, chunk: memoryview) -> None:
-        while block in self._rmw:
-            await self._rmw[block].wait()
-        event = self._rmw[block] = trio.Event()
-        try:
-            old = (await self._load([block]))[block]
-            new = old[:start] + bytes(chunk) + old[start + len(chunk) :]
-            self._set_dirty(block, new)
-        finally:
-            del self._rmw[block]
-            event.set()
+    async def _patch_block(self, block: int, start: int, end: int, data: bytes | None) -> None:
+        """Write part of a block without reading it: into a whole dirty block when there is
+        one in memory, else into the block's patch."""
+        self.stats.partial_writes += 1
+        current = self._dirty.get(block, _ABSENT)
+        if isinstance(current, bytes) and current:
+            self._set_dirty(block, sp.apply(((start, end, data),), current))
+        else:
+            if isinstance(current, _Patch):
+                patch = _Patch(sp.lay(current.spans, start, end, data), current.over)
+            elif isinstance(current, _Spilled):
+                patch = _Patch(((start, end, data),), current)
+            else:
+                over = STORE if current is _ABSENT else (ZEROS if current == b"" else BASE)
+                patch = _Patch(((start, end, data),), over)
+            if sp.covers(patch.spans, self.block_size):
+                self._set_dirty(block, patch.spans[0][2] or self._zero)
+            else:
+                self._replace_dirty(block, patch, keep_spill=True)
         await self._make_room()
 
     async def _put_block(self, block: int, data: bytes) -> None:
-        while block in self._rmw:
-            await self._rmw[block].wait()
         self._set_dirty(block, data)
         await self._make_room()
 
@@ -518,23 +590,37 @@ class Disk:
             # Zeros over a base must hide the base; with no base, drop the block entirely.
             base_has_data = self.base is not None and block * self.block_size < self.base.size
             value = b"" if base_has_data else None
-        self._drop_dirty(block)
-        self._dirty[block] = value
-        self._dirty_count += 1
-        if value:
-            self._dirty_mem += len(value)
+        self._replace_dirty(block, value)
         self._forget_clean(block)
 
-    def _drop_dirty(self, block: int) -> None:
-        old = self._dirty.pop(block, ...)
-        if old is ...:
-            return
-        self._dirty_count -= 1
-        if isinstance(old, _Spilled):
-            assert self._spill is not None
-            self._spill.free(old.slot)
-        elif old:
-            self._dirty_mem -= len(old)
+    def _replace_dirty(self, block: int, value: _Dirty, keep_spill: bool = False) -> None:
+        old = self._dirty.pop(block, _ABSENT)
+        if old is not _ABSENT:
+            self._count_dirty(old, -1)  # type: ignore[arg-type]
+            if not keep_spill:
+                self._free_spill(old)  # type: ignore[arg-type]
+        self._dirty[block] = value
+        self._count_dirty(value, +1)
+
+    def _count_dirty(self, value: _Dirty, sign: int) -> None:
+        if isinstance(value, _Patch):
+            spilled = isinstance(value.over, _Spilled)
+            self._dirty_mem += sign * value.cost
+            self._dirty_upload += sign * (self.block_size if spilled else value.cost)
+        elif isinstance(value, _Spilled):
+            self._dirty_upload += sign * self.block_size
+        else:
+            self._dirty_upload += sign * (self.block_size if value else 64)
+            if value:
+                self._dirty_mem += sign * len(value)
+
+    def _free_spill(self, value: _Dirty) -> None:
+        slot = value.over if isinstance(value, _Patch) else value
+        if isinstance(slot, _Spilled) and self._spill is not None:
+            self._spill.free(slot.slot)
+
+    def _dirty_bytes(self) -> int:
+        return self._dirty_upload
 
     async def _make_room(self) -> None:
         """Keep dirty data within its memory budget. While the store takes uploads, the
@@ -554,7 +640,7 @@ class Disk:
 
     async def _spill_dirty(self) -> None:
         if self._spill is None:
-            self._spill = _SpillFile(self.block_size, self.spill_dir)
+            self._spill = SpillFile(self.block_size, self.spill_dir)
         spill = self._spill
         victims = [(b, v) for b, v in self._dirty.items() if isinstance(v, bytes) and v]
         victims = victims[: max(1, len(victims) // 2)]
@@ -576,8 +662,7 @@ class Disk:
         if fua:
             await self.flush()
             return
-        dirty = self._dirty_bytes()
-        if dirty > self.dirty_soft_limit:
+        if self._dirty_bytes() > self.dirty_soft_limit:
             self._flush_wanted.set()
         while self._dirty_bytes() > self.dirty_hard_limit and self._nursery is not None:
             self._flush_wanted.set()
@@ -602,45 +687,96 @@ class Disk:
     async def _flush_locked(self) -> None:
         flushing, self._dirty = self._dirty, {}
         self._flushing = flushing
-        self._dirty_mem = self._dirty_count = 0
+        self._dirty_mem = self._dirty_upload = 0
         self._signal_drained()
         try:
-            batch: dict[int, BlockValue] = {}
-            batch_bytes = 0
-            for block in sorted(flushing):
-                v = flushing[block]
-                if isinstance(v, _Spilled):
-                    spill = self._spill
-                    assert spill is not None
-                    v = await run_sync(spill.read, v.slot)
-                batch[block] = v
-                batch_bytes += len(v) if v else 0
-                if batch_bytes >= 32 << 20:
-                    await self.store.write_blocks(batch)
-                    batch, batch_bytes = {}, 0
-            if batch:
-                await self.store.write_blocks(batch)
+            await self._send(flushing)
             await self.store.flush()
         except BaseException:
-            # Nothing is lost: newer writes win, the rest goes back to dirty.
+            # Nothing is lost: newer writes win (over older patches), the rest goes back.
             for block, v in flushing.items():
-                if block in self._dirty:
-                    if isinstance(v, _Spilled) and self._spill is not None:
-                        self._spill.free(v.slot)
-                    continue
-                self._dirty[block] = v
-                self._dirty_count += 1
-                if isinstance(v, bytes) and v:
-                    self._dirty_mem += len(v)
+                newer = self._dirty.get(block, _ABSENT)
+                if newer is _ABSENT:
+                    self._dirty[block] = v
+                    self._count_dirty(v, +1)
+                elif isinstance(newer, _Patch) and newer.over is STORE:
+                    self._replace_dirty(block, _under(v, newer), keep_spill=True)
+                else:
+                    self._free_spill(v)
             self._flushing = {}
             raise
         self._flushing = {}
         for block, v in flushing.items():
-            if isinstance(v, _Spilled):
-                if self._spill is not None:
-                    self._spill.free(v.slot)
+            self._free_spill(v)
+            if isinstance(v, _Patch):
+                old = self._clean.get(block)
+                self._forget_clean(block)
+                if v.over is ZEROS:
+                    self._remember_clean(block, sp.apply(v.spans, self._zero))
+                elif v.over is STORE and old is not None:
+                    self._remember_clean(block, sp.apply(v.spans, old))
             elif isinstance(v, bytes) and v:
                 self._remember_clean(block, v)
+
+    async def _send(self, flushing: dict[int, _Dirty]) -> None:
+        """Hand the flushing blocks to the store, in batches of about 32 MiB."""
+        for b in flushing:
+            if b in self._inflight:
+                self._stale.add(b)  # the store's content changes under that fetch
+        whole: dict[int, BlockValue] = {}
+        parts: dict[int, list[tuple[int, bytes | int]]] = {}
+        size = 0
+        for block in sorted(flushing):
+            v = flushing[block]
+            if isinstance(v, _Patch):
+                if self._extent_store is None or isinstance(v.over, _Spilled):
+                    whole[block] = await self._complete(block, v)
+                    size += self.block_size
+                else:
+                    if v.over is not STORE:
+                        whole[block] = b"" if v.over is ZEROS else None
+                    parts[block] = [(s, d if d is not None else e - s) for s, e, d in v.spans]
+                    size += v.cost
+            else:
+                if isinstance(v, _Spilled):
+                    spill = self._spill
+                    assert spill is not None
+                    v = await run_sync(spill.read, v.slot)
+                whole[block] = v
+                size += len(v) if v else 0
+            if size >= 32 << 20:
+                await self._hand_over(whole, parts)
+                whole, parts, size = {}, {}, 0
+        if whole or parts:
+            await self._hand_over(whole, parts)
+
+    async def _hand_over(
+        self, whole: dict[int, BlockValue], parts: dict[int, list[tuple[int, bytes | int]]]
+    ) -> None:
+        if whole:
+            await self.store.write_blocks(whole)
+        if parts:
+            assert self._extent_store is not None
+            await self._extent_store.write_extents(parts)
+
+    async def _complete(self, block: int, patch: _Patch) -> BlockValue:
+        """A patched block's whole content, for a store that takes whole blocks only: the
+        read-modify-write deferred from the write to the flush."""
+        if patch.over is ZEROS:
+            under = self._zero
+        elif isinstance(patch.over, _Spilled):
+            spill, slot = self._spill, patch.over.slot
+            assert spill is not None
+            under = await run_sync(spill.read, slot)
+        elif patch.over is BASE:
+            under = (await self._base_blocks([block]))[block]
+        else:
+            under = (await self._store_content([block]))[block]
+        data = sp.apply(patch.spans, under)
+        if data == self._zero:
+            has_base = self.base is not None and block * self.block_size < self.base.size
+            return b"" if has_base else None
+        return data
 
     async def checkpoint(self, tag: str) -> None:
         """Flush, then name the committed state ``tag`` (reference block store only)."""
@@ -659,13 +795,17 @@ class Disk:
             return []
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        has_data = getattr(self.store, "has_data", None)
-        listed: dict[int, bool] | None = None
-        if has_data is None:
+        if self._extent_store is not None:
+            states = await self._extent_store.block_states(first, last - first + 1)
+            stored = {b: states[b - first] for b in range(first, last + 1)}
+        else:
             listed = await self.store.list_blocks()
+            stored = {
+                b: 0 if b not in listed else (1 if listed[b] else 2) for b in range(first, last + 1)
+            }
         runs: list[tuple[int, int]] = []
         for b in range(first, last + 1):
-            flags = self._block_flags(b, has_data, listed)
+            flags = self._block_flags(b, stored[b])
             start = max(offset, b * bs)
             end = min(offset + length, (b + 1) * bs)
             if runs and runs[-1][1] == flags:
@@ -674,19 +814,34 @@ class Disk:
                 runs.append((end - start, flags))
         return runs
 
-    def _block_flags(self, b: int, has_data: object, listed: dict[int, bool] | None) -> int:
+    def _block_flags(self, b: int, state: int) -> int:
         for table in (self._dirty, self._flushing):
             if b in table:
                 v = table[b]
+                if isinstance(v, _Patch | _Spilled):
+                    return 0
                 if v is None:
                     return self._base_flags(b)
                 return HOLE | ZERO_FLAG if v == b"" else 0
-        state = listed.get(b) if listed is not None else has_data(b)  # type: ignore[operator]
-        if state is None:
+        if state == 0:
             return self._base_flags(b)
-        return 0 if state else HOLE | ZERO_FLAG
+        return 0 if state == 1 else HOLE | ZERO_FLAG
 
     def _base_flags(self, b: int) -> int:
         if self.base is None or b * self.block_size >= self.base.size:
             return HOLE | ZERO_FLAG
         return 0
+
+
+def _under(older: _Dirty, newer: _Patch) -> _Dirty:
+    """A failed flush's value of a block with a newer patch (over the store) laid over it."""
+    if isinstance(older, _Patch):
+        spans = older.spans
+        for s, e, d in newer.spans:
+            spans = sp.lay(spans, s, e, d)
+        return _Patch(spans, older.over)
+    if isinstance(older, bytes) and older:
+        return sp.apply(newer.spans, older)
+    if isinstance(older, _Spilled):
+        return _Patch(newer.spans, older)
+    return _Patch(newer.spans, ZEROS if older == b"" else BASE)

@@ -19,6 +19,7 @@ from .layout import (
     PACKS,
     SEGMENTS,
     Head,
+    SegmentRef,
     check_name,
     checkpoint_key,
     checkpoint_prefix,
@@ -29,7 +30,7 @@ from .layout import (
     segment_packs,
 )
 from .lease import lease_is_live, read_lease
-from .manifest import read_checkpoint, read_head
+from .manifest import paged_segment_objects, read_checkpoint, read_head
 from .objectstore import ObjectStore, put_new
 from .store import GC_GRACE
 
@@ -115,7 +116,9 @@ def list_checkpoints(objects: ObjectStore, disk: str) -> list[str]:
 
 def _integrity(head: Head) -> str:
     if head.format >= 2:
-        return "checksummed: head, segments, and blocks bound to their disk and index"
+        legacy = sum(1 for s in head.segments if not s.paged)
+        note = f" ({legacy} segments of an older format until compaction)" if legacy else ""
+        return "checksummed: head, segments, and blocks bound to their disk and index" + note
     return (
         "metadata not checksummed (format 1, written by older lanekit; "
         "upgraded to format 2 at its first commit)"
@@ -179,6 +182,7 @@ def collect_garbage(
     started = time.time()
     report = GCReport()
     live_segments: dict[str, str | None] = {}
+    paged: dict[str, tuple[Head, SegmentRef]] = {}
     for info in objects.list(DISKS):
         if not (info.key.endswith("/head") or "/checkpoints/" in info.key):
             continue
@@ -188,11 +192,19 @@ def collect_garbage(
             continue
         report.heads += 1
         for ref in head.segments:
-            if live_segments.get(ref.key) is None:
+            if ref.paged:
+                paged.setdefault(ref.key, (head, ref))
+            elif live_segments.get(ref.key) is None:
                 live_segments[ref.key] = ref.sha256
     live_packs: set[str] = set()
     for seg, sha256 in live_segments.items():
         live_packs |= segment_packs(objects.get(seg).data, seg, sha256)
+    seen_pages: set[tuple[str, int]] = set()
+    for head, ref in paged.values():
+        live_segments[ref.key] = ref.sha256
+        for obj, packs in paged_segment_objects(objects, head, ref, seen_pages):
+            live_segments.setdefault(obj, None)
+            live_packs |= packs
     report.live_segments, report.live_packs = len(live_segments), len(live_packs)
     if grace > 0 and time.time() - started > grace / 2:
         raise BlockStoreError("garbage collection took longer than grace/2; nothing deleted")

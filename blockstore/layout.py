@@ -13,7 +13,14 @@ Segments and packs are shared between a disk, its checkpoints and its forks, whi
 they live outside ``disks/``; garbage collection is mark-and-sweep from every head and
 checkpoint in the store.
 
-Format 2 (written since lanekit checks its metadata) verifies every byte it reads:
+Format 3 (written since lanekit tracks extents) keeps format 2's checks and changes what a
+segment is: a run of checksummed pages with an index, in an LSM of runs (``segments``),
+and what a pack holds: pieces of whole blocks or of extents, each with a digest of its
+address and payload (``pieces``). A format-3 head names each segment with the SHA-256 of
+its index, where the index is, its entry count and its level; it may still name format-1
+and format-2 segments (by the SHA-256 of their bytes) until compaction rewrites them.
+
+Format 2 verifies every byte it reads:
 
 - a head or checkpoint is ``LKHEAD02 <sha256 of the body>\\n`` and a JSON body, validated
   field by field; it names each segment with the SHA-256 of the whole segment object;
@@ -24,7 +31,7 @@ Format 2 (written since lanekit checks its metadata) verifies every byte it read
   recorded with each pack, where the block is described, not taken from the reading disk.
 
 Format 1 (older lanekit: a plain JSON head, ``LKSEG001`` segments, digests of the content
-only) stays readable; a format-1 disk is upgraded at its first commit (see ``store``).
+only) stays readable; a format-1 or 2 disk is upgraded at its first commit (see ``store``).
 """
 
 from __future__ import annotations
@@ -44,8 +51,12 @@ import lz4.frame
 
 from .errors import BlockStoreError, CorruptMetadata, InvalidURL
 
-FORMAT_VERSION = 2
-"""What new heads and segments are written in; format 1 is read (and upgraded) only."""
+FORMAT_VERSION = 3
+"""What new heads and segments are written in; formats 1 and 2 are read (and upgraded)."""
+
+STORED_PER_BLOCK = 64
+"""Bound (in block sizes) of what one block may occupy in a format-3 head's accounting: its
+pieces with their headers and the extents over them that compaction has not folded yet."""
 
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 4 << 20
@@ -178,11 +189,28 @@ Entry = Location | str
 
 
 class SegmentRef(NamedTuple):
-    """A head's reference to a segment: its key and the SHA-256 (hex) of its bytes
-    (None in format-1 heads, which do not checksum their segments)."""
+    """A head's reference to a segment: its key and the SHA-256 (hex) of its bytes (None in
+    format-1 heads, which do not checksum their segments) or, for a format-3 segment
+    (``paged``), of its index, with where the index is, its entries and its LSM level."""
 
     key: str
     sha256: str | None
+    paged: bool = False
+    index_offset: int = 0
+    index_length: int = 0
+    entries: int = 0
+    level: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        if not self.paged:
+            return {"key": self.key, "sha256": self.sha256}
+        return {
+            "key": self.key,
+            "sha256": self.sha256,
+            "index": [self.index_offset, self.index_length],
+            "entries": self.entries,
+            "level": self.level,
+        }
 
 
 @dataclass
@@ -215,6 +243,7 @@ class Head:
 
 _HEAD_MAGIC = b"LKHEAD"
 _HEAD2_MAGIC = b"LKHEAD02 "
+_HEAD3_MAGIC = b"LKHEAD03 "
 _V1_FIELDS = frozenset(
     {
         "disk",
@@ -233,6 +262,7 @@ _V1_FIELDS = frozenset(
     }
 )
 _V2_FIELDS = _V1_FIELDS | {"lineage"}
+_PAGED_FIELDS = frozenset({"key", "sha256", "index", "entries", "level"})
 
 
 def _head_json(head: Head) -> dict[str, Any]:
@@ -254,10 +284,11 @@ def _head_json(head: Head) -> dict[str, Any]:
 
 def _encode_head_v2(head: Head) -> bytes:
     raw = _head_json(head)
-    raw["segments"] = [{"key": s.key, "sha256": s.sha256} for s in head.segments]
+    raw["segments"] = [s.as_json() for s in head.segments]
     raw["lineage"] = head.lineage
     body = json.dumps(raw, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    return _HEAD2_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+    magic = _HEAD3_MAGIC if head.format >= 3 else _HEAD2_MAGIC
+    return magic + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
 
 def encode_head_v1(head: Head) -> bytes:
@@ -275,17 +306,18 @@ def _reject_constant(name: str) -> None:
 def decode_head(data: bytes, where: str) -> Head:
     """Parse, verify and validate a head or checkpoint; CorruptMetadata if it is not sound."""
     if data.startswith(_HEAD_MAGIC):
-        if data[6:8] != _HEAD2_MAGIC[6:8]:
+        if data[6:8] not in (b"02", b"03"):
             raise BlockStoreError(
                 f"{where}: head format {data[6:8].decode(errors='replace')!r} is not "
                 f"supported (this lanekit reads formats 1 to {FORMAT_VERSION})"
             )
-        if not data.startswith(_HEAD2_MAGIC):
+        magic = _HEAD3_MAGIC if data[6:8] == b"03" else _HEAD2_MAGIC
+        if not data.startswith(magic):
             raise CorruptMetadata(where, "damaged head header")
-        digest, newline, body = data[len(_HEAD2_MAGIC) :].partition(b"\n")
+        digest, newline, body = data[len(magic) :].partition(b"\n")
         if not newline or hashlib.sha256(body).hexdigest().encode() != digest:
             raise CorruptMetadata(where, "head checksum mismatch")
-        version, fields = 2, _V2_FIELDS
+        version, fields = int(data[6:8]), _V2_FIELDS
     else:
         body, version, fields = data, 1, _V1_FIELDS
     try:
@@ -339,10 +371,25 @@ def _head_from_json(raw: dict[str, Any], version: int) -> Head:
             if not isinstance(item, str):
                 raise TypeError(f"segment {item!r} is not a key")
             refs.append(SegmentRef(item, None))
-        else:
-            if not isinstance(item, dict) or set(item) != {"key", "sha256"}:
-                raise TypeError(f"segment {item!r} is not a key and a checksum")
+        elif isinstance(item, dict) and set(item) == {"key", "sha256"}:
             refs.append(SegmentRef(_str(item, "key"), _str(item, "sha256")))
+        elif version >= 3 and isinstance(item, dict) and set(item) == _PAGED_FIELDS:
+            index = item["index"]
+            if not (isinstance(index, list) and len(index) == 2):
+                raise TypeError(f"segment {item!r}: index is not an offset and a length")
+            refs.append(
+                SegmentRef(
+                    _str(item, "key"),
+                    _str(item, "sha256"),
+                    True,
+                    _int({"index offset": index[0]}, "index offset"),
+                    _int({"index length": index[1]}, "index length"),
+                    _int(item, "entries"),
+                    _int(item, "level"),
+                )
+            )
+        else:
+            raise TypeError(f"segment {item!r} is not a key and a checksum")
     return Head(
         disk=_str(raw, "disk"),
         size=_int(raw, "size"),
@@ -389,9 +436,17 @@ def head_problem(head: Head) -> str | None:
             return f"segment key {ref.key!r}"
         if head.format >= 2 and not (ref.sha256 and _HEX64.match(ref.sha256)):
             return f"segment checksum {ref.sha256!r}"
+        if ref.paged and not (
+            8 <= ref.index_offset < 1 << 48
+            and 0 < ref.index_length < 1 << 32
+            and 0 < ref.entries < 1 << 48
+            and 0 <= ref.level < 64
+        ):
+            return f"segment {ref.key}: index at {ref.index_offset}+{ref.index_length}"
     if not 0 <= head.stored_blocks <= block_count(head.size, head.block_size):
         return f"{head.stored_blocks} stored blocks on a disk of {head.size} bytes"
-    if not 0 <= head.stored_bytes <= head.stored_blocks * head.block_size:
+    per_block = head.block_size * (STORED_PER_BLOCK if head.format >= 3 else 1)
+    if not 0 <= head.stored_bytes <= head.stored_blocks * per_block:
         return f"{head.stored_bytes} stored bytes in {head.stored_blocks} blocks"
     if head.stored_blocks and not head.segments:
         return f"{head.stored_blocks} stored blocks but no segments"

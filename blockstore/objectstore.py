@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidKey, ObjectNotFound, PreconditionFailed, StoreUnavailable
+from .errors import (
+    BlockStoreError,
+    InvalidKey,
+    ObjectNotFound,
+    PreconditionFailed,
+    StoreUnavailable,
+)
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9._@=-]+(/[A-Za-z0-9._@=-]+)*$")
 
@@ -33,6 +39,16 @@ def check_key(key: str) -> str:
     if not _KEY_RE.match(key) or any(p in (".", "..") for p in key.split("/")):
         raise InvalidKey(f"invalid object key {key!r}")
     return key
+
+
+class StoreRejected(BlockStoreError):
+    """The store refused a request for a reason retrying cannot fix: no such bucket, wrong
+    credentials, access denied, a request it does not implement. ``code`` is the service's
+    error code (``NoSuchBucket``, ``AccessDenied``, ``NotImplemented``...)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,11 @@ class ObjectStore(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    def location(self) -> str | None:
+        """A stable name of where the objects live, the same for every instance that
+        reaches them (caches key on it); None if there is none (a store in memory)."""
+        return None
 
     def collect_temporary(self, older_than: float, *, dry_run: bool = False) -> int:
         """Remove leftovers of puts that never finished (a process killed mid-put) last
@@ -198,6 +219,9 @@ class LocalObjectStore(ObjectStore):
 
     def describe(self) -> str:
         return f"file://{self.root}"
+
+    def location(self) -> str:
+        return self.describe()
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -335,6 +359,24 @@ class LocalObjectStore(ObjectStore):
         yield from found
 
 
+_TRANSIENT = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError"}
+)
+_CREDENTIALS = "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+_REGION = "check the region (AWS_REGION) and the endpoint (--s3-endpoint, AWS_ENDPOINT_URL)"
+_HINTS = {
+    "AccessDenied": "check the credentials and the bucket's permissions",
+    "InvalidAccessKeyId": _CREDENTIALS,
+    "SignatureDoesNotMatch": _CREDENTIALS,
+    "ExpiredToken": _CREDENTIALS,
+    "InvalidToken": _CREDENTIALS,
+    "AuthorizationHeaderMalformed": _REGION,
+    "PermanentRedirect": _REGION,
+    "IllegalLocationConstraintException": _REGION,
+    "NotImplemented": "the service does not implement this request",
+}
+
+
 class S3ObjectStore(ObjectStore):
     """An S3 bucket (and key prefix) through boto3.
 
@@ -391,30 +433,53 @@ class S3ObjectStore(ObjectStore):
     def _k(self, key: str) -> str:
         return self.prefix + check_key(key)
 
+    def location(self) -> str:
+        return f"{self.client.meta.endpoint_url}/{self.bucket}/{self.prefix}"
+
     def _call(self, key: str, fn: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(Bucket=self.bucket, **kwargs)
         except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                if "IfMatch" in kwargs:
-                    raise PreconditionFailed(key) from None
-                raise ObjectNotFound(key) from None
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
-                409,
-                412,
-            ):
-                raise PreconditionFailed(key) from None
-            if code == "InvalidRange":
+            error = self._translate(e, key, if_match="IfMatch" in kwargs)
+            if error is None:
                 return None
-            if (status is not None and status >= 500) or code in ("SlowDown", "Throttling"):
-                raise StoreUnavailable(f"{self.describe()}: {e}") from e
-            raise
+            raise error from (e if isinstance(error, StoreUnavailable) else None)
         except BotoCoreError as e:
             raise StoreUnavailable(f"{self.describe()}: {e}") from e
+
+    def _translate(self, e: Any, key: str, *, if_match: bool = False) -> Exception | None:
+        """Our error for a ClientError; None for an unsatisfiable range (reads as empty).
+
+        Services differ: a missing key under If-Match is 404 on AWS and moto, 412 on
+        SeaweedFS, and AWS may answer 409 to racing conditional puts; all of them lose.
+        A missing bucket is a 404 too, but never a missing key: it must not read as one.
+        """
+        details = e.response.get("Error", {})
+        code = str(details.get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return StoreRejected(
+                f"{self.describe()}: bucket {self.bucket!r} does not exist at "
+                f"{self.client.meta.endpoint_url} (create it, or check the URL and the endpoint)",
+                code,
+            )
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return PreconditionFailed(key) if if_match else ObjectNotFound(key)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return PreconditionFailed(key)
+        if code == "InvalidRange" or status == 416:
+            return None
+        if code in _TRANSIENT or (status is not None and status >= 500 and status != 501):
+            return StoreUnavailable(f"{self.describe()}: {e}")
+        message = str(details.get("Message", "")) or str(e)
+        hint = _HINTS.get(code, "")
+        return StoreRejected(
+            f"{self.describe()}: {getattr(e, 'operation_name', 'request')} {key!r} refused: "
+            f"{code or status} ({message}){'; ' + hint if hint else ''}",
+            code,
+        )
 
     def ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
@@ -456,6 +521,8 @@ class S3ObjectStore(ObjectStore):
             self._call(key, self.client.delete_object, Key=self._k(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
@@ -466,12 +533,13 @@ class S3ObjectStore(ObjectStore):
                         int(obj["Size"]),
                         obj["LastModified"].timestamp(),
                     )
-        except Exception as e:
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            if isinstance(e, BotoCoreError | ClientError):
-                raise StoreUnavailable(f"{self.describe()}: {e}") from e
-            raise
+        except ClientError as e:
+            error = self._translate(e, prefix)
+            if isinstance(error, StoreRejected | StoreUnavailable):
+                raise error from (e if isinstance(error, StoreUnavailable) else None)
+            raise StoreUnavailable(f"{self.describe()}: {e}") from e
+        except BotoCoreError as e:
+            raise StoreUnavailable(f"{self.describe()}: {e}") from e
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -6,10 +6,17 @@ A *block store* holds fixed-size blocks by index and makes them durable on ``flu
 the base image). ``write_blocks`` takes the same three kinds of value. Implement this
 protocol to put a disk on any storage; :class:`ObjectBlockStore` is the reference one.
 
-ObjectBlockStore writes each batch of blocks as lz4-compressed, checksummed *packs* (one
-PUT for many blocks), uploaded in parallel, and commits on flush by writing a manifest
-segment and then replacing the disk's head with If-Match. The head write is the only
-commit point: a crash before it leaves unreferenced packs that garbage collection removes.
+A store may also offer :class:`ExtentBlockStore`: extents (parts of blocks) written without
+their blocks' old content, and reads that answer a block as layers. A :class:`Disk` uses it
+when the store has it, so a small write to a block nobody read costs only its bytes.
+
+ObjectBlockStore writes each batch of pieces (whole blocks and extents) as lz4-compressed,
+checksummed *packs* (one PUT for many pieces), uploaded in parallel, and commits on flush by
+writing a manifest segment with the changed entries only and then replacing the disk's head
+with If-Match. The head write is the only commit point: a crash before it leaves
+unreferenced objects that garbage collection removes. Segments form an LSM (see
+``blockmap``), merged and their extents folded into whole blocks by ``compact``, off the
+write path: a compaction commits through the same head write, between flushes.
 
 Commits are idempotent. Each attempt carries a fresh ``commit_id``; one whose outcome is
 unknown (the put raised something other than a lost race) is remembered until the head is
@@ -19,10 +26,10 @@ when it last confirmed it more than a small fraction of the TTL ago (see ``lease
 writer that was taken over stops at once, and the new writer's fencing commit retries
 against a head that an older writer may still move for that moment.
 
-Format 1 (older lanekit) disks are read as they are; their first commit, the fencing commit
-of the first writable open, upgrades them to format 2: the new head names their segments
-with the SHA-256 of their bytes as read then, and later compactions rewrite them. Blocks
-written before keep their content-only digests; checkpoints taken before stay format 1.
+Format 1 and 2 disks are read as they are; their first commit, the fencing commit of the
+first writable open, upgrades the head to format 3, naming their segments with the SHA-256
+of their bytes, and compaction rewrites those segments; blocks written before keep their
+digests. Checkpoints taken before stay as they were.
 """
 
 from __future__ import annotations
@@ -35,39 +42,45 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import trio
 
+from .blockmap import FOLD_EXTENTS, BlockMap, Piece, Run
 from .concurrency import parallel, run_sync
 from .errors import (
     BlockStoreError,
     CorruptBlock,
-    CorruptMetadata,
     Fenced,
     LeaseHeld,
-    ObjectNotFound,
-    PreconditionFailed,
     ReadOnly,
 )
 from .layout import (
     FORMAT_VERSION,
     PACKS,
     SEGMENTS,
-    ZERO,
-    Entry,
+    STORED_PER_BLOCK,
     Head,
-    Location,
     SegmentRef,
-    decode_block,
-    encode_block,
-    encode_segment,
+    block_count,
     head_key,
     head_problem,
     new_lineage,
-    segment_sha256,
 )
 from .lease import DEFAULT_TTL, Lease, lease_is_live, read_lease
-from .manifest import SegmentCache, load_checkpoint, load_current, load_map, read_head
-from .objectstore import ObjectStore, put_new
+from .manifest import load_checkpoint, load_current, load_page, read_head
+from .objectstore import ObjectStore, PreconditionFailed, put_new
+from .pieces import (
+    DATA,
+    EXTENT,
+    LEGACY,
+    TOMB,
+    ZERO,
+    ZERO_EXTENT,
+    PackWriter,
+    decode_legacy,
+    decode_piece,
+)
+from .segments import NO_PACK, Columns, PageRef, build_pages, encode_segment, new_refs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -75,12 +88,16 @@ log = logging.getLogger(__name__)
 BlockValue = bytes | None
 """Block data; ``b""`` reads as zeros; ``None`` means not held (fall through to the base)."""
 
-MAX_SEGMENTS = 16
+Extent = tuple[int, bytes | int]
+"""Part of a block: (start, its bytes) or (start, a number of zero bytes)."""
+
 GC_GRACE = 3600.0
 """GC spares unreferenced objects younger than this; a flush whose uploads are older than
 half of it refuses to commit them (they may have been collected)."""
 _COMMIT_ATTEMPTS = 3
 """Head puts per commit while the store answers reads but the put itself keeps failing."""
+FOLD_BATCH = 64
+"""Blocks one compaction step folds at most."""
 
 
 @runtime_checkable
@@ -102,6 +119,35 @@ class BlockStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Layered:
+    """A block held as extents (oldest first) over a content the store does not hold:
+    the base image's (``read_layers`` merges extents over anything else itself)."""
+
+    extents: tuple[tuple[int, bytes], ...]
+
+
+@runtime_checkable
+class ExtentBlockStore(BlockStore, Protocol):
+    """A block store that also takes parts of blocks (what :class:`Disk` uses if offered)."""
+
+    async def write_extents(self, extents: Mapping[int, Sequence[Extent]]) -> None:
+        """Lay extents over blocks (later ones over earlier), their other bytes unchanged."""
+        ...
+
+    async def read_layers(self, blocks: Sequence[int]) -> dict[int, BlockValue | Layered]:
+        """Like ``read_blocks``, with :class:`Layered` for extents over the base image."""
+        ...
+
+    async def block_states(self, first: int, count: int) -> bytes:
+        """Per block from ``first``: 0 not held, 1 data, 2 reads as zeros."""
+        ...
+
+
+BaseReader = Callable[[list[int]], Awaitable[dict[int, bytes]]]
+"""The base image's content of blocks (what a fold needs under extents not over data)."""
+
+
 @dataclass
 class StoreStats:
     puts: int = 0
@@ -109,8 +155,12 @@ class StoreStats:
     bytes_uploaded: int = 0
     bytes_downloaded: int = 0
     blocks_uploaded: int = 0
+    extents_uploaded: int = 0
     blocks_fetched: int = 0
+    map_gets: int = 0
     commits: int = 0
+    merges: int = 0
+    folds: int = 0
 
 
 def _taken_while_opening(objects: ObjectStore, disk: str, head: Head) -> BlockStoreError:
@@ -123,10 +173,11 @@ def _taken_while_opening(objects: ObjectStore, disk: str, head: Head) -> BlockSt
 
 @dataclass
 class _Attempt:
-    """A head put: the head written and the pending entries it commits."""
+    """A head put: the head written, the pending entries it commits, the runs it names."""
 
     head: Head
-    pending: dict[int, Entry | None]
+    pending: dict[int, list[Piece]]
+    runs: list[Run]
 
 
 @dataclass
@@ -143,39 +194,81 @@ class _HeadMoved(Exception):
     """An older writer committed while the new one was fencing it."""
 
 
+def _held(pieces: Sequence[Piece]) -> tuple[int, int]:
+    """(1 if the pieces hold data else 0, their stored bytes)."""
+    stored = sum(p.stored for p in pieces if p.kind in (DATA, EXTENT))
+    return (1 if any(p.kind in (DATA, EXTENT) for p in pieces) else 0), stored
+
+
+def _extents(pieces: Sequence[Piece]) -> int:
+    return sum(1 for p in pieces if p.kind in (EXTENT, ZERO_EXTENT))
+
+
+def _state(pieces: Sequence[Piece]) -> int:
+    if pieces[0].kind == TOMB and len(pieces) == 1:
+        return 0
+    if pieces[0].kind == ZERO and len(pieces) == 1:
+        return 2
+    return 1
+
+
+def columns_of(entries: Mapping[int, Sequence[Piece]]) -> Columns:
+    """Columns of new entries (a block's oldest first), sorted by block. New entries are
+    format-3 pieces: they carry no digest (theirs is in the pack)."""
+    blocks = sorted(entries)
+    rows = [(b, *p[:7]) for b in blocks for p in entries[b]]
+    table = np.array(rows, np.int64).reshape(len(rows), 8)
+    keys, kinds, packs, offsets, stored, flags, starts, lengths = table.T
+    partial = (kinds == EXTENT) | (kinds == ZERO_EXTENT)
+    digests = None
+    return Columns(
+        keys.astype(np.uint64),
+        np.where(packs < 0, NO_PACK, packs).astype(np.uint32),
+        offsets.astype(np.uint32),
+        (stored | kinds << 24 | flags << 27).astype(np.uint32),
+        np.where(partial, starts << 32 | lengths, 0).astype(np.uint64),
+        digests,
+    )
+
+
 class ObjectBlockStore:
-    """The reference block store: packs of compressed blocks plus a committed manifest."""
+    """The reference block store: packs of compressed pieces plus a committed manifest."""
 
     def __init__(
         self,
         objects: ObjectStore,
         head: Head,
         head_etag: str | None,
-        block_map: dict[int, Entry],
+        block_map: BlockMap,
         *,
         lease: Lease | None = None,
         pack_size: int = 4 << 20,
         concurrency: int = 8,
-        segment_hashes: dict[str, str] | None = None,
     ) -> None:
         self.objects = objects
         self.head = head
         self.block_size = head.block_size
+        self.blocks = block_count(head.size, head.block_size)
         self._head_etag = head_etag
         self._map = block_map
-        self._segment_hashes = dict(segment_hashes or {})
-        self._pending: dict[int, Entry | None] = {}
+        self._pending: dict[int, list[Piece]] = {}
         self._pending_since: float | None = None
         self._unknown: list[_Attempt] = []
         """Head puts whose outcome is unknown, all made on the head we last saw."""
         self.lineage = bytes.fromhex(head.lineage) if head.lineage else new_lineage()
         self.lease = lease
-        self.pack_size = max(pack_size, head.block_size)
+        self.pack_size = min(max(pack_size, head.block_size), 1 << 30)
         self.limiter = trio.CapacityLimiter(concurrency)
         self._commit_lock = trio.Lock()
         self._lease_lock = trio.Lock()
+        self._compact_lock = trio.Lock()
         self.stats = StoreStats()
         self.fenced = False
+        self.fold_candidates: set[int] = set()
+        self._watch: set[int] = set()
+        """Blocks a fold is working on; a write to one drops it from the fold."""
+        self.changed = trio.Event()
+        """Set (and replaced) at every commit: what a compactor waits for."""
 
     @property
     def writable(self) -> bool:
@@ -193,14 +286,15 @@ class ObjectBlockStore:
         checkpoint: str | None = None,
         **kwargs: Any,
     ) -> ObjectBlockStore:
-        """Read the head and manifest (no blocks); take the lease and fence older writers."""
+        """Read the head and the map's indexes (no blocks, no pages); take the lease and
+        fence older writers."""
         if checkpoint is not None:
             if writable:
                 raise ReadOnly(f"checkpoint {disk}@{checkpoint} is immutable: open it read-only")
             head, block_map = await run_sync(load_checkpoint, objects, disk, checkpoint)
             return cls(objects, head, None, block_map, **kwargs)
         if not writable:
-            head, etag, block_map, _ = await run_sync(load_current, objects, disk)
+            head, etag, block_map = await run_sync(load_current, objects, disk)
             return cls(objects, head, etag, block_map, **kwargs)
         head, _ = await run_sync(read_head, objects, disk)
         lease = Lease(objects, disk, ttl=lease_ttl)
@@ -224,19 +318,15 @@ class ObjectBlockStore:
         retry against the moving head, within the lease's TTL (any older writer, of any
         version, notices the takeover at its next renewal within it)."""
         deadline = trio.current_time() + max(lease.ttl, 5.0)
-        cache: SegmentCache = {}
         delay = 0.005
         while True:
-            hashes: dict[str, str] = {}
-            head, etag = await run_sync(read_head, objects, disk)
-            if head.format < FORMAT_VERSION:  # its upgrade names segments by their hashes
-                head, etag, _, hashes = await run_sync(load_current, objects, disk, cache)
+            head, etag, block_map = await run_sync(load_current, objects, disk)
             if head.epoch >= lease.epoch:
                 raise await run_sync(_taken_while_opening, objects, disk, head)
-            store = cls(objects, head, etag, {}, lease=lease, segment_hashes=hashes, **kwargs)
+            store = cls(objects, head, etag, block_map, lease=lease, **kwargs)
             try:
-                await store._commit(fencing=True)
-                break
+                await store._commit(store._prepare_flush, lambda: True, fencing=True)
+                return store
             except _HeadMoved:
                 log.debug("disk %r: an older writer committed during the takeover; again", disk)
                 if trio.current_time() >= deadline:
@@ -246,55 +336,159 @@ class ObjectBlockStore:
                     ) from None
             await trio.sleep(delay)
             delay = min(delay * 2, 0.25)
-        try:
-            store._map = (await run_sync(load_map, objects, store.head, cache))[0]
-        except ObjectNotFound as e:
-            raise CorruptMetadata(e.key, f"segment of {head_key(disk)} is missing") from None
-        return store
+
+    # ------------------------------------------------------------ the map
+
+    async def _load_pages(self, refs: Sequence[PageRef]) -> None:
+        if not refs:
+            return
+        head, block_map = self.head, self._map
+
+        def loader(ref: PageRef) -> Callable[[], Awaitable[None]]:
+            async def load() -> None:
+                await run_sync(
+                    load_page, self.objects, ref, block_map.packs, head, limiter=self.limiter
+                )
+                self.stats.map_gets += 1
+
+            return load
+
+        await parallel([loader(r) for r in refs])
+
+    def load_page_blocking(self, ref: PageRef) -> None:
+        """For merges in a worker thread."""
+        if ref.page is None:
+            load_page(self.objects, ref, self._map.packs, self.head)
+            self.stats.map_gets += 1
+
+    async def load_map(self) -> None:
+        """Every page of the map, now (a full scan would read them anyway)."""
+        await self._load_pages([p for run in self._map.runs for p in run.pages if p.page is None])
+
+    async def recount(self) -> tuple[int, int]:
+        """(stored blocks, stored bytes) counted from the whole map and what is pending:
+        what the head's incrementally kept figures must equal (a check; reads every page)."""
+        await self.load_map()
+        keys: set[int] = set(self._pending)
+        for run in self._map.runs:
+            for ref in run.pages:
+                assert ref.page is not None
+                keys.update((ref.page.keys.astype(np.int64) + ref.page.base).tolist())
+        blocks = stored = 0
+        for b in keys:
+            held, size = _held(self._layers(b))
+            blocks, stored = blocks + held, stored + size
+        return blocks, stored
+
+    def map_nbytes(self) -> int:
+        """Memory the loaded map takes (its arrays, page and pack tables)."""
+        return self._map.nbytes()
+
+    @property
+    def segments(self) -> int:
+        return len(self._map.runs)
+
+    def _layers(self, block: int) -> list[Piece]:
+        """Pending entries over committed ones (the committed pages must be loaded)."""
+        pending = self._pending.get(block)
+        if pending and pending[0].replaces:
+            return pending
+        committed = self._map.lookup(block)
+        if not pending:
+            return committed
+        return committed + pending
+
+    async def _layers_of(self, blocks: Sequence[int]) -> dict[int, list[Piece]]:
+        need = [b for b in blocks if not (p := self._pending.get(b)) or not p[0].replaces]
+        await self._load_pages(self._map.unloaded(need))
+        return {b: self._layers(b) for b in blocks}
 
     async def list_blocks(self) -> dict[int, bool]:
-        merged: dict[int, Entry | None] = dict(self._map)
-        merged.update(self._pending)
-        return {b: isinstance(e, Location) for b, e in merged.items() if e is not None}
+        states = await self.block_states(0, self.blocks)
+        return {b: s == 1 for b, s in enumerate(states) if s}
 
-    def _lookup(self, block: int) -> Entry | None:
-        if block in self._pending:
-            return self._pending[block]
-        return self._map.get(block)
+    async def block_states(self, first: int, count: int) -> bytes:
+        count = max(0, min(count, self.blocks - first))
+        await self._load_pages(self._map.unloaded_in(first, first + count))
+        states = self._map.states(first, count)
+        end = first + count
+        if len(self._pending) <= count:
+            pending = [(b, p) for b, p in self._pending.items() if first <= b < end]
+        else:
+            pending = [(b, self._pending[b]) for b in range(first, end) if b in self._pending]
+        for b, pieces in pending:
+            states[b - first] = _state(pieces) if pieces[0].replaces else 1
+        return states.tobytes()
 
-    def has_data(self, block: int) -> bool | None:
-        """True: stored data; False: reads as zeros; None: not held."""
-        e = self._lookup(block)
-        return None if e is None else isinstance(e, Location)
+    # ------------------------------------------------------------ reads
 
     async def read_blocks(self, blocks: Sequence[int]) -> dict[int, BlockValue]:
-        result: dict[int, BlockValue] = {}
-        by_pack: dict[str, list[tuple[int, Location]]] = defaultdict(list)
-        for b in blocks:
-            e = self._lookup(b)
-            if e is None:
-                result[b] = None
-            elif e == ZERO:
-                result[b] = b""
-            else:
-                assert isinstance(e, Location)
-                by_pack[e.pack].append((b, e))
-        ranges: list[list[tuple[int, Location]]] = []
-        for items in by_pack.values():
-            items.sort(key=lambda it: it[1].offset)
-            current = [items[0]]
-            for it in items[1:]:
+        out: dict[int, BlockValue] = {}
+        for b, v in (await self.read_layers(blocks)).items():
+            if isinstance(v, Layered):
+                raise BlockStoreError(
+                    f"block {b} holds extents over the base image: read it with read_layers"
+                )
+            out[b] = v
+        return out
+
+    async def read_layers(self, blocks: Sequence[int]) -> dict[int, BlockValue | Layered]:
+        layers = await self._layers_of(blocks)
+        contents = await self._fetch(
+            [(b, p) for b, pieces in layers.items() for p in pieces if p.kind in (DATA, EXTENT)]
+        )
+        return {b: self._assemble(b, pieces, contents) for b, pieces in layers.items()}
+
+    def _assemble(
+        self, block: int, pieces: list[Piece], contents: dict[tuple[int, int], bytes]
+    ) -> BlockValue | Layered:
+        if not pieces:
+            return None
+        under: BlockValue = None
+        first = pieces[0]
+        rest = pieces
+        if first.replaces:
+            rest = pieces[1:]
+            under = (
+                contents[(first.pack, first.offset)]
+                if first.kind == DATA
+                else (b"" if first.kind == ZERO else None)
+            )
+        if not rest:
+            return under
+        extents = tuple(
+            (p.start, contents[(p.pack, p.offset)] if p.kind == EXTENT else bytes(p.length))
+            for p in rest
+        )
+        if under is None and self.head.base_digest is not None:
+            return Layered(extents)
+        buf = bytearray(under) if under else bytearray(self.block_size)
+        for start, data in extents:
+            buf[start : start + len(data)] = data
+        return bytes(buf)
+
+    async def _fetch(self, items: list[tuple[int, Piece]]) -> dict[tuple[int, int], bytes]:
+        """The verified content of pieces, by (pack, offset), in coalesced ranged GETs."""
+        result: dict[tuple[int, int], bytes] = {}
+        by_pack: dict[int, dict[int, tuple[int, Piece]]] = defaultdict(dict)
+        for b, p in items:
+            by_pack[p.pack][p.offset] = (b, p)
+        ranges: list[list[tuple[int, Piece]]] = []
+        for group in by_pack.values():
+            ordered = [group[o] for o in sorted(group)]
+            current = [ordered[0]]
+            for it in ordered[1:]:
                 last = current[-1][1]
                 start = current[0][1].offset
-                gap = it[1].offset - (last.offset + last.length)
-                if 0 <= gap <= 256 << 10 and it[1].offset + it[1].length - start <= 16 << 20:
+                gap = it[1].offset - (last.offset + last.stored)
+                if 0 <= gap <= 256 << 10 and it[1].offset + it[1].stored - start <= 16 << 20:
                     current.append(it)
                 else:
                     ranges.append(current)
                     current = [it]
             ranges.append(current)
 
-        def fetcher(group: list[tuple[int, Location]]) -> Callable[[], Awaitable[None]]:
+        def fetcher(group: list[tuple[int, Piece]]) -> Callable[[], Awaitable[None]]:
             async def fetch() -> None:
                 result.update(await run_sync(self._fetch_range, group, limiter=self.limiter))
 
@@ -303,64 +497,111 @@ class ObjectBlockStore:
         await parallel([fetcher(g) for g in ranges])
         return result
 
-    def _fetch_range(self, group: list[tuple[int, Location]]) -> dict[int, bytes]:
+    def _fetch_range(self, group: list[tuple[int, Piece]]) -> dict[tuple[int, int], bytes]:
+        packs = self._map.packs
         pack = group[0][1].pack
-        start = min(loc.offset for _, loc in group)
-        end = max(loc.offset + loc.length for _, loc in group)
+        key = packs.key(pack)
+        start = group[0][1].offset
+        end = max(p.offset + p.stored for _, p in group)
         try:
-            data = self.objects.get_range(pack, start, end - start)
-        except ObjectNotFound:
-            raise CorruptBlock(pack, group[0][0], "object is missing from the store") from None
+            data = self.objects.get_range(key, start, end - start)
+        except Exception as e:
+            from .errors import ObjectNotFound
+
+            if isinstance(e, ObjectNotFound):
+                raise CorruptBlock(key, group[0][0], "object is missing from the store") from None
+            raise
         self.stats.gets += 1
         self.stats.bytes_downloaded += len(data)
-        out: dict[int, bytes] = {}
-        for block, loc in group:
-            raw = data[loc.offset - start : loc.offset - start + loc.length]
-            if len(raw) != loc.length:
-                raise CorruptBlock(pack, block, f"object is truncated ({len(data)} bytes read)")
+        out: dict[tuple[int, int], bytes] = {}
+        view = memoryview(data)
+        for block, p in group:
+            raw = view[p.offset - start : p.offset - start + p.stored]
+            if len(raw) != p.stored:
+                raise CorruptBlock(key, block, f"object is truncated ({len(data)} bytes read)")
             try:
-                out[block] = decode_block(raw, loc, block, self.block_size)
+                if p.flags & LEGACY:
+                    assert p.digest is not None
+                    content = decode_legacy(
+                        bytes(raw),
+                        flags=p.flags,
+                        digest=p.digest,
+                        lineage=packs.lineages[pack],
+                        block=block,
+                        block_size=self.block_size,
+                    )
+                else:
+                    lineage = packs.lineages[pack]
+                    if lineage is None:
+                        raise ValueError("a format-3 piece in a pack without a lineage")
+                    content = decode_piece(
+                        raw,
+                        lineage=lineage,
+                        pack=packs.uuids[pack],
+                        offset=p.offset,
+                        block=block,
+                        start=p.start if p.kind == EXTENT else 0,
+                        length=p.length if p.kind == EXTENT else self.block_size,
+                        flags=p.flags,
+                    )
             except ValueError as e:
-                raise CorruptBlock(pack, block, str(e)) from None
+                raise CorruptBlock(key, block, str(e)) from None
+            out[(pack, p.offset)] = content
         self.stats.blocks_fetched += len(group)
         return out
+
+    # ------------------------------------------------------------ writes
 
     async def write_blocks(self, blocks: Mapping[int, BlockValue]) -> None:
         if not self.writable:
             raise ReadOnly("this disk is open read-only")
-        data_blocks: list[tuple[int, bytes]] = []
-        meta: dict[int, Entry | None] = {}
+        plain: dict[int, list[Piece]] = {}
+        data: list[tuple[int, int, bytes | memoryview]] = []
         for b, value in blocks.items():
             if value is None:
-                meta[b] = None
+                plain[b] = [Piece(TOMB, -1, 0, 0, 0, 0, 0)]
             elif value == b"":
-                meta[b] = ZERO
+                plain[b] = [Piece(ZERO, -1, 0, 0, 0, 0, 0)]
             else:
                 if len(value) != self.block_size:
                     raise ValueError(f"block {b}: {len(value)} bytes, expected {self.block_size}")
-                data_blocks.append((b, value))
-        data_blocks.sort()
-        groups: list[list[tuple[int, bytes]]] = []
-        size = 0
-        for item in data_blocks:
-            if not groups or size + len(item[1]) > self.pack_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(item)
-            size += len(item[1])
-        if self._pending_since is None and groups:
+                data.append((b, 0, value))
+        uploaded = await self._upload(data)
+        self._watch.difference_update(blocks)
+        self._note_pending()
+        for b, pieces in plain.items():
+            self._pending[b] = pieces
+        for (b, _, _), piece in zip(data, uploaded, strict=True):
+            self._pending[b] = [piece]
+        self.stats.blocks_uploaded += len(data)
+
+    async def write_extents(self, extents: Mapping[int, Sequence[Extent]]) -> None:
+        if not self.writable:
+            raise ReadOnly("this disk is open read-only")
+        data: list[tuple[int, int, bytes | memoryview]] = []
+        for b, parts in extents.items():
+            for start, value in parts:
+                n = value if isinstance(value, int) else len(value)
+                if not 0 <= start < start + n <= self.block_size or not 0 <= b < self.blocks:
+                    raise ValueError(f"block {b}: extent {start}+{n} outside the block")
+                if not isinstance(value, int):
+                    data.append((b, start, value))
+        uploaded = iter(await self._upload(data))
+        self._watch.difference_update(extents)
+        self._note_pending()
+        for b, parts in extents.items():
+            new = []
+            for start, value in parts:
+                if isinstance(value, int):
+                    new.append(Piece(ZERO_EXTENT, -1, start, 0, 0, start, value))
+                else:
+                    new.append(next(uploaded))
+            self._pending[b] = _lay(self._pending.get(b, []), new)
+        self.stats.extents_uploaded += len(data)
+
+    def _note_pending(self) -> None:
+        if self._pending_since is None:
             self._pending_since = time.time()
-        uploaded: dict[int, Entry | None] = {}
-
-        def uploader(group: list[tuple[int, bytes]]) -> Callable[[], Awaitable[None]]:
-            async def upload() -> None:
-                uploaded.update(await run_sync(self._upload_pack, group, limiter=self.limiter))
-
-            return upload
-
-        await parallel([uploader(g) for g in groups])
-        self._pending.update(meta)
-        self._pending.update(uploaded)
 
     def _create(self, key: str, body: bytes) -> None:
         """Upload a new immutable object (idempotent, see put_new)."""
@@ -369,19 +610,47 @@ class ObjectBlockStore:
         self.stats.puts += 1
         self.stats.bytes_uploaded += len(body)
 
-    def _upload_pack(self, group: list[tuple[int, bytes]]) -> dict[int, Location]:
-        key = f"{PACKS}{uuid.uuid4().hex}"
-        parts: list[bytes] = []
-        locations: dict[int, Location] = {}
-        offset = 0
-        for block, data in group:
-            stored, compressed, digest = encode_block(self.lineage, block, data)
-            locations[block] = Location(key, offset, len(stored), compressed, digest, self.lineage)
-            parts.append(stored)
-            offset += len(stored)
-        self._create(key, b"".join(parts))
-        self.stats.blocks_uploaded += len(group)
-        return locations
+    async def _upload(self, items: list[tuple[int, int, bytes | memoryview]]) -> list[Piece]:
+        """Pieces of (block, start, data), packed and uploaded in parallel, in order."""
+        groups: list[tuple[int, int]] = []
+        size = lo = 0
+        for i, (_, _, value) in enumerate(items):
+            # Content counts, not headers: a pack of whole blocks holds a whole number of
+            # them, so read-ahead windows do not straddle packs.
+            if size and size + len(value) > self.pack_size:
+                groups.append((lo, i))
+                size, lo = 0, i
+            size += len(value)
+        if items:
+            groups.append((lo, len(items)))
+        out: list[list[Piece]] = [[] for _ in groups]
+
+        def uploader(g: int) -> Callable[[], Awaitable[None]]:
+            async def upload() -> None:
+                lo, hi = groups[g]
+                out[g] = await run_sync(self._upload_pack, items[lo:hi], limiter=self.limiter)
+
+            return upload
+
+        await parallel([uploader(g) for g in range(len(groups))])
+        return [p for part in out for p in part]
+
+    def _upload_pack(self, group: list[tuple[int, int, bytes | memoryview]]) -> list[Piece]:
+        pack_uuid = uuid.uuid4().bytes
+        index = self._map.packs.add(pack_uuid, self.lineage)
+        writer = PackWriter(self.lineage, pack_uuid)
+        pieces: list[Piece] = []
+        bs = self.block_size
+        for block, start, data in group:
+            offset, stored, flags = writer.add(block, start, data)
+            if start == 0 and len(data) == bs:
+                pieces.append(Piece(DATA, index, offset, stored, flags, 0, 0))
+            else:
+                pieces.append(Piece(EXTENT, index, offset, stored, flags, start, len(data)))
+        self._create(f"{PACKS}{pack_uuid.hex()}", writer.body())
+        return pieces
+
+    # ------------------------------------------------------------ commits
 
     async def flush(self) -> None:
         """Commit every block written so far: upload the manifest delta, then the head."""
@@ -392,7 +661,7 @@ class ObjectBlockStore:
                 if self.fenced:
                     raise Fenced(f"disk {self.head.disk!r}: this writer was fenced")
                 return
-            await self._commit(fencing=False)
+            await self._commit(self._prepare_flush, lambda: not self._pending, fencing=False)
 
     async def renew_lease(self) -> None:
         lease = self.lease
@@ -414,7 +683,15 @@ class ObjectBlockStore:
                     self.fenced = True
                     raise
 
-    async def _commit(self, *, fencing: bool) -> None:
+    async def _commit(
+        self,
+        prepare: Callable[[], Awaitable[_Attempt]],
+        done: Callable[[], bool],
+        *,
+        fencing: bool,
+    ) -> None:
+        """Put a head prepared by ``prepare`` (again, on the head then current, until it or
+        an earlier attempt lands and ``done()`` says nothing is left)."""
         if self.fenced:
             raise Fenced(f"disk {self.head.disk!r}: this writer was fenced by a newer one")
         lease = self.lease
@@ -432,9 +709,9 @@ class ObjectBlockStore:
             if self._unknown:
                 # An earlier flush's put may have landed: look before writing on top.
                 seen = await run_sync(read_head, self.objects, self.head.disk)
-                if self._settle(seen) and (fencing or not self._pending):
+                if self._settle(seen) and (fencing or done()):
                     return
-            attempt = await self._prepare()
+            attempt = await prepare()
             outcome = await run_sync(self._put_head, attempt)
             if outcome.etag is not None:
                 self._apply(attempt, outcome.etag)
@@ -445,7 +722,7 @@ class ObjectBlockStore:
                 raise outcome.error
             error = outcome.error
             if self._settle(outcome.current):
-                if fencing or not self._pending:
+                if fencing or done():
                     return
                 continue
             current, etag = outcome.current
@@ -472,44 +749,69 @@ class ObjectBlockStore:
                 return True
         return False
 
-    def _segment_refs(self) -> list[SegmentRef]:
-        if self.head.format >= FORMAT_VERSION:
-            return list(self.head.segments)
-        return [SegmentRef(s.key, self._segment_hashes[s.key]) for s in self.head.segments]
+    async def _new_run(self, entries: Mapping[int, Sequence[Piece]] | Columns, level: int) -> Run:
+        """Upload a segment of the entries; the run that names it."""
+        cols = entries if isinstance(entries, Columns) else columns_of(entries)
+        key = f"{SEGMENTS}{uuid.uuid4().hex}"
+        packs = self._map.packs
 
-    async def _prepare(self) -> _Attempt:
-        """The next head (after uploading its segment, if anything is pending)."""
-        assert self.lease is not None
+        def encode_and_upload() -> Run:
+            encoded = encode_segment(key, new_refs(build_pages(cols)), packs)
+            self._create(key, encoded.body)
+            ref = SegmentRef(
+                key,
+                encoded.index_sha256,
+                True,
+                encoded.index_offset,
+                encoded.index_length,
+                encoded.entries,
+                level,
+            )
+            return Run(ref, encoded.refs, level)
+
+        return await run_sync(encode_and_upload)
+
+    async def _prepare_flush(self) -> _Attempt:
+        """The next head, with a segment of everything pending (if anything is)."""
         pending = dict(self._pending)
-        # Stats follow from the delta; the whole map is only walked when compacting.
-        blocks, stored = self.head.stored_blocks, self.head.stored_bytes
-        for b, e in pending.items():
-            old = self._map.get(b)
-            if isinstance(old, Location):
-                blocks, stored = blocks - 1, stored - old.length
-            if isinstance(e, Location):
-                blocks, stored = blocks + 1, stored + e.length
-        segments = self._segment_refs()
-        if pending:
-            entries = pending
-            if len(segments) + 1 > MAX_SEGMENTS:
-                full: dict[int, Entry | None] = dict(self._map)
-                for b, e in pending.items():
-                    if e is None:
-                        full.pop(b, None)
-                    else:
-                        full[b] = e
-                if self.head.base_digest is None:
-                    full = {b: e for b, e in full.items() if e != ZERO}
-                segments, entries = [], full
-            key = f"{SEGMENTS}{uuid.uuid4().hex}"
+        runs = list(self._map.runs)
+        if not pending:
+            return self._attempt(runs, self.head.stored_blocks, self.head.stored_bytes, pending)
+        await self._load_pages(self._map.unloaded(pending))
+        cols = columns_of(pending)
+        keys = cols.keys[np.r_[True, cols.keys[1:] != cols.keys[:-1]]]
+        old_held, old_stored, old_extents = self._map.summarize(keys)
+        kinds = (cols.meta >> np.uint32(24)) & np.uint32(7)
+        if len(keys) == len(cols) and not ((kinds == EXTENT) | (kinds == ZERO_EXTENT)).any():
+            # Whole blocks only (one entry each): the new figures follow from the columns.
+            held = kinds == DATA
+            stored = np.where(held, cols.meta & np.uint32(0xFFFFFF), 0).astype(np.int64)
+        else:
+            held, stored = old_held.copy(), old_stored.copy()
+            for i, b in enumerate(keys.tolist()):
+                mine = pending[b]
+                h, size = _held(mine)
+                extents = _extents(mine)
+                if mine[0].replaces:
+                    held[i], stored[i] = h, size
+                else:
+                    held[i] |= bool(h)
+                    stored[i] += size
+                    extents += int(old_extents[i])
+                # Folding rewrites the block: worth it once its extents hold about as
+                # much as the block (a fold then costs at most what they cost), or once
+                # there are so many that a read would fetch too many pieces.
+                if extents >= FOLD_EXTENTS or (extents > 1 and stored[i] >= 2 * self.block_size):
+                    self.fold_candidates.add(b)
+        total_blocks = self.head.stored_blocks + int(held.sum()) - int(old_held.sum())
+        total_bytes = self.head.stored_bytes + int(stored.sum()) - int(old_stored.sum())
+        runs.append(await self._new_run(cols, 0))
+        return self._attempt(runs, total_blocks, total_bytes, pending)
 
-            def upload() -> str:
-                body = encode_segment(entries, self.block_size)
-                self._create(key, body)
-                return segment_sha256(body)
-
-            segments.append(SegmentRef(key, await run_sync(upload)))
+    def _attempt(
+        self, runs: list[Run], blocks: int, stored: int, pending: dict[int, list[Piece]]
+    ) -> _Attempt:
+        assert self.lease is not None
         base = self.head
         head = Head(
             disk=base.disk,
@@ -520,17 +822,19 @@ class ObjectBlockStore:
             epoch=self.lease.epoch,
             commit_id=uuid.uuid4().hex,
             committed_at=time.time(),
-            segments=segments,
+            segments=[run.ref for run in runs],
             parent=base.parent,
             stored_blocks=blocks,
-            stored_bytes=stored,
+            # Only a block with more unfolded extents than the bound allows (compaction far
+            # behind) could exceed it; the head's accounting is capped rather than refused.
+            stored_bytes=min(stored, blocks * base.block_size * STORED_PER_BLOCK),
             format=FORMAT_VERSION,
             lineage=self.lineage.hex(),
         )
         problem = head_problem(head)
         if problem:
             raise BlockStoreError(f"refusing to commit an invalid head of {base.disk!r}: {problem}")
-        return _Attempt(head, pending)
+        return _Attempt(head, pending, runs)
 
     def _put_head(self, attempt: _Attempt) -> _Outcome:
         """Blocking; changes nothing: the caller acts on the outcome in the trio thread."""
@@ -549,20 +853,33 @@ class ObjectBlockStore:
     def _apply(self, attempt: _Attempt, etag: str) -> None:
         """The attempt is committed: it becomes the head and its entries leave pending."""
         self.head, self._head_etag = attempt.head, etag
+        self._map.runs = attempt.runs
         self.stats.puts += 1
         self.stats.commits += 1
         for b, e in attempt.pending.items():
-            if e is None:
-                self._map.pop(b, None)
-            else:
-                self._map[b] = e
-        for b, e in attempt.pending.items():
-            if self._pending.get(b, ...) is e:
+            if self._pending.get(b) is e:
                 del self._pending[b]
         if not self._pending:
             self._pending_since = None
         self._unknown.clear()
-        self._segment_hashes.clear()
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
+
+    # ------------------------------------------------------------ compaction
+
+    async def compact(self, base: BaseReader | None = None) -> bool:
+        """One step of background compaction: a merge of segments, or a fold of blocks
+        with many extents into whole blocks. False when there was nothing to do. Safe to
+        run beside writes and flushes: each step commits through the head like a flush,
+        holding the commit lock only for that."""
+        from .compaction import fold_step, merge_step
+
+        if not self.writable or self.fenced:
+            return False
+        async with self._compact_lock:
+            if await merge_step(self):
+                return True
+            return await fold_step(self, base)
 
     async def release(self) -> None:
         """Give up the lease (after a flush, so the next host sees everything)."""
@@ -581,3 +898,18 @@ class ObjectBlockStore:
         async with self._commit_lock:
             head = self.head
             return await run_sync(save_checkpoint, self.objects, head, tag)
+
+
+def _lay(old: list[Piece], new: list[Piece]) -> list[Piece]:
+    """Pending entries with new extents over them: older extents that a new one covers
+    whole are dropped (a new list: commits recognise what they took by identity)."""
+    out = list(old)
+    for piece in new:
+        end = piece.start + piece.length
+        out = [
+            p
+            for p in out
+            if p.replaces or not (piece.start <= p.start and p.start + p.length <= end)
+        ]
+        out.append(piece)
+    return out

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from .errors import InvalidURL
 from .layout import check_name
 from .objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
+from .probe import checked
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,12 @@ def parse_disk_url(url: str) -> DiskURL:
     return DiskURL(store_url, name, tag or None)
 
 
-def open_store(store_url: str, *, s3_endpoint: str | None = None) -> ObjectStore:
-    """An object store for ``file:///dir`` or ``s3://bucket[/prefix]``."""
+def open_store(
+    store_url: str, *, s3_endpoint: str | None = None, max_attempts: int | None = None
+) -> ObjectStore:
+    """An object store for ``file:///dir`` or ``s3://bucket[/prefix]``. An S3 store is
+    checked for conditional writes before its first conditional put (see ``probe``);
+    ``max_attempts`` bounds its retries (a quick answer from a wrong endpoint)."""
     parts = urlsplit(store_url)
     if parts.scheme == "file":
         if not parts.path.startswith("/"):
@@ -54,5 +59,10 @@ def open_store(store_url: str, *, s3_endpoint: str | None = None) -> ObjectStore
         if not parts.netloc:
             raise InvalidURL(f"{store_url!r}: s3 URLs need a bucket")
         endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-        return S3ObjectStore(parts.netloc, parts.path.strip("/"), endpoint_url=endpoint)
+        prefix = parts.path.strip("/")
+        if max_attempts is None:
+            return checked(S3ObjectStore(parts.netloc, prefix, endpoint_url=endpoint))
+        return checked(
+            S3ObjectStore(parts.netloc, prefix, endpoint_url=endpoint, max_attempts=max_attempts)
+        )
     raise InvalidURL(f"unsupported store URL {store_url!r}: use file:///DIR or s3://BUCKET/PREFIX")

@@ -1,9 +1,17 @@
-"""The object-store contract, for every implementation (S3 against the real fixture)."""
+"""The object-store contract, one suite for every implementation: memory, a local
+directory, S3 on SeaweedFS and on moto (two independent servers on loopback), and a store
+a user could have written from the README ("Writing your own storage")."""
 
 from __future__ import annotations
 
 import multiprocessing
+import random
+import sqlite3
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,24 +20,110 @@ from blockstore import (
     InvalidKey,
     LocalObjectStore,
     MemoryObjectStore,
+    ObjectInfo,
     ObjectNotFound,
     ObjectStore,
     PreconditionFailed,
+    S3ObjectStore,
+    StoredObject,
+    StoreRejected,
 )
 from tests.conftest import S3Endpoint
+from tools.s3server import S3Server
 
 
-@pytest.fixture(params=["memory", "local", "s3"])
+class SQLiteObjectStore(ObjectStore):
+    """What a user could write from the README: objects in one SQLite table, each put's
+    condition checked and applied in one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS objects"
+            " (key TEXT PRIMARY KEY, data BLOB NOT NULL, etag TEXT NOT NULL, mtime REAL)"
+        )
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> StoredObject:
+        with self._lock:
+            row = self._db.execute("SELECT data, etag FROM objects WHERE key = ?", (key,))
+            found = row.fetchone()
+        if found is None:
+            raise ObjectNotFound(key)
+        return StoredObject(bytes(found[0]), found[1])
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self.get(key).data[offset : offset + length]
+
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        etag = uuid.uuid4().hex
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT etag FROM objects WHERE key = ?", (key,))
+                current = row.fetchone()
+                if (if_none_match and current is not None) or (
+                    if_match is not None and (current is None or current[0] != if_match)
+                ):
+                    raise PreconditionFailed(key)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?)",
+                    (key, data, etag, time.time()),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return etag
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM objects WHERE key = ?", (key,))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, length(data), mtime FROM objects WHERE key >= ? ORDER BY key",
+                (prefix,),
+            ).fetchall()
+        for key, size, mtime in rows:
+            if not key.startswith(prefix):
+                break
+            yield ObjectInfo(key, size, mtime)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+SHIPPED = ["memory", "local", "s3-seaweedfs", "s3-moto"]
+KINDS = [*SHIPPED, "user-written"]
+S3_KINDS = ["s3-seaweedfs", "s3-moto"]
+
+
+def s3_endpoint(request: pytest.FixtureRequest, kind: str) -> S3Endpoint:
+    endpoint: S3Endpoint = request.getfixturevalue("s3" if kind == "s3-seaweedfs" else "moto_s3")
+    return endpoint
+
+
+def open_kind(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """A fresh, empty store of that kind (S3 ones in a new bucket, under a prefix)."""
+    if kind == "memory":
+        return MemoryObjectStore()
+    if kind == "local":
+        return LocalObjectStore(tmp_path / "store")
+    if kind == "user-written":
+        return SQLiteObjectStore(tmp_path / "objects.sqlite")
+    return s3_endpoint(request, kind).object_store("some/prefix")
+
+
+@pytest.fixture(params=KINDS)
 def objects(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    if request.param == "memory":
-        yield MemoryObjectStore()
-    elif request.param == "local":
-        yield LocalObjectStore(tmp_path / "store")
-    else:
-        s3: S3Endpoint = request.getfixturevalue("s3")
-        store = s3.object_store("some/prefix")
-        yield store
-        store.close()
+    store = open_kind(request.param, request, tmp_path)
+    yield store
+    store.close()
 
 
 def test_put_get_range_list_delete(objects: ObjectStore) -> None:
@@ -69,6 +163,7 @@ def test_compare_and_swap(objects: ObjectStore) -> None:
 
 
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", "a//b", "a/./b", "sp ace", "nul\0"])
+@pytest.mark.parametrize("objects", SHIPPED, indirect=True)
 def test_malformed_keys_are_refused(objects: ObjectStore, key: str) -> None:
     with pytest.raises(InvalidKey):
         objects.put(key, b"x")
@@ -129,3 +224,202 @@ def test_local_store_is_made_by_the_first_put_not_by_looking(tmp_path: Path) -> 
     objects.put("a/b", b"x", if_none_match=True)
     assert objects.get("a/b").data == b"x"
     assert LocalObjectStore(root, create=False).get("a/b").data == b"x"
+
+
+# ---------------------------------------------------------------- the conformance suite
+
+
+def test_ranged_gets_past_the_end(objects: ObjectStore) -> None:
+    objects.put("r", b"0123456789")
+    assert objects.get_range("r", 0, 10) == b"0123456789"
+    assert objects.get_range("r", 9, 1) == b"9"
+    assert objects.get_range("r", 9, 100) == b"9"
+    assert objects.get_range("r", 10, 1) == b""
+    assert objects.get_range("r", 11, 5) == b""
+    assert objects.get_range("r", 1 << 40, 1) == b""
+    with pytest.raises(ObjectNotFound):
+        objects.get_range("missing", 5, 5)
+
+
+def test_empty_objects(objects: ObjectStore) -> None:
+    etag = objects.put("empty", b"", if_none_match=True)
+    got = objects.get("empty")
+    assert (got.data, got.etag) == (b"", etag)
+    assert objects.get_range("empty", 0, 10) == b""
+    assert [(o.key, o.size) for o in objects.list("empty")] == [("empty", 0)]
+    objects.put("empty", b"now something", if_match=etag)
+    assert objects.get("empty").data == b"now something"
+
+
+def test_large_objects(objects: ObjectStore) -> None:
+    """Bigger than any pack lanekit writes (4 MiB by default); one put, no multipart."""
+    data = random.Random(7).randbytes(12 << 20)
+    etag = objects.put("big", data, if_none_match=True)
+    got = objects.get("big")
+    assert got.data == data and got.etag == etag
+    assert objects.get_range("big", (6 << 20) - 3, 1 << 20) == data[(6 << 20) - 3 : (7 << 20) - 3]
+    assert objects.get_range("big", len(data) - 5, 100) == data[-5:]
+    assert [(o.key, o.size) for o in objects.list("big")] == [("big", len(data))]
+
+
+def test_listing_with_prefixes_and_more_than_one_page(objects: ObjectStore) -> None:
+    """S3 answers a listing in pages of at most 1,000 keys: every page is read, in order.
+    Keys that continue a prefix with '/' and with a lower character ('-', '.') are listed
+    in another order by SeaweedFS ('a', 'a/1', 'a-b'; S3 and the others: 'a-b', 'a/1'), so
+    only their set is compared; lanekit sorts where order matters. A key cannot be both an
+    object and a "directory" of others in a local directory, so none here is."""
+    keys = [f"many/{i:05d}" for i in range(1050)]
+    others = ["man", "many-not/x", "many.x", "manz/y", "other/z"]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: objects.put(k, k.encode()), [*keys, *others]))
+    listed = list(objects.list("many/"))
+    assert [o.key for o in listed] == keys
+    assert all(o.size == len(o.key) for o in listed)
+    assert [o.key for o in objects.list("many/0104")] == [f"many/0104{i}" for i in range(10)]
+    assert sorted(o.key for o in objects.list("many")) == sorted(["many-not/x", "many.x", *keys])
+    assert sorted(o.key for o in objects.list()) == sorted([*keys, *others])
+    assert list(objects.list("nothing/")) == []
+
+
+def test_deletes_of_missing_keys_are_not_errors(objects: ObjectStore) -> None:
+    objects.delete("never/was")
+    objects.put("once", b"x")
+    objects.delete("once")
+    objects.delete("once")
+    with pytest.raises(ObjectNotFound):
+        objects.get("once")
+    assert list(objects.list()) == []
+
+
+def test_conditional_puts_and_their_errors(objects: ObjectStore) -> None:
+    """Every way a condition loses is PreconditionFailed, whatever the service answered."""
+    first = objects.put("k", b"one", if_none_match=True)
+    assert objects.get("k").etag == first
+    for data in (b"one", b"two"):
+        with pytest.raises(PreconditionFailed):
+            objects.put("k", data, if_none_match=True)
+    second = objects.put("k", b"two", if_match=first)
+    for stale in (first, "0" * 32, '"0123"', "nonsense"):
+        with pytest.raises(PreconditionFailed):
+            objects.put("k", b"stale", if_match=stale)
+    assert objects.get("k") == StoredObject(b"two", second)
+    read = objects.get("k").etag
+    third = objects.put("k", b"three", if_match=read)
+    with pytest.raises(PreconditionFailed):
+        objects.put("absent", b"x", if_match=third)
+    with pytest.raises(ObjectNotFound):
+        objects.get("absent")
+    objects.delete("k")
+    with pytest.raises(PreconditionFailed):
+        objects.put("k", b"after delete", if_match=third)
+    objects.put("k", b"again", if_none_match=True)
+    assert objects.get("k").data == b"again"
+
+
+def test_concurrent_conditional_puts_have_exactly_one_winner(objects: ObjectStore) -> None:
+    """Several threads race a create-only put of one key, then a replace with the same
+    etag: one wins each time. (SeaweedFS makes the losers of a contended key wait in steps
+    of a second, hence the small numbers.)"""
+    threads, rounds = 4, 4
+    barrier = threading.Barrier(threads)
+
+    def race(key: str, data: bytes, etag: str | None) -> bool:
+        barrier.wait()
+        try:
+            if etag is None:
+                objects.put(key, data, if_none_match=True)
+            else:
+                objects.put(key, data, if_match=etag)
+        except PreconditionFailed:
+            return False
+        return True
+
+    with ThreadPoolExecutor(threads) as pool:
+        for r in range(rounds):
+            key, etag = f"race/{r}", None
+            for form in ("If-None-Match", "If-Match"):
+                bodies = [f"{form} {r} {i}".encode() for i in range(threads)]
+                won = list(pool.map(race, [key] * threads, bodies, [etag] * threads))
+                assert won.count(True) == 1, f"round {r}, {form}: {won.count(True)} winners"
+                current = objects.get(key)
+                assert current.data == bodies[won.index(True)]
+                etag = current.etag
+
+
+# ---------------------------------------------------------------- S3 services
+
+
+@pytest.fixture(params=S3_KINDS)
+def s3_any(request: pytest.FixtureRequest) -> S3Endpoint:
+    return s3_endpoint(request, request.param)
+
+
+def _is_seaweedfs(endpoint: S3Endpoint) -> bool:
+    return isinstance(endpoint.server, S3Server)
+
+
+def _raw_status(client: object, **kwargs: object) -> tuple[int, str]:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.put_object(**kwargs)  # type: ignore[attr-defined]
+    except ClientError as e:
+        return e.response["ResponseMetadata"]["HTTPStatusCode"], e.response["Error"]["Code"]
+    return 200, ""
+
+
+def test_services_answer_a_lost_condition_differently(s3_any: S3Endpoint) -> None:
+    """Known differences the mapping covers: If-Match of a missing key is 404 on moto and
+    AWS, 412 on SeaweedFS; a taken key under If-None-Match is 412 on both."""
+    client, bucket = s3_any.client(), s3_any.new_bucket()
+    client.put_object(Bucket=bucket, Key="k", Body=b"x")
+    missing = _raw_status(client, Bucket=bucket, Key="absent", Body=b"x", IfMatch='"0"')
+    expected = (
+        (412, "PreconditionFailed")
+        if s3_any.server.__class__.__name__ == "S3Server"
+        else (404, "NoSuchKey")
+    )
+    assert missing == expected
+    assert _raw_status(client, Bucket=bucket, Key="k", Body=b"y", IfNoneMatch="*")[0] == 412
+    store = S3ObjectStore(bucket, client=client)
+    with pytest.raises(PreconditionFailed):
+        store.put("absent", b"x", if_match='"0"')
+    with pytest.raises(PreconditionFailed):
+        store.put("k", b"y", if_none_match=True)
+
+
+def test_a_missing_bucket_is_one_clear_error_not_a_missing_key(s3_any: S3Endpoint) -> None:
+    """It was read as a missing object: a get said 'not found', a delete 'done'. A put is
+    refused too on moto (and AWS); SeaweedFS makes the bucket instead."""
+    store = S3ObjectStore(f"nope-{uuid.uuid4().hex[:12]}", "p", client=s3_any.client())
+    calls = {
+        "get": lambda: store.get("k"),
+        "get_range": lambda: store.get_range("k", 0, 1),
+        "delete": lambda: store.delete("k"),
+        "list": lambda: list(store.list("")),
+    }
+    if not _is_seaweedfs(s3_any):
+        calls["put"] = lambda: store.put("k", b"x")
+        calls["create"] = lambda: store.put("k", b"x", if_none_match=True)
+        calls["replace"] = lambda: store.put("k", b"x", if_match='"0"')
+    for name, call in calls.items():
+        with pytest.raises(StoreRejected) as caught:
+            call()
+        assert caught.value.code == "NoSuchBucket", name
+        assert "does not exist" in str(caught.value) and "\n" not in str(caught.value)
+    if _is_seaweedfs(s3_any):
+        store.put("k", b"x", if_none_match=True)
+        assert store.get("k").data == b"x"
+
+
+def test_wrong_credentials_are_one_clear_error(s3: S3Endpoint) -> None:
+    """SeaweedFS checks credentials (moto's server accepts any)."""
+    import boto3
+
+    kwargs = dict(s3.client_kwargs, aws_secret_access_key="wrong")
+    store = S3ObjectStore(s3.new_bucket(), client=boto3.client("s3", **kwargs))
+    for call in (lambda: store.get("k"), lambda: store.put("k", b"x"), lambda: list(store.list())):
+        with pytest.raises(StoreRejected) as caught:
+            call()
+        assert caught.value.code == "SignatureDoesNotMatch"
+        assert "check the credentials" in str(caught.value)

@@ -40,7 +40,12 @@ BS = workers.BS
 
 
 def _kill_loop(
-    url: str, kills: int, env: dict[str, str], endpoint: str | None, seed0: int
+    url: str,
+    kills: int,
+    env: dict[str, str],
+    endpoint: str | None,
+    seed0: int,
+    run_for: tuple[float, float] = (0.4, 1.6),
 ) -> list[int]:
     """Run the crash writer, kill -9 it at random instants, and check each reopened state."""
     rng = random.Random(seed0)
@@ -55,7 +60,7 @@ def _kill_loop(
         log = Path(env["LANEKIT_TEST_TMP"]) / f"writer-{i}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(argv, stdout=out, env=env)
-        time.sleep(rng.uniform(0.5, 2.5))
+        time.sleep(rng.uniform(*run_for))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         buf = log.read_text()
@@ -83,13 +88,24 @@ async def _read_all(url: str, endpoint: str | None) -> bytes:
         return await disk.read(0, disk.size)
 
 
+def _compacted(url: str, endpoint: str | None = None) -> bool:
+    """Whether merges have been committed (runs below level 0 in the head)."""
+    objects, name, _ = blockstore.resolve(url, endpoint)
+    head, _ = blockstore.manifest.read_head(objects, name)
+    return any(s.level >= 1 for s in head.segments)
+
+
 @pytest.mark.slow
-def test_kill9_mid_write_reopens_at_a_flushed_state_local(tmp_path: Path) -> None:
+@pytest.mark.parametrize("seed", [1, 3])
+def test_kill9_mid_write_reopens_at_a_flushed_state_local(tmp_path: Path, seed: int) -> None:
+    """25 kills per seed (50 in all) at random instants of writes (most of them partial:
+    extents), flushes and the background merges and folds."""
     url = f"file://{tmp_path}/store/crashy"
     trio.run(lambda: blockstore.create(url, workers.BLOCKS * BS, block_size=BS))
     env = dict(os.environ, LANEKIT_TEST_TMP=str(tmp_path))
-    acks = _kill_loop(url, 12, env, None, seed0=1)
+    acks = _kill_loop(url, 25, env, None, seed0=seed)
     assert max(acks) > 0, "the writer never got a flush acknowledged; the test proves nothing"
+    assert _compacted(url), "no merge was ever committed: compaction was not exercised"
 
 
 @pytest.mark.slow
@@ -102,8 +118,9 @@ def test_kill9_mid_write_reopens_at_a_flushed_state_s3(
     url = f"s3://{bucket}/lanes/crashy"
     env = dict(os.environ, LANEKIT_TEST_TMP=str(tmp_path), **s3.env)
     trio.run(lambda: blockstore.create(url, workers.BLOCKS * BS, block_size=BS))
-    acks = _kill_loop(url, 6, env, s3.endpoint, seed0=2)
+    acks = _kill_loop(url, 8, env, s3.endpoint, seed0=2, run_for=(1.0, 2.5))
     assert max(acks) > 0
+    assert _compacted(url, s3.endpoint)
 
 
 async def test_two_writers_exactly_one_wins(s3: S3Endpoint) -> None:

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import lz4.block
+import numpy as np
 import pytest
 import trio
 
@@ -42,7 +43,9 @@ from blockstore.layout import (
     encode_segment_v1,
     head_key,
 )
-from blockstore.manifest import load_map, read_checkpoint, read_head
+from blockstore.manifest import load_all_pages, load_runs, read_checkpoint, read_head
+from blockstore.pieces import V1_BLAKE2B, V1_SHA256
+from blockstore.segments import NO_PACK
 
 BS = 4096
 BLOCKS = 16
@@ -92,8 +95,15 @@ def _reads(objects: ObjectStore, target: str) -> set[str]:
         head, key = read_checkpoint(objects, name, tag), checkpoint_key(name, tag)
     else:
         head, key = read_head(objects, name)[0], head_key(name)
-    packs = {e.pack for e in load_map(objects, head)[0].values() if isinstance(e, Location)}
-    return {key, *(s.key for s in head.segments), *packs}
+    block_map = load_runs(objects, head)
+    load_all_pages(objects, head, block_map)
+    pages = [p for run in block_map.runs for p in run.pages]
+    packs = set()
+    for page in pages:
+        assert page.page is not None
+        packs |= {block_map.packs.key(i) for i in set(page.page.packs.tolist()) - {NO_PACK}}
+    objects_of_pages = {p.obj for p in pages if p.obj is not None}
+    return {key, *(s.key for s in head.segments), *objects_of_pages, *packs}
 
 
 async def _outcome(
@@ -165,7 +175,7 @@ async def test_byte_flips_in_metadata_and_packs_give_an_error_or_the_right_data(
 def _sealed(body: dict[str, object]) -> bytes:
     """A head with a valid checksum around whatever body: only validation can catch it."""
     raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return b"LKHEAD02 " + hashlib.sha256(raw).hexdigest().encode() + b"\n" + raw
+    return b"LKHEAD03 " + hashlib.sha256(raw).hexdigest().encode() + b"\n" + raw
 
 
 @pytest.mark.parametrize(
@@ -276,13 +286,14 @@ async def test_format1_disks_stay_readable_and_are_upgraded_at_their_first_commi
 
     # The first commit (the fencing commit of a writable open) upgrades it.
     async with open_disk((objects, "d")) as disk:
-        assert disk_info(objects, "d")["format"] == 2
+        assert disk_info(objects, "d")["format"] == 3
         await disk.write(20 * BS, b"new" * BS)
         model[20 * BS : 23 * BS] = b"new" * BS
     info = disk_info(objects, "d")
-    assert info["format"] == 2 and info["integrity"].startswith("checksummed")
+    assert info["format"] == 3 and info["integrity"].startswith("checksummed")
+    assert "older format" in info["integrity"]
     head = objects.get(head_key("d")).data
-    assert head.startswith(b"LKHEAD02 ")
+    assert head.startswith(b"LKHEAD03 ")
     for segment in old_segments:
         assert segment.encode() in head, "the old segments are named with their checksums"
     assert await _contents(objects, "d", len(model)) == model
@@ -303,17 +314,26 @@ async def test_format1_disks_stay_readable_and_are_upgraded_at_their_first_commi
             await disk.write((30 + i) * BS, bytes([i + 1]) * BS)
             model[(30 + i) * BS : (31 + i) * BS] = bytes([i + 1]) * BS
             await disk.flush()
+        await disk.compact()
         store = disk.store
         assert isinstance(store, blockstore.ObjectBlockStore)
         assert not {s.key for s in store.head.segments} & old_segments
-        legacy = [e for e in store._map.values() if isinstance(e, Location) and e.lineage is None]
-        assert {e.sha256 for e in legacy} == {True, False}
+        assert all(s.paged for s in store.head.segments)
+        await store.load_map()
+        flags = {
+            int(f) >> 27
+            for run in store._map.runs
+            for page in run.pages
+            if page.page is not None
+            for f in page.page.meta.tolist()
+        }
+        assert {flag & (V1_SHA256 | V1_BLAKE2B) for flag in flags} >= {V1_SHA256, V1_BLAKE2B}
     assert await _contents(objects, "d", len(model)) == model
 
     # The format-1 fork is upgraded by its own first commit, under a lineage of its own.
     async with open_disk((objects, "old-fork")) as fork:
         await fork.write(0, b"f" * BS)
-    assert disk_info(objects, "old-fork")["format"] == 2
+    assert disk_info(objects, "old-fork")["format"] == 3
     assert (await _contents(objects, "old-fork", 2 * BS))[:BS] == b"f" * BS
 
 
@@ -331,32 +351,47 @@ async def test_format1_block_with_a_wrong_digest_is_refused(tmp_path: Path) -> N
             await disk.read(BS, BS)
 
 
-async def test_a_block_served_at_the_wrong_index_is_an_error() -> None:
-    """Block digests bind content to its address, the block's index and the lineage of the
-    disk that wrote it: a manifest entry moved to another block or relabelled (with every
-    checksum of the metadata recomputed, as a bug could) is refused."""
-    from blockstore.layout import decode_segment, encode_segment, new_lineage
+async def test_a_piece_served_at_the_wrong_address_is_an_error() -> None:
+    """Piece digests bind content to its address: the block's index, the range of the block
+    an extent covers and the lineage of the disk that wrote it. Manifest entries moved to
+    another block, relabelled or shifted (with every checksum of the metadata recomputed,
+    as a bug could) are refused."""
+    from blockstore.layout import new_lineage
+    from blockstore.segments import Columns, build_pages, encode_segment, new_refs, page_columns
 
     objects = MemoryObjectStore()
     create_disk(objects, "d", 64 * BS, block_size=BS)
-    async with open_disk((objects, "d")) as disk:
+    async with open_disk((objects, "d"), compact=False) as disk:
         await disk.write(0, os.urandom(2 * BS))
+        await disk.write(3 * BS + 100, os.urandom(300))
+    head, _ = read_head(objects, "d")
+    block_map = load_runs(objects, head)
+    load_all_pages(objects, head, block_map)
+    (run,) = block_map.runs
+    assert run.pages[0].page is not None
+    cols = page_columns(run.pages[0].page)
+    keys, packs, ext = cols.keys.copy(), cols.packs.copy(), cols.ext.copy()
+    # Block 1's data moved to block 2; block 0 claimed by another disk's lineage; the
+    # extent of block 3 moved from byte 100 to byte 200 of its block.
+    keys[keys == 1] = 2
+    row0 = int(np.flatnonzero(keys == 0)[0])
+    packs[row0] = block_map.packs.add(block_map.packs.uuids[int(packs[row0])], new_lineage())
+    row3 = int(np.flatnonzero(keys == 3)[0])
+    ext[row3] = (200 << 32) | (int(ext[row3]) & 0xFFFFFFFF)
+    moved = Columns(keys, packs, cols.offsets, cols.meta, ext)
+    encoded = encode_segment(run.ref.key, new_refs(build_pages(moved)), block_map.packs)
+    objects.put(run.ref.key, encoded.body)
     data = objects.get(head_key("d")).data
     body = json.loads(data.partition(b"\n")[2])
-    segment = body["segments"][0]["key"]
-    entries = decode_segment(objects.get(segment).data, segment)
-    block0 = entries[0]
-    assert isinstance(block0, Location) and block0.lineage is not None
-    # Block 1's data moved to block 2; block 0 claimed by another disk's lineage.
-    entries[0] = block0._replace(lineage=new_lineage())
-    entries[1], entries[2] = None, entries[1]
-    moved = encode_segment(entries, BS)
-    objects.put(segment, moved)
-    body["segments"][0]["sha256"] = hashlib.sha256(moved).hexdigest()
+    body["segments"][0] = run.ref._replace(
+        sha256=encoded.index_sha256,
+        index_offset=encoded.index_offset,
+        index_length=encoded.index_length,
+    ).as_json()
     objects.put(head_key("d"), _sealed(body))
     async with open_disk((objects, "d"), writable=False) as disk:
         assert await disk.read(BS, BS) == bytes(BS)
-        for block in (0, 2):
+        for block in (0, 2, 3):
             with pytest.raises(CorruptBlock, match="another block"):
                 await disk.read(block * BS, BS)
 

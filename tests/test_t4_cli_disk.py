@@ -42,7 +42,7 @@ def test_disk_lifecycle_on_local_store(tmp_path: Path) -> None:
     assert info["size"] == (src.stat().st_size + 511) // 512 * 512
     assert info["stored_blocks"] == 49, "zero blocks are not stored"
     assert info["lease_holder"] is None
-    assert info["format"] == 2 and info["integrity"].startswith("checksummed")
+    assert info["format"] == 3 and info["integrity"].startswith("checksummed")
     lanekit("disk", "checkpoint", f"file://{store}/imported", "v1")
     assert lanekit("disk", "info", f"file://{store}/imported")["checkpoints"] == ["v1"]
     lanekit("disk", "fork", f"file://{store}/imported@v1", f"file://{store}/copy")

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from blockstore.lease import lease_is_live, read_lease
 from vfs import FSError, MountError
 from vm import VMError
 
+from .cli_s3 import add_parsers as add_s3_parsers
 from .cli_vm import add_parsers as add_vm_parsers
 from .config import lanekit_home, parse_size, serve_until_signalled
 
@@ -39,39 +39,6 @@ class CLIError(Exception):
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
-
-
-# ---------------------------------------------------------------- s3
-
-
-def cmd_s3_serve(args: argparse.Namespace) -> int:
-    import time
-
-    from .s3server import S3Server
-
-    data_dir = Path(args.dir or lanekit_home() / "s3").absolute()
-    server = S3Server(data_dir, port=args.port)
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        server.start()
-        print(f"SeaweedFS S3 serving {data_dir} at {server.endpoint}")
-        print("Use it with:")
-        for k, v in server.env.items():
-            print(f"  export {k}={v}")
-        print("Press Ctrl-C to stop.", flush=True)
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-        raise CLIError(f"SeaweedFS exited unexpectedly (log: {data_dir / 'weed.log'})")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    print("stopped", flush=True)
-    return 0
 
 
 # ---------------------------------------------------------------- disk
@@ -271,9 +238,11 @@ def cmd_disk_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_mount(args: argparse.Namespace) -> int:
-    from blockstore.serve.fusefile import mount_disk_file
+    from blockstore.serve.fusefile import clear_dead_fuse_mount, mount_disk_file
 
     mountpoint = os.path.abspath(args.mountpoint)
+    if notice := clear_dead_fuse_mount(mountpoint):
+        print(notice, file=sys.stderr)
     if not os.path.isdir(mountpoint):
         raise CLIError(f"mount point {mountpoint} is not a directory", EXIT_USAGE)
 
@@ -325,13 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s3 = sub.add_parser("s3", help="a local S3 server (SeaweedFS)").add_subparsers(
-        dest="s3_command", required=True
-    )
-    serve = s3.add_parser("serve", help="run SeaweedFS on 127.0.0.1 until Ctrl-C")
-    serve.add_argument("--dir", help="data directory (default $LANEKIT_HOME/s3)")
-    serve.add_argument("--port", type=int, help="S3 port (default: a free one)")
-    serve.set_defaults(func=cmd_s3_serve)
+    add_s3_parsers(sub)
 
     disk = sub.add_parser("disk", help="copy-on-write disks").add_subparsers(
         dest="disk_command", required=True

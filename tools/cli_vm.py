@@ -260,6 +260,10 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
 
 
 def cmd_vfs_mount(args: argparse.Namespace) -> int:
+    from blockstore.serve.fusefile import clear_dead_fuse_mount
+
+    if notice := clear_dead_fuse_mount(args.mountpoint):
+        print(notice, file=sys.stderr)
     fs: vfs.Filesystem
     if args.memory:
         fs = vfs.MemoryFS(

@@ -26,9 +26,11 @@ import pyfuse3
 import trio
 
 from blockstore.concurrency import blocking
-from blockstore.serve.fusefile import set_fuse_readahead
+from blockstore.serve.fusefile import is_dead_fuse_mount, set_own_fuse_readahead
 
+from .changes import Change, NodeChanged
 from .interface import Attr, Context, Filesystem, FSError, Key, SetAttr, check_name
+from .invalidate import Invalidation, Invalidator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,11 +70,14 @@ def _ctx(ctx: pyfuse3.RequestContext | None) -> Context:
 
 
 class FuseAdapter(pyfuse3.Operations):
-    enable_writeback_cache = True
+    enable_writeback_cache = False
 
     def __init__(self, fs: Filesystem, *, timeout: float | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self.enable_writeback_cache = fs.writeback_cache
+        self.invalidator = Invalidator()
+        self.initialized = trio.Event()
         self.keep_cache = bool(getattr(fs, "kernel_cache", False))
         default = CACHED_TIMEOUT_S if self.keep_cache else UNCACHED_TIMEOUT_S
         self.timeout = timeout if timeout is not None else default
@@ -85,6 +90,10 @@ class FuseAdapter(pyfuse3.Operations):
         self._has_xattrs = fs.has_xattrs
 
     # ------------------------------------------------------------ plumbing
+
+    def init(self) -> None:
+        """pyfuse3 calls it with the kernel's INIT, on the loop; the reply follows at once."""
+        self.initialized.set()
 
     def _key(self, inode: int) -> Key:
         try:
@@ -135,6 +144,21 @@ class FuseAdapter(pyfuse3.Operations):
             return self._handles[fh]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    async def apply_changes(self, changes: Sequence[Change]) -> None:
+        """The filesystem's observer: the kernel drops what it caches of the nodes and
+        entries it knows among ``changes``; returns once it has."""
+        work: list[Invalidation] = []
+        for change in changes:
+            if isinstance(change, NodeChanged):
+                ino = self._ino_of.get(change.key)
+                if ino is not None:
+                    work.append((ino, None))
+            else:
+                ino = self._ino_of.get(change.parent)
+                if ino is not None:
+                    work.append((ino, change.name))
+        await self.invalidator.submit(work)
 
     # ------------------------------------------------------------ lookups
 
@@ -331,7 +355,8 @@ class FuseAdapter(pyfuse3.Operations):
             await _guard("releasedir", lambda: self.fs.releasedir(handle))
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass
+        handle = self._handle(fh)
+        await _guard("fsyncdir", lambda: self.fs.fsyncdir(handle, datasync))
 
     # ------------------------------------------------------------ the rest
 
@@ -385,8 +410,15 @@ async def serve(
 
     ``auto_unmount`` makes the kernel drop the mount even if this process is killed, and
     ``default_permissions`` has the kernel check modes, owners, sticky and setgid bits.
+    While mounted, the adapter observes ``fs`` (:meth:`Filesystem.notify`) and drops the
+    kernel's caches of what changed behind the mount.
     """
     target = Path(os.path.abspath(mountpoint))  # noqa: ASYNC240  (no I/O: string work)
+    if await trio.to_thread.run_sync(is_dead_fuse_mount, target):
+        raise MountError(
+            f"mount point {target} is a dead FUSE mount (its server died): "
+            f"clear it with 'fusermount3 -uz {target}'"
+        )
     if not await trio.Path(target).is_dir():
         raise MountError(f"mount point {target} is not a directory: create it first")
     if not _mount_lock.acquire(blocking=False):
@@ -398,23 +430,42 @@ async def serve(
         options = {"default_permissions", "auto_unmount", f"fsname={fsname}", "subtype=lanekit"}
         if allow_other:
             options.add("allow_other")
+        adapter = FuseAdapter(fs, timeout=timeout)
         try:
-            pyfuse3.init(FuseAdapter(fs, timeout=timeout), str(target), options)
+            pyfuse3.init(adapter, str(target), options)
         except RuntimeError as exc:
             raise MountError(f"cannot mount on {target}: {exc}") from None
         unmounted = False
+        unsubscribe = fs.observe(adapter.apply_changes)
         try:
             async with trio.open_nursery() as nursery:
+                # Shielded: requests are answered until the invalidations in flight are
+                # done (the kernel may hold them until related requests are answered).
+                answering = trio.CancelScope(shield=True)
+                invalidating = trio.CancelScope()
 
                 async def main() -> None:
                     nonlocal unmounted
-                    await pyfuse3.main()
-                    unmounted = True
+                    with answering:
+                        await pyfuse3.main()
+                        unmounted = True
+                    invalidating.cancel()
+                    adapter.initialized.set()  # gone before INIT: nothing to wait for
+
+                async def invalidations() -> None:
+                    with invalidating:
+                        try:
+                            await adapter.invalidator.run()
+                        finally:
+                            answering.cancel()
 
                 nursery.start_soon(main)
-                await trio.to_thread.run_sync(set_fuse_readahead, target, readahead_kb)
+                nursery.start_soon(invalidations)
+                await adapter.initialized.wait()
+                await trio.to_thread.run_sync(set_own_fuse_readahead, target, readahead_kb)
                 task_status.started(target)
         finally:
+            unsubscribe()
             pyfuse3.close(unmount=not unmounted)
     finally:
         _mount_lock.release()

@@ -20,8 +20,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import stat
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import Any
+
+import trio
+
+from .changes import Change, Observer, Observers
 
 Key = Hashable
 Handle = Any
@@ -225,7 +229,12 @@ class Filesystem:
         raise ReadOnly()
 
     async def open(self, key: Key, flags: int) -> Handle:
-        """Returns any object; it comes back to read/write/fsync/release."""
+        """Returns any object; it comes back to read/write/fsync/release.
+
+        ``flags`` are open(2)'s as the kernel passes them on: ``O_TRUNC`` asks the
+        filesystem to truncate (no setattr follows), and ``O_SYNC``/``O_DSYNC`` writes are
+        followed by :meth:`fsync` before write(2) returns.
+        """
         return key
 
     async def create(
@@ -253,11 +262,26 @@ class Filesystem:
     async def fsync(self, handle: Handle, datasync: bool) -> None:
         pass
 
+    async def fsyncdir(self, handle: Handle, datasync: bool) -> None:
+        """fsync(2) of a directory (``handle`` from :meth:`opendir`): make its entries
+        durable."""
+
     async def release(self, handle: Handle) -> None:
         pass
 
     async def statfs(self) -> StatFS:
         return StatFS()
+
+    @property
+    def writeback_cache(self) -> bool:
+        """Whether the kernel may buffer writes in its page cache (FUSE's writeback
+        cache). It makes small writes cheaper, but the kernel then owns file sizes for good:
+        a size changed behind the mount is never seen while the kernel holds the inode (not
+        even after :meth:`notify`), and a write that runs out of space fails only at fsync
+        or close, not at the write(2) itself. Only for a filesystem that changes through
+        its mount alone and never runs out of space.
+        """
+        return False
 
     @property
     def has_xattrs(self) -> bool:
@@ -279,3 +303,27 @@ class Filesystem:
 
     async def removexattr(self, key: Key, name: bytes) -> None:
         raise ReadOnly()
+
+    # ------------------------------------------------------------ changes behind the mount
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Register ``observer`` (what serves this filesystem) to hear of changes made
+        behind the kernel's back; returns the function that unregisters it."""
+        return self._observers().add(observer)
+
+    async def notify(self, changes: Sequence[Change]) -> None:
+        """Announce changes not made through the mount; returns once every observer has
+        acted (a mount's kernel caches of those nodes and entries are gone). Must not be
+        called from a request handler of the same mount."""
+        await self._observers().notify(changes)
+
+    @property
+    def serving_loop(self) -> trio.lowlevel.TrioToken | None:
+        """The trio token of the loop that serves this filesystem, None when unmounted."""
+        return self._observers().loop
+
+    def _observers(self) -> Observers:
+        registry = vars(self).get("_vfs_observers")
+        if registry is None:
+            registry = vars(self).setdefault("_vfs_observers", Observers())
+        return registry

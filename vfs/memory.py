@@ -10,6 +10,7 @@ no open handles and no kernel references.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
@@ -34,6 +35,7 @@ from .interface import (
     StatFS,
     check_name,
 )
+from .paths import BlockingPaths, Paths
 
 CHUNK = 1 << 20
 RENAME_NOREPLACE = 1
@@ -83,9 +85,16 @@ class _Node:
 class MemoryFS(Filesystem):
     """``MemoryFS(files={"a/b.txt": "hi"}, copy_from="dir", max_bytes=..., max_inodes=...)``.
 
-    Mounted, the kernel caches its data, names and attributes (``kernel_cache``): changes
-    normally come through the mount. Changes made through this object's methods while it
-    is mounted may be seen through the mount only after the cache timeout.
+    Mounted, the kernel caches its data, names and attributes (``kernel_cache``). Host
+    code changes it by path through :attr:`paths` (async, on the loop serving the mount) or
+    :attr:`paths_blocking` (plain threads): each change drops those caches before the call
+    returns, so the mount shows it at once. The kernel gets no writeback cache: it would
+    own file sizes, so a size changed by host code would never show, and a write past
+    ``max_bytes`` would fail only at close. The cost, measured with dd here: 4 KiB writes
+    go to the server one by one (18-23 MB/s instead of 26-36), and a file just written is
+    read back from the server, not the page cache (0.8-1.5 GB/s instead of 4.5: the
+    kernel drops its pages when it sees the new mtime); 1 MiB writes and ``tar x`` cost
+    the same.
     """
 
     kernel_cache = True
@@ -118,6 +127,16 @@ class MemoryFS(Filesystem):
     @property
     def root(self) -> Key:
         return self._root
+
+    @functools.cached_property
+    def paths(self) -> Paths:
+        """The path-level host API: ``await fs.paths.write_file("a.txt", b"...")``."""
+        return Paths(self)
+
+    @functools.cached_property
+    def paths_blocking(self) -> BlockingPaths:
+        """:attr:`paths` for plain threads: ``fs.paths_blocking.read_file("a.txt")``."""
+        return BlockingPaths(self.paths)
 
     def _new(self, mode: int, uid: int, gid: int) -> _Node:
         if self.max_inodes is not None and len(self._nodes) >= self.max_inodes:
@@ -486,6 +505,9 @@ class MemoryFS(Filesystem):
         node = self._node(key)
         if stat.S_ISDIR(node.mode) and flags & (os.O_WRONLY | os.O_RDWR):
             raise IsADirectory()
+        if flags & os.O_TRUNC and stat.S_ISREG(node.mode) and node.size:
+            self._truncate(node, 0)
+            node.mtime = node.ctime = time.time_ns()
         node.opens += 1
         return node
 

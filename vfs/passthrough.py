@@ -17,7 +17,7 @@ import errno
 import os
 import resource
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,16 @@ from .interface import (
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _AT_FDCWD = -100
+_SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _sync_range(fd: int, offset: int, size: int) -> None:
+    """Write a range to the device and wait, without a cache flush or metadata: what an
+    O_DIRECT write does before it returns."""
+    if _libc.sync_file_range(fd, offset, size, _SYNC_FILE_RANGE_WAIT_ALL) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
@@ -87,6 +97,27 @@ class _Node:
         self.refs = 0
 
 
+class _File:
+    """An open host file; ``direct`` when it was opened O_DIRECT without O_SYNC/O_DSYNC."""
+
+    __slots__ = ("direct", "fd")
+
+    def __init__(self, fd: int, flags: int) -> None:
+        self.fd = fd
+        self.direct = bool(flags & os.O_DIRECT) and not flags & os.O_DSYNC
+
+
+def _open_host(opener: Callable[[int], int], flags: int) -> int:
+    """``opener(flags)``, without O_NOATIME if the host refuses it (this server does not own
+    the host file; the kernel already checked that the caller may use it)."""
+    try:
+        return opener(flags)
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM or not flags & os.O_NOATIME:
+            raise
+        return opener(flags & ~os.O_NOATIME)
+
+
 class _Dir:
     __slots__ = ("fd", "names")
 
@@ -99,7 +130,23 @@ class PassthroughFS(Filesystem):
     """Serve ``root`` (a host directory); ``read_only=True`` refuses every change.
 
     Device nodes are refused (EPERM) unless ``allow_devices``: a sandbox must not plant a
-    device node in a host directory that host processes may open.
+    device node in a host directory that host processes may open. The host directory may
+    change behind the mount, so the kernel gets no writeback cache (it would own file
+    sizes and never see a size changed on the host) and keeps names and attributes only
+    briefly.
+
+    Open flags reach the host file as a local filesystem would honour them, with two
+    exceptions. ``O_APPEND`` is dropped: the kernel sends every write with its offset, which
+    an O_APPEND descriptor would ignore. ``O_DIRECT`` is dropped rather than honoured with
+    aligned I/O: the host would demand buffers, offsets and sizes aligned to its block
+    size, which neither pyfuse3's buffers nor the callers' requests (FUSE passes unaligned
+    O_DIRECT I/O through) are, and some host filesystems refuse O_DIRECT outright. Data
+    goes through the host's page cache instead, and each write to an O_DIRECT file is
+    written to the device before it returns (``sync_file_range``), as O_DIRECT's
+    synchronous transfer. ``O_SYNC`` and ``O_DSYNC`` stay on the host descriptor, so every
+    write is durable as the flag promises before the kernel is answered, whether or not
+    the kernel follows it with an fsync request. ``O_NOATIME`` is dropped only when the
+    host refuses it to this server (not the file's owner; the kernel checked the caller).
     """
 
     def __init__(
@@ -195,22 +242,26 @@ class PassthroughFS(Filesystem):
     async def releasedir(self, handle: _Dir) -> None:
         os.close(handle.fd)
 
-    async def open(self, key: Key, flags: int) -> int:
+    def _host_flags(self, flags: int) -> int:
+        """The flags of the host open (see the class docstring for why)."""
+        flags &= ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECT)
+        if self.writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            # the kernel may read through a write-only handle to fill a partial page
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags | os.O_CLOEXEC
+
+    async def open(self, key: Key, flags: int) -> _File:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._writable()
-        # The kernel handles O_APPEND with the writeback cache, and may read through a
-        # write-only handle to fill a partial page.
-        flags &= ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
-        if flags & os.O_ACCMODE == os.O_WRONLY:
-            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         path = _proc(self._fd(key))
-        return await self._thread(os.open, path, flags | os.O_CLOEXEC)
+        fd = await self._thread(_open_host, lambda f: os.open(path, f), self._host_flags(flags))
+        return _File(fd, flags)
 
-    async def read(self, handle: int, offset: int, size: int) -> bytes:
-        return await self._thread(os.pread, handle, size, offset)
+    async def read(self, handle: _File, offset: int, size: int) -> bytes:
+        return await self._thread(os.pread, handle.fd, size, offset)
 
-    async def release(self, handle: int) -> None:
-        os.close(handle)
+    async def release(self, handle: _File) -> None:
+        os.close(handle.fd)
 
     async def statfs(self) -> StatFS:
         st = os.statvfs(_proc(self._fd(self._root)))
@@ -234,12 +285,22 @@ class PassthroughFS(Filesystem):
 
     # ------------------------------------------------------------ changing
 
-    async def write(self, handle: int, offset: int, data: bytes) -> int:
+    async def write(self, handle: _File, offset: int, data: bytes) -> int:
         self._writable()
-        return await self._thread(os.pwrite, handle, data, offset)
 
-    async def fsync(self, handle: int, datasync: bool) -> None:
-        await self._thread(os.fdatasync if datasync else os.fsync, handle)
+        def run() -> int:
+            written = os.pwrite(handle.fd, data, offset)
+            if handle.direct and written:
+                _sync_range(handle.fd, offset, written)
+            return written
+
+        return await self._thread(run)
+
+    async def fsync(self, handle: _File, datasync: bool) -> None:
+        await self._thread(os.fdatasync if datasync else os.fsync, handle.fd)
+
+    async def fsyncdir(self, handle: _Dir, datasync: bool) -> None:
+        await self._thread(os.fsync, handle.fd)
 
     def _owned(self, parent_fd: int, name: bytes, ctx: Context, mode: int | None = None) -> None:
         """Give a new node to the caller (a setgid parent already chose the group) and the
@@ -350,21 +411,28 @@ class PassthroughFS(Filesystem):
 
     async def create(
         self, parent: Key, name: bytes, mode: int, flags: int, ctx: Context
-    ) -> tuple[Attr, int]:
+    ) -> tuple[Attr, _File]:
+        """Create ``name``; only a file this call created is given to the caller. Without
+        O_EXCL, a file made on the host since the kernel looked is opened as it is."""
         self._writable()
         pfd = self._fd(parent)
-        flags &= ~(os.O_APPEND | os.O_NOFOLLOW)
-        if flags & os.O_ACCMODE == os.O_WRONLY:
-            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        host = self._host_flags(flags) | os.O_NOFOLLOW
 
-        def run() -> tuple[Attr, int]:
-            fd = os.open(
-                check_name(name), flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                dir_fd=pfd,
-            )  # fmt: skip
+        def run() -> tuple[Attr, _File]:
+            check_name(name)
             try:
-                self._owned(pfd, name, ctx, mode)
-                return self._lookup(pfd, name), fd
+                create = os.O_CREAT | os.O_EXCL
+                fd = _open_host(lambda f: os.open(name, f | create, mode, dir_fd=pfd), host)
+                created = True
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                fd = _open_host(lambda f: os.open(name, f, dir_fd=pfd), host)
+                created = False
+            try:
+                if created:
+                    self._owned(pfd, name, ctx, mode)
+                return self._lookup(pfd, name), _File(fd, flags)
             except BaseException:
                 os.close(fd)
                 raise

@@ -8,16 +8,18 @@ virtiofsd exports each directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import trio
 
+from .changes import Change, EntryChanged, NodeChanged, Observer
 from .interface import (
     XATTR_METHODS,
     Attr,
@@ -27,12 +29,21 @@ from .interface import (
     Handle,
     Key,
     NotFound,
+    NotSupported,
     ReadOnly,
     SetAttr,
     StatFS,
 )
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def remove() -> None:
+        first()
+        second()
+
+    return remove
 
 
 class ReadOnlyFS(Filesystem):
@@ -63,6 +74,10 @@ class ReadOnlyFS(Filesystem):
 
     async def forget(self, key: Key, count: int) -> None:
         await self.inner.forget(key, count)
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Changes made to the inner filesystem behind the mount reach the mount too."""
+        return _both(super().observe(observer), self.inner.observe(observer))
 
     async def readlink(self, key: Key) -> bytes:
         return await self.inner.readlink(key)
@@ -127,6 +142,30 @@ class Hub(Filesystem):
     def _root_attr(self) -> Attr:
         t = self._created
         return Attr(self.ROOT, stat.S_IFDIR | 0o755, 0, 2 + len(self.members), 0, 0, 0, t, t, t)
+
+    @property
+    def writeback_cache(self) -> bool:
+        return bool(self.members) and all(member.writeback_cache for member in self.members)
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """The members' changes, with their keys as the hub names them."""
+        remove = super().observe(observer)
+        for index, member in enumerate(self.members):
+            remove = _both(remove, member.observe(self._translated(index, observer)))
+        return remove
+
+    def _translated(self, index: int, observer: Observer) -> Observer:
+        async def translated(changes: Sequence[Change]) -> None:
+            await observer(
+                [
+                    NodeChanged((index, c.key))
+                    if isinstance(c, NodeChanged)
+                    else EntryChanged((index, c.parent), c.name)
+                    for c in changes
+                ]
+            )
+
+        return translated
 
     async def lookup(self, parent: Key, name: bytes) -> Attr:
         if parent == self.ROOT:
@@ -265,7 +304,16 @@ class Hub(Filesystem):
         return fs, inner
 
     async def fsync(self, handle: Handle, datasync: bool) -> None:
-        await handle[0].fsync(handle[1], datasync)
+        """A member with nothing to sync succeeds here: its ENOSYS would switch fsync off
+        in the kernel for the whole mount, so the other members would never be synced."""
+        with contextlib.suppress(NotSupported):
+            await handle[0].fsync(handle[1], datasync)
+
+    async def fsyncdir(self, handle: Handle, datasync: bool) -> None:
+        index, inner = handle
+        if index is not None:
+            with contextlib.suppress(NotSupported):
+                await self.members[index].fsyncdir(inner, datasync)
 
     async def release(self, handle: Handle) -> None:
         await handle[0].release(handle[1])
@@ -294,7 +342,7 @@ class Hub(Filesystem):
 _FORWARDED = (
     "lookup", "getattr", "opendir", "releasedir", "forget", "setattr", "readlink", "mknod",
     "mkdir", "symlink", "link", "unlink", "rmdir", "rename", "open", "create", "read",
-    "write", "flush", "fsync", "release", "statfs", *XATTR_METHODS,
+    "write", "flush", "fsync", "fsyncdir", "release", "statfs", *XATTR_METHODS,
 )  # fmt: skip
 _READDIR_BATCH = 256
 
@@ -322,6 +370,10 @@ class Threaded(Filesystem):
     @property
     def wants_flush(self) -> bool:
         return hasattr(self.inner, "flush")
+
+    @property
+    def writeback_cache(self) -> bool:
+        return bool(getattr(self.inner, "writeback_cache", False))
 
     @property
     def has_xattrs(self) -> bool:

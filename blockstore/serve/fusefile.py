@@ -8,10 +8,12 @@ protocol code only: storage errors become errno here, once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -59,6 +61,11 @@ class DiskFile(pyfuse3.Operations):
         self.device = device
         self.mtime_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """pyfuse3 calls it with the kernel's INIT, on the loop; the reply follows at once."""
+        self.initialized.set()
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -148,13 +155,115 @@ class DiskFile(pyfuse3.Operations):
         return s
 
 
-def set_fuse_readahead(mountpoint: str | os.PathLike[str], readahead_kb: int) -> None:
-    """Raise a FUSE mount's read-ahead through its bdi (pyfuse3 cannot pass
-    max_readahead); at the default 128 KiB, sequential reads arrive as small requests."""
-    dev = os.stat(mountpoint).st_dev
-    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+def _without_symlinks(path: str | os.PathLike[str]) -> str:
+    """``path`` as the mount table names it; only its parent is resolved, since a lookup
+    of a mount point itself asks the mount's server."""
+    where = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(where)), os.path.basename(where))
+
+
+def _mounts_at(path: str) -> list[tuple[str, str]]:
+    """``(major:minor, fstype)`` of each mount at exactly ``path``, the topmost last, read
+    from the mount table (a stat would ask the mount's own server)."""
+
+    def unescape(field: str) -> str:  # mountinfo writes space, tab, newline, \\ in octal
+        return field.encode().decode("unicode_escape").encode("latin-1").decode()
+
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if unescape(fields[4]) == path:
+                found.append((fields[2], fields[fields.index("-") + 1]))
+    return found
+
+
+def _write_readahead(device: str, readahead_kb: int) -> None:
+    path = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
     with contextlib.suppress(OSError):
         path.write_text(str(readahead_kb))
+
+
+def set_fuse_readahead(mountpoint: str | os.PathLike[str], readahead_kb: int) -> None:
+    """Raise a FUSE mount's read-ahead through its bdi (pyfuse3 cannot pass
+    max_readahead); at the default 128 KiB, sequential reads arrive as small requests.
+    The stat waits until the server has answered INIT (which sets read-ahead too)."""
+    dev = os.stat(mountpoint).st_dev
+    _write_readahead(f"{os.major(dev)}:{os.minor(dev)}", readahead_kb)
+
+
+def set_own_fuse_readahead(mountpoint: str | os.PathLike[str], readahead_kb: int) -> None:
+    """:func:`set_fuse_readahead` for the mount's own server, once it has answered INIT.
+
+    The device number comes from the mount table, not from a stat: a server that stats
+    its own mount has a thread waiting on a request only the server answers, and a kill -9
+    caught in that window never completes (the thread waits uninterruptibly, so
+    ``/dev/fuse`` stays open, the mount hangs and auto_unmount never runs).
+    """
+    mounts = _mounts_at(_without_symlinks(mountpoint))
+    if mounts:
+        _write_readahead(mounts[-1][0], readahead_kb)
+
+
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
+
+
+def is_dead_fuse_mount(path: str | os.PathLike[str]) -> bool:
+    """Whether a FUSE mount whose server is gone sits at ``path``: its kernel connection
+    was aborted, so stat answers ENOTCONN (or ECONNABORTED for a request caught by the
+    abort)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno in DEAD_MOUNT_ERRNOS
+    return False
+
+
+def _fuse_mounted(path: str) -> bool:
+    mounts = _mounts_at(path)
+    return bool(mounts) and mounts[-1][1].split(".")[0] in ("fuse", "fuseblk")
+
+
+def _detach(path: str) -> None:
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(path), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot unmount the dead FUSE mount: {os.strerror(code)}", path)
+        return
+    done = subprocess.run(["fusermount3", "-uz", path], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = done.stderr.strip() or f"fusermount3 exited {done.returncode}"
+        raise OSError(errno.EPERM, f"cannot unmount the dead FUSE mount: {reason}", path)
+
+
+def clear_dead_fuse_mount(path: str | os.PathLike[str]) -> str | None:
+    """Detach the dead FUSE mounts at ``path`` (``umount2(MNT_DETACH)`` as root, else
+    ``fusermount3 -uz``) so it can be mounted again; returns a one-line notice saying so,
+    or None when there was none.
+
+    ``auto_unmount`` cannot always do it: fusermount3 (libfuse 3.14) mounts, then hands
+    the ``/dev/fuse`` descriptor to the server; a server killed in between leaves
+    fusermount3 failing to send it (EPIPE or SIGPIPE) and exiting without unmounting,
+    before its auto-unmount watcher exists.
+    """
+    where = _without_symlinks(path)
+    cleared = 0
+    while is_dead_fuse_mount(where) and cleared < 8 and _fuse_mounted(where):
+        _detach(where)
+        cleared += 1
+    if is_dead_fuse_mount(where):
+        raise OSError(
+            errno.ENOTCONN,
+            "the mount point is not reachable and no FUSE mount to clear sits exactly there "
+            "(is a directory above it a dead mount?)",
+            where,
+        )
+    if not cleared:
+        return None
+    mounts = "a dead FUSE mount" if cleared == 1 else f"{cleared} dead FUSE mounts"
+    return f"lanekit: cleared {mounts} at {where} (left by a server that died)"
 
 
 async def mount_disk_file(
@@ -175,12 +284,13 @@ async def mount_disk_file(
         nonlocal unmounted
         await pyfuse3.main()
         unmounted = True
+        ops.initialized.set()  # gone before INIT: nothing to wait for
 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
-            # The stat behind this needs the loop above to answer the kernel.
-            await trio.to_thread.run_sync(set_fuse_readahead, mountpoint, 4096)
+            await ops.initialized.wait()
+            await trio.to_thread.run_sync(set_own_fuse_readahead, mountpoint, 4096)
             task_status.started()
     finally:
         pyfuse3.close(unmount=not unmounted)

@@ -27,6 +27,8 @@ from .harness import Report
 
 MiB = 1 << 20
 REQUEST_1M = "--request-size=1048576"
+FSYNC_EVERY = 64
+"""Random writes with a flush every this many, as a guest's fsync-heavy work does."""
 CACHE = "1G"
 """The same cache budget for our servers and s3backer (its default is 1000 blocks)."""
 
@@ -36,6 +38,11 @@ def sh(*argv: str, timeout: float = 900) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {proc.stdout}{proc.stderr}")
     return proc.stdout
+
+
+SYNCED = f"4K random write, fsync every {FSYNC_EVERY}"
+SYNCED_DURABLE = f"4K random write, fsync every {FSYNC_EVERY}, durable in S3"
+UPLOADED = "bytes uploaded per durable 4K random write"
 
 
 def drop_caches() -> None:
@@ -50,11 +57,11 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def fio_iops(target: list[str], rw: str, ios: int) -> float:
+def fio_iops(target: list[str], rw: str, ios: int, *extra: str) -> float:
     out = sh(
         "fio", "--name=bench", "--output-format=json", f"--rw={rw}", "--bs=4k",
         "--iodepth=16", f"--io_size={ios * 4096}", "--randrepeat=1", "--norandommap",
-        "--end_fsync=1" if rw == "randwrite" else "--end_fsync=0", *target,
+        "--end_fsync=1" if rw == "randwrite" else "--end_fsync=0", *extra, *target,
     )  # fmt: skip
     job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["write" if "write" in rw else "read"]
@@ -140,7 +147,10 @@ class LanekitNBD(Proc):
     def stop(self) -> dict[str, float]:
         super().stop()
         m = re.search(r"^stats: (.*)$", self.output, re.M)
-        return {"puts": json.loads(m.group(1))["store_puts"]} if m else {}
+        if not m:
+            return {}
+        stats = json.loads(m.group(1))
+        return {"puts": stats["store_puts"], "uploaded": stats["store_bytes_uploaded"]}
 
 
 class QemuNBD(Proc):
@@ -204,7 +214,9 @@ class FileMount(Proc):
         if self.name.startswith("lanekit"):
             m = re.search(r"^stats: (.*)$", self.output, re.M)
             if m:
-                result["puts"] = json.loads(m.group(1))["store_puts"]
+                stats = json.loads(m.group(1))
+                result["puts"] = stats["store_puts"]
+                result["uploaded"] = stats["store_bytes_uploaded"]
         return result
 
     def target(self) -> str:
@@ -219,6 +231,12 @@ def running(service: Service) -> Iterator[Service]:
     finally:
         with contextlib.suppress(Exception):
             service.stop()
+
+
+def fio_target(service: Service) -> list[str]:
+    if service.kind == "nbd":
+        return ["--ioengine=nbd", f"--uri={service.target()}"]
+    return ["--ioengine=libaio", "--direct=1", f"--filename={service.target()}"]
 
 
 def measure(
@@ -244,12 +262,22 @@ def measure(
         report.add("warm sequential read", service.name, size / t / 1e6)
         if not service.random_io:
             return
-        if service.kind == "nbd":
-            target = ["--ioengine=nbd", f"--uri={service.target()}"]
-        else:
-            target = ["--ioengine=libaio", "--direct=1", f"--filename={service.target()}"]
+        target = fio_target(service)
         report.add("4K random read", service.name, fio_iops(target, "randread", ios))
         report.add("4K random write", service.name, fio_iops(target, "randwrite", ios))
+    # Small durable writes on a server restarted (cold) over written data: its upload
+    # counter then covers exactly these writes (and the compaction they cause).
+    drop_caches()
+    with running(service):
+        sync, target = f"--fsync={FSYNC_EVERY}", fio_target(service)
+        t = timed(
+            lambda: report.add(SYNCED, service.name, fio_iops(target, "randwrite", ios, sync))
+        )
+        stats.clear()
+        t_stop = timed(lambda: stats.update(service.stop()))
+        report.add(SYNCED_DURABLE, service.name, ios / (t + t_stop))
+        if "uploaded" in stats:
+            report.add(UPLOADED, service.name, stats["uploaded"] / ios)
 
 
 def run(*, quick: bool = False) -> Report:
@@ -273,6 +301,9 @@ def run(*, quick: bool = False) -> Report:
         ("warm sequential read", "MB/s", True),
         ("4K random read", "IOPS", True),
         ("4K random write", "IOPS", True),
+        (SYNCED, "IOPS", True),
+        (SYNCED_DURABLE, "IOPS", True),
+        (UPLOADED, "bytes", False),
         ("PUTs per GiB written", "requests", False),
     ):
         report.metric(
@@ -281,6 +312,7 @@ def run(*, quick: bool = False) -> Report:
             higher_is_better=better,
             baseline="s3backer file (256K blocks)" if metric.startswith("PUT") else local,
         )
+    report.metrics[UPLOADED].baseline = None
     with tempfile.TemporaryDirectory(prefix="lanekit-bench-served-") as tmp_name:
         tmp = Path(tmp_name)
         src = tmp / "src.raw"
@@ -352,6 +384,12 @@ def run(*, quick: bool = False) -> Report:
         "is the number of block objects stored after unmount (a lower bound: one PUT per "
         "block, rewrites not counted); nbdkit's S3 plugin (64 KiB objects, its largest allowed "
         "minimum block size) keeps no count.",
+    )
+    report.notes.append(
+        f"'{SYNCED}': fio, 4 KiB random writes at queue depth 16 with an fsync (NBD FLUSH, or "
+        "fsync of the loop device) after every 64, on a server restarted over the written "
+        "disk; 'durable in S3' also counts stopping the server. Bytes uploaded: the server's "
+        "own counter for that session (data, manifest, heads, compaction) over the writes."
     )
     report.notes.append(
         "nbdkit's S3 plugin has no random 4 KiB figures: its 64 KiB minimum block size makes "
