@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,41 +14,58 @@ import blockstore
 from blockstore import LocalObjectStore, ObjectStore
 from blockstore.probe import VERDICT_KEY
 
-from .config import lanekit_home
+from .config import EXIT_USAGE, CLIError, lanekit_home
+from .stopping import say
 
 CHECK_ATTEMPTS = 3
 """Retries of each request while checking: a wrong endpoint answers within seconds."""
 
 
 def cmd_s3_serve(args: argparse.Namespace) -> int:
-    import time
+    """Until SIGINT/SIGTERM: the first stops SeaweedFS gracefully (it flushes), a second
+    kills it at once. Its children die with this process whatever happens."""
+    from .s3server import GRPC_OFFSET, S3Server, S3ServerError
 
-    from .s3server import S3Server, S3ServerError
-
+    if args.port is not None and not 1024 <= args.port <= 65535 - GRPC_OFFSET - 1:
+        raise CLIError(
+            f"--port {args.port}: give a port from 1024 to {65535 - GRPC_OFFSET - 1} "
+            f"(SeaweedFS also opens the ports around it and each one +{GRPC_OFFSET})",
+            EXIT_USAGE,
+        )
     data_dir = Path(args.dir or lanekit_home() / "s3").absolute()
     server = S3Server(data_dir, port=args.port)
+    stop, hurry = threading.Event(), threading.Event()
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    def on_signal(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if not stop.is_set():
+            say(f"{name}: stopping SeaweedFS ({name} again: kill it at once)")
+            stop.set()
+        else:
+            say(f"{name} again: killing SeaweedFS at once (what it had not written is lost)")
+            hurry.set()
 
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
         try:
-            server.start()
-        except S3ServerError as e:  # OSErrors are reported in one line by cli.main
-            raise ChildProcessError(str(e)) from None
+            server.start(cancel=stop)
+        except S3ServerError as e:
+            if stop.is_set():
+                return 130
+            raise ChildProcessError(str(e)) from None  # one line, from cli.main
         print(f"SeaweedFS S3 serving {data_dir} at {server.endpoint}")
         print("Use it with:")
         for k, v in server.env.items():
             print(f"  export {k}={v}")
         print("Press Ctrl-C to stop.", flush=True)
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-        raise ChildProcessError(f"SeaweedFS exited unexpectedly (log: {data_dir / 'weed.log'})")
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                raise ChildProcessError(
+                    f"SeaweedFS exited unexpectedly (log: {data_dir / 'weed.log'})"
+                )
     finally:
-        server.stop()
+        server.stop(hurry=hurry)
     print("stopped", flush=True)
     return 0
 
@@ -86,7 +104,12 @@ def cmd_s3_check(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     group = sub.add_parser("s3", help="a local S3 server (SeaweedFS); checking a store")
     s3 = group.add_subparsers(dest="s3_command", required=True)
-    serve = s3.add_parser("serve", help="run SeaweedFS on 127.0.0.1 until Ctrl-C")
+    serve = s3.add_parser(
+        "serve",
+        help="run SeaweedFS on 127.0.0.1 until Ctrl-C",
+        description="Run SeaweedFS on 127.0.0.1. SIGINT or SIGTERM stops it cleanly; a second "
+        "one kills it at once. It never outlives this command, even after a kill -9.",
+    )
     serve.add_argument("--dir", help="data directory (default $LANEKIT_HOME/s3)")
     serve.add_argument("--port", type=int, help="S3 port (default: a free one)")
     serve.set_defaults(func=cmd_s3_serve)

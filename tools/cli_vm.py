@@ -22,7 +22,8 @@ from vm.registry import validate_id
 from vm.state import state_paths
 
 from . import progress
-from .config import lanekit_home, parse_size, serve_until_signalled
+from .config import lanekit_home, parse_size
+from .stopping import Stopper, run_stoppable, serve_until_stopped
 from .vmrun import RunOptions, run_in_sandbox
 
 DEFAULT_HEALTHCHECK = ("/lanekit/busybox", "true")
@@ -286,7 +287,13 @@ def cmd_vfs_mount(args: argparse.Namespace) -> int:
     def ready(where: Path) -> None:
         print(f"mounted {where}; Ctrl-C, SIGTERM or umount unmounts", flush=True)
 
-    trio.run(serve_until_signalled, functools.partial(vfs.serve, fs, args.mountpoint), ready)
+    stopper = Stopper(
+        "unmounting",
+        "exiting at once; the kernel drops the mount when this process is gone, and "
+        "writes still on their way are lost",
+    )
+    serve = functools.partial(vfs.serve, fs, args.mountpoint)
+    run_stoppable(lambda s: serve_until_stopped(s, serve, ready), stopper)
     print("unmounted", flush=True)
     return 0
 

@@ -1,35 +1,31 @@
 """Command-line settings and helpers the command modules share: the state directory
-(defined by ``vm.state``), sizes, and running a service until a signal."""
+(defined by ``vm.state``), sizes, exit codes and the user-facing error."""
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-import trio
-
 from vm.state import lanekit_home
 
-__all__ = ["lanekit_home", "parse_size", "serve_until_signalled"]
+__all__ = [
+    "EXIT_BUSY",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "CLIError",
+    "lanekit_home",
+    "parse_size",
+]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BUSY = 75  # EX_TEMPFAIL: try again once the holder is gone
 
 
-async def serve_until_signalled(
-    start: Callable[..., Awaitable[None]], ready: Callable[[Any], None]
-) -> None:
-    """Run ``start(task_status=...)`` until SIGTERM or SIGINT, or until it ends on its own
-    (a mount taken away from outside); ``ready`` gets what it reports once started."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
+class CLIError(Exception):
+    """A user-facing error with an exit code (raised by any command module; mapped in
+    ``tools.cli.main``)."""
 
-            async def service(task_status: trio.TaskStatus[Any]) -> None:
-                await start(task_status=task_status)
-                nursery.cancel_scope.cancel()
-
-            ready(await nursery.start(service))
-            async for _ in signals:
-                break
-            nursery.cancel_scope.cancel()
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def parse_size(text: str) -> int:

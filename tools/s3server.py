@@ -17,10 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vm.proc import spawn
 
 ACCESS_KEY = "lanekit"
 SECRET_KEY = "lanekit-local-secret"
@@ -119,7 +122,9 @@ class S3Server:
 
         return boto3.client("s3", **self.client_kwargs())
 
-    def start(self, timeout: float = 60.0) -> S3Server:
+    def start(self, timeout: float = 60.0, cancel: threading.Event | None = None) -> S3Server:
+        """Start and wait until it answers; ``cancel`` (set from a signal handler, say)
+        abandons the wait and stops it."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3-identities.json"
         config.write_text(
@@ -165,7 +170,8 @@ class S3Server:
             ]
             (self.data_dir / "data").mkdir(exist_ok=True)
             with open(log_path, "ab") as log:
-                self.process = subprocess.Popen(
+                # spawn: SeaweedFS dies with this process, even by kill -9 (never orphaned).
+                self.process = spawn(
                     argv,
                     env={**os.environ, "TMPDIR": str(self.data_dir)},
                     stdin=subprocess.DEVNULL,
@@ -175,7 +181,7 @@ class S3Server:
                     start_new_session=True,
                 )
             try:
-                self._wait_ready(timeout)
+                self._wait_ready(timeout, cancel)
                 return self
             except S3ServerError as e:
                 last_error = str(e)
@@ -184,7 +190,7 @@ class S3Server:
                     break
         raise S3ServerError(f"SeaweedFS did not start: {last_error} (log: {log_path})")
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -200,6 +206,8 @@ class S3Server:
         error: Exception | None = None
         assert self.process is not None
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                raise S3ServerError("start-up interrupted")
             if self.process.poll() is not None:
                 raise S3ServerError(f"weed exited with status {self.process.returncode}")
             try:
@@ -215,19 +223,24 @@ class S3Server:
             time.sleep(0.2)
         raise S3ServerError(f"not ready after {timeout:.0f}s: {error}")
 
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the whole process group, SIGKILL it after ``grace`` seconds."""
+    def stop(self, grace: float = 5.0, hurry: threading.Event | None = None) -> None:
+        """SIGTERM the whole process group, SIGKILL it after ``grace`` seconds (or as soon
+        as ``hurry`` is set)."""
         proc, self.process = self.process, None
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while proc.poll() is None and time.monotonic() < deadline:
+            if hurry is not None and hurry.is_set():
                 break
-            except subprocess.TimeoutExpired:
-                continue
+            time.sleep(0.05)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10.0)
         # Children that outlived the leader still belong to its process group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -116,6 +116,7 @@ class Child:
         self.popen = popen
         self.pid = popen.pid
         self._pidfd: int | None = os.pidfd_open(popen.pid)
+        self._watcher: trio.Event | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -123,14 +124,25 @@ class Child:
         return self.popen.poll()
 
     async def wait(self) -> int:
-        while self.popen.poll() is None:
-            if self._pidfd is None:
-                await trio.sleep(0.05)
-            else:
-                await trio.lowlevel.wait_readable(self._pidfd)
-        self._close()
-        code = self.popen.returncode
-        assert code is not None
+        """Until it exits; any number of tasks may wait (one watches the pidfd)."""
+        if self._watcher is not None:
+            await self._watcher.wait()
+        else:
+            self._watcher = trio.Event()
+            try:
+                while self.popen.poll() is None:
+                    if self._pidfd is None:
+                        await trio.sleep(0.05)
+                    else:
+                        await trio.lowlevel.wait_readable(self._pidfd)
+                self._close()
+            finally:
+                watcher, self._watcher = self._watcher, None
+                watcher.set()
+        code = self.popen.poll()
+        while code is None:  # the watching task was cancelled before the end
+            await self.wait()
+            code = self.popen.poll()
         return code
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:

@@ -81,33 +81,30 @@ async def image_base(
 
 
 @contextlib.asynccontextmanager
-async def open_with_lease(target: Any, options: DiskOptions, **kwargs: Any) -> AsyncIterator[Disk]:
+async def open_with_lease(
+    target: Any, options: DiskOptions, **kwargs: Any
+) -> AsyncIterator[Disk]:
     """``open_disk`` writable, waiting up to ``lease_wait`` for another holder's lease."""
     deadline = time.monotonic() + (options.lease_wait or 0)
     told = False
     while True:
+        opened = False
         try:
-            cm = blockstore.open_disk(target, force=options.force, **kwargs)
-            disk = await cm.__aenter__()
-            break
+            async with blockstore.open_disk(target, force=options.force, **kwargs) as disk:
+                opened = True
+                yield disk
+            return
         except LeaseHeld as exc:
-            if time.monotonic() >= deadline:
+            if opened or time.monotonic() >= deadline:
                 raise
             if not told:
-                holder = exc.holder
                 options.notice(
-                    f"the disk is in use by host {holder.get('host')} pid {holder.get('pid')}; "
-                    f"waiting up to {options.lease_wait:.0f} s for its lease to end"
+                    f"the disk is in use by host {exc.holder.get('host')} pid "
+                    f"{exc.holder.get('pid')}; waiting up to {options.lease_wait:.0f} s for "
+                    "its lease to end"
                 )
                 told = True
-            await trio.sleep(1.0)
-    try:
-        yield disk
-    except BaseException as exc:
-        if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
-            raise
-    else:
-        await cm.__aexit__(None, None, None)
+        await trio.sleep(1.0)
 
 
 @contextlib.asynccontextmanager

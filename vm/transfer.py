@@ -18,6 +18,7 @@ import trio
 
 import blockstore
 from blockstore import DiskBase, ObjectStore
+from blockstore.sparse import data_ranges
 
 from .errors import ImageNotFoundError
 from .images import ImageMeta, ImageStore, check_digest
@@ -39,21 +40,6 @@ def stored(objects: ObjectStore, digest: str) -> bool:
         return COMPLETE in blockstore.list_checkpoints(objects, name)
     except blockstore.DiskNotFound:
         return False
-
-
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """(offset, length) of the parts of a file that hold data (holes are skipped)."""
-    ranges: list[tuple[int, int]] = []
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole from here on
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        ranges.append((start, min(end, size) - start))
-        offset = end
-    return ranges
 
 
 async def push(
@@ -79,7 +65,7 @@ async def push(
                     n = min(CHUNK, start + length - offset)
                     data = await trio.to_thread.run_sync(os.pread, fd, n, offset)
                     if data.count(0) != len(data):
-                        await disk.write(offset, data + bytes(-len(data) % 512))
+                        await disk.write(offset, data)
                     sent += n
                     if progress is not None:
                         progress(sent, total)
