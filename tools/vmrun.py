@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import trio
 
 from blockstore import Fenced
+from blockstore.concurrency import first_failure
 from vm.agent import ExecHandle
 from vm.errors import GuestAgentError, VMError
 from vm.launcher import Mount, Sandbox
@@ -138,13 +139,16 @@ async def _run_command(machine: Machine, run: RunOptions, session: _Session) -> 
             timeout=run.timeout,
         )  # fmt: skip
         session.handle = handle
-        async with trio.open_nursery() as nursery:
-            if forward_stdin:
-                nursery.start_soon(_pump_stdin, handle, run.tty)
-            if run.tty:
-                nursery.start_soon(_follow_window, handle)
-            code = await _stream(handle)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                if forward_stdin:
+                    nursery.start_soon(_pump_stdin, handle, run.tty)
+                if run.tty:
+                    nursery.start_soon(_follow_window, handle)
+                code = await _stream(handle)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise first_failure(group) from None
         return code
     return None  # abandoned after a signal
 
@@ -170,7 +174,9 @@ async def run_in_sandbox(sandbox: Sandbox, mounts: Sequence[Mount], run: RunOpti
                         except (GuestAgentError, VMError):
                             if machine.fenced:  # the watcher said why, once
                                 raise Fenced("another host took the root disk over") from None
-                            raise
+                            if session.signals < 2:
+                                raise
+                            code = None  # we killed the guest under it
                         finally:
                             _raw[0] = False
             nursery.cancel_scope.cancel()
