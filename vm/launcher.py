@@ -366,6 +366,9 @@ class Sandbox:
                 except (GuestAgentError, VMError) as exc:
                     failure = exc
                 boot.cancel_scope.cancel()
+        if failure is not None:  # the channel may break a moment before qemu is gone
+            with trio.move_on_after(2):
+                await machine.qemu.wait()
         console = tail(machine.console_log)
         if machine.qemu.returncode is not None:
             raise BootError(
