@@ -81,9 +81,7 @@ async def image_base(
 
 
 @contextlib.asynccontextmanager
-async def open_with_lease(
-    target: Any, options: DiskOptions, **kwargs: Any
-) -> AsyncIterator[Disk]:
+async def open_with_lease(target: Any, options: DiskOptions, **kwargs: Any) -> AsyncIterator[Disk]:
     """``open_disk`` writable, waiting up to ``lease_wait`` for another holder's lease."""
     deadline = time.monotonic() + (options.lease_wait or 0)
     told = False
