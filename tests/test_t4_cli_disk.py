@@ -136,8 +136,10 @@ def test_release_refuses_a_live_holder_unless_forced(tmp_path: Path) -> None:
         assert f"pid {holder.pid}" in proc.stderr
         assert lanekit("disk", "info", url)["lease_holder"]["pid"] == holder.pid
         released = lanekit("disk", "release", url, "--force")
-        assert released["released"] is True
+        assert released.startswith("disk 'd': broke the live lease of host ")
+        assert f"pid {holder.pid}" in released and "fenced" in released
         assert lanekit("disk", "info", url)["lease_holder"] is None
+        assert "already released" in lanekit("disk", "release", url)
     finally:
         holder.kill()
         holder.wait()

@@ -68,11 +68,11 @@ for d in /sys/class/virtio-ports/*; do
     [ "$name" = "{AGENT_PORT_NAME}" ] && port="/dev/${{d##*/}}"
     [ "$name" = "{QGA_PORT_NAME}" ] && qga="/dev/${{d##*/}}"
 done
-if [ -z "$port" ]; then
+if [ -z "$port$qga" ]; then
     echo "lanekit-init: no guest agent port" >/dev/console
     $bb poweroff -f
 fi
-(
+[ -n "$port" ] && (
     while :; do
         {AGENT_COMMAND} 2>>/dev/console
         echo "lanekit-init: the guest agent exited ($?); restarting it" >/dev/console

@@ -142,6 +142,9 @@ async def _wait_for_socket(path: Path, proc: Child, what: str, log: Path) -> Non
 class Sandbox:
     """A sandbox definition; boot it as many times as needed with per-boot mounts."""
 
+    runtime_variant = "default"
+    """Which guest runtime the initramfs carries (see ``vm.guest.VARIANTS``)."""
+
     def __init__(
         self,
         image: str,
@@ -301,7 +304,9 @@ class Sandbox:
             runtime = await trio.to_thread.run_sync(_runtime_dir)
             stack.callback(shutil.rmtree, runtime, True)
             entry = await trio.to_thread.run_sync(self.registry.lookup, self.image)
-            assets = await trio.to_thread.run_sync(self.kernels.ensure)
+            assets = await trio.to_thread.run_sync(
+                lambda: self.kernels.ensure(variant=self.runtime_variant)
+            )
             accel = await trio.to_thread.run_sync(
                 choose_accelerator, assets.kernel, self.home / "accel.json", self.accel
             )
@@ -330,7 +335,6 @@ class Sandbox:
             machine = Machine(self, entry, qemu, disk, runtime, cwd, services)
             stack.push_async_callback(_shielded, machine.stop)
             services.start_soon(self._watch_fencing, machine)
-            await _wait_for_socket(machine.agent_socket, qemu, "qemu", runtime / "qemu.log")
             await self._wait_for_agent(machine)
             if self.patches:
                 await apply_patches(await machine.session(), self.patches)
@@ -352,6 +356,8 @@ class Sandbox:
     async def _wait_for_agent(self, machine: Machine) -> None:
         """Until the guest agent answers; if the guest dies or hangs instead, a BootError
         with the console's last lines and the likely cause."""
+        log = machine.runtime / "qemu.log"
+        await _wait_for_socket(machine.agent_socket, machine.qemu, "qemu", log)
         failure: BaseException | None = None
         with trio.move_on_after(self.boot_timeout) as waiting:
             async with trio.open_nursery() as boot:

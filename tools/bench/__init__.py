@@ -17,6 +17,7 @@ BENCHMARKS = {
     "served": "tools.bench.served",
     "vmboot": "tools.bench.vmboot",
     "vfs": "tools.bench.vfsbench",
+    "exec": "tools.bench.execbench",
 }
 
 
