@@ -1,8 +1,9 @@
 """Copy-on-write block store for VM root disks, on S3, a local directory or memory.
 
 Layers, bottom up: :class:`ObjectStore` (get/put with conditions/list), :class:`BlockStore`
-(blocks by index + durable flush; :class:`ObjectBlockStore` is the reference one on any
-object store) and :class:`Disk` (byte offsets, base image, write-back cache).
+(blocks by index + durable flush, optionally extents: :class:`ExtentBlockStore`;
+:class:`ObjectBlockStore` is the reference one on any object store) and :class:`Disk`
+(byte offsets, base image, write-back cache).
 """
 
 from .api import create, open_disk, resolve
@@ -47,7 +48,8 @@ from .objectstore import (
     StoreRejected,
 )
 from .probe import UnsafeStore, Verdict, check_conditional_writes
-from .store import BlockStore, BlockValue, ObjectBlockStore
+from .protocol import BlockStore, BlockValue, Extent, ExtentBlockStore, Layered
+from .store import ObjectBlockStore
 from .url import DiskURL, open_store, parse_disk_url
 
 __all__ = [
@@ -66,9 +68,12 @@ __all__ = [
     "DiskExists",
     "DiskNotFound",
     "DiskURL",
+    "Extent",
+    "ExtentBlockStore",
     "Fenced",
     "InvalidKey",
     "InvalidURL",
+    "Layered",
     "LeaseHeld",
     "LocalObjectStore",
     "MemoryObjectStore",

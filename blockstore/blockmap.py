@@ -11,7 +11,6 @@ shared by reference, so a merge rewrites only the pages that newer entries fall 
 from __future__ import annotations
 
 import bisect
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -126,7 +125,6 @@ class BlockMap:
         self.runs = runs
         self.packs = packs
         self.block_size = block_size
-        self.lock = threading.Lock()
 
     def unloaded(self, blocks: Iterable[int]) -> list[PageRef]:
         """Pages a lookup of ``blocks`` needs that are not loaded yet."""

@@ -26,7 +26,8 @@ from .pieces import DATA, EXTENT, TOMB, ZERO
 from .segments import encode_segment
 
 if TYPE_CHECKING:
-    from .store import BaseReader, ObjectBlockStore, _Attempt
+    from .protocol import BaseReader
+    from .store import ObjectBlockStore, _Attempt
 
 FOLD_BATCH = 64
 """Blocks one step folds at most."""

@@ -29,7 +29,8 @@ from . import spans as sp
 from .concurrency import run_sync
 from .errors import BaseMismatch, Fenced, OutOfRange, ReadOnly
 from .local import BaseImage, SpillFile, sha256_file
-from .store import BlockStore, BlockValue, ExtentBlockStore, Layered, ObjectBlockStore
+from .protocol import BlockStore, BlockValue, ExtentBlockStore, Layered
+from .store import ObjectBlockStore
 
 __all__ = ["HOLE", "ZERO_FLAG", "BaseImage", "Disk", "DiskStats", "sha256_file"]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -78,15 +79,20 @@ class PackTable:
         self.uuids: list[bytes] = []
         self.lineages: list[bytes | None] = []
         self._index: dict[tuple[bytes, bytes | None], int] = {}
+        self._lock = threading.Lock()
 
     def add(self, uuid: bytes, lineage: bytes | None) -> int:
         """The index of a pack as written by ``lineage`` (a pack table names both: a pack
         claimed by another lineage is another entry, and its pieces fail their digests)."""
         i = self._index.get((uuid, lineage))
         if i is None:
-            i = self._index[(uuid, lineage)] = len(self.uuids)
-            self.uuids.append(uuid)
-            self.lineages.append(lineage)
+            with self._lock:  # pages are decoded and packs written in worker threads
+                i = self._index.get((uuid, lineage))
+                if i is None:
+                    i = len(self.uuids)
+                    self.uuids.append(uuid)
+                    self.lineages.append(lineage)
+                    self._index[(uuid, lineage)] = i
         return i
 
     def key(self, i: int) -> str:

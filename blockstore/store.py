@@ -40,7 +40,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
@@ -80,16 +80,11 @@ from .pieces import (
     decode_legacy,
     decode_piece,
 )
+from .protocol import BaseReader, BlockValue, Extent, Layered
 from .segments import NO_PACK, Columns, PageRef, build_pages, encode_segment, new_refs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-BlockValue = bytes | None
-"""Block data; ``b""`` reads as zeros; ``None`` means not held (fall through to the base)."""
-
-Extent = tuple[int, bytes | int]
-"""Part of a block: (start, its bytes) or (start, a number of zero bytes)."""
 
 GC_GRACE = 3600.0
 """GC spares unreferenced objects younger than this; a flush whose uploads are older than
@@ -98,54 +93,6 @@ _COMMIT_ATTEMPTS = 3
 """Head puts per commit while the store answers reads but the put itself keeps failing."""
 FOLD_BATCH = 64
 """Blocks one compaction step folds at most."""
-
-
-@runtime_checkable
-class BlockStore(Protocol):
-    """What a disk needs from storage. Calls for the same block never overlap."""
-
-    block_size: int
-
-    async def list_blocks(self) -> dict[int, bool]:
-        """Blocks held: True if they hold data, False if they read as zeros."""
-        ...
-
-    async def read_blocks(self, blocks: Sequence[int]) -> dict[int, BlockValue]: ...
-
-    async def write_blocks(self, blocks: Mapping[int, BlockValue]) -> None: ...
-
-    async def flush(self) -> None:
-        """Return only when every write before it is durable."""
-        ...
-
-
-@dataclass(frozen=True)
-class Layered:
-    """A block held as extents (oldest first) over a content the store does not hold:
-    the base image's (``read_layers`` merges extents over anything else itself)."""
-
-    extents: tuple[tuple[int, bytes], ...]
-
-
-@runtime_checkable
-class ExtentBlockStore(BlockStore, Protocol):
-    """A block store that also takes parts of blocks (what :class:`Disk` uses if offered)."""
-
-    async def write_extents(self, extents: Mapping[int, Sequence[Extent]]) -> None:
-        """Lay extents over blocks (later ones over earlier), their other bytes unchanged."""
-        ...
-
-    async def read_layers(self, blocks: Sequence[int]) -> dict[int, BlockValue | Layered]:
-        """Like ``read_blocks``, with :class:`Layered` for extents over the base image."""
-        ...
-
-    async def block_states(self, first: int, count: int) -> bytes:
-        """Per block from ``first``: 0 not held, 1 data, 2 reads as zeros."""
-        ...
-
-
-BaseReader = Callable[[list[int]], Awaitable[dict[int, bytes]]]
-"""The base image's content of blocks (what a fold needs under extents not over data)."""
 
 
 @dataclass
