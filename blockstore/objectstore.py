@@ -475,6 +475,11 @@ class S3ObjectStore(ObjectStore):
             return StoreUnavailable(f"{self.describe()}: {e}")
         message = str(details.get("Message", "")) or str(e)
         hint = _HINTS.get(code, "")
+        if hint == _CREDENTIALS:
+            return StoreRejected(
+                f"S3 refused the credentials for {self.describe()} ({code}: {message}); {hint}",
+                code,
+            )
         return StoreRejected(
             f"{self.describe()}: {getattr(e, 'operation_name', 'request')} {key!r} refused: "
             f"{code or status} ({message}){'; ' + hint if hint else ''}",

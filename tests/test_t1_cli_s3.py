@@ -157,7 +157,13 @@ def test_bad_input_is_one_clear_line(case: str, s3: S3Endpoint, moto_s3: S3Endpo
 
 def test_s3_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        port = taken.getsockname()[1]
+        for port in range(30000, 40000, 7):  # below 55535: SeaweedFS also uses port+10000
+            try:
+                taken.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
         line = one_line_error(lanekit("s3", "serve", "--port", str(port), "--dir", str(tmp_path)))
     assert "no free block" in line
+    line = one_line_error(lanekit("s3", "serve", "--port", "99999", "--dir", str(tmp_path)))
+    assert "--port 99999: give a port from 1024 to 55534" in line

@@ -104,3 +104,26 @@ def test_help_documents_signals_and_exit_codes(helpful: list[str], tmp_path: Pat
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     assert "SIGTERM" in text and "second" in text
+
+
+def test_store_errors_name_the_fix(tmp_path: Path, s3: object) -> None:
+    env = dict(s3.env)  # type: ignore[attr-defined]
+
+    def lanekit(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
+            timeout=120, env={**os.environ, **env, **extra, "LANEKIT_HOME": str(tmp_path)},
+        )  # fmt: skip
+
+    for args in (
+        ["disk", "info", "s3://nosuchbucket/x/y"],
+        ["disk", "create", "s3://nosuchbucket/x/y", "--size", "1G"],
+        ["vm", "run", "--image", "shell", "--disk", "s3://nosuchbucket/x/y", "--", "true"],
+    ):  # the same verdict everywhere: a missing bucket is never made behind the user's back
+        done = lanekit(*args)
+        assert done.returncode == 1 and "bucket 'nosuchbucket' does not exist" in done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    bucket = s3.new_bucket()  # type: ignore[attr-defined]
+    done = lanekit("disk", "info", f"s3://{bucket}/x/y", AWS_SECRET_ACCESS_KEY="wrong")
+    assert done.returncode == 1 and "S3 refused the credentials for" in done.stderr
+    assert done.stderr.count("\n") == 1

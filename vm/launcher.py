@@ -333,6 +333,7 @@ class Sandbox:
             )
             qemu = await stack.enter_async_context(_process(argv, runtime / "qemu.log", "qemu"))
             machine = Machine(self, entry, qemu, disk, runtime, cwd, services)
+            machine.accel = accel
             stack.push_async_callback(_shielded, machine.stop)
             services.start_soon(self._watch_fencing, machine)
             await self._wait_for_agent(machine)
@@ -376,16 +377,17 @@ class Sandbox:
             with trio.move_on_after(2):
                 await machine.qemu.wait()
         console = tail(machine.console_log)
+        qemu_log = tail(machine.runtime / "qemu.log")
+        hint = boot_hint(console, machine.accel)
         if machine.qemu.returncode is not None:
             raise BootError(
-                f"the guest did not boot: {describe_exit(machine.qemu.returncode)}"
-                f"{boot_hint(console)}\nconsole:\n{console}"
-                f"\nqemu log:\n{tail(machine.runtime / 'qemu.log')}"
+                f"the guest did not boot: {describe_exit(machine.qemu.returncode)}{hint}"
+                f"\nconsole:\n{console}\nqemu log:\n{qemu_log}"
             )
         if waiting.cancelled_caught:
             raise BootError(
-                f"the guest agent did not answer within {self.boot_timeout:.0f} s"
-                f"{boot_hint(console)}\nconsole:\n{console}"
+                f"the guest agent did not answer within {self.boot_timeout:.0f} s{hint}"
+                f"\nconsole:\n{console}"
             )
         if failure is not None:
             raise BootError(f"the guest agent failed: {failure}\nconsole:\n{console}")
@@ -399,8 +401,13 @@ class Sandbox:
             yield SyncMachine(machine, token)
 
 
-def boot_hint(console: str) -> str:
+def boot_hint(console: str, accel: str) -> str:
     """The likely cause of a boot that failed, from what the guest printed."""
+    if accel == "kvm" and "lanekit-initramfs" not in console:
+        return (
+            " (it ran under KVM, which on some hosts cannot run lanekit's guest kernel, a "
+            "paravirtual KVM for one: try --accel tcg, or unset LANEKIT_ACCEL)"
+        )
     if "cannot mount /dev/vda" in console:
         return (
             " (the root disk holds no filesystem lanekit can boot: a blank disk, or one "

@@ -123,6 +123,7 @@ class Machine:
         self._stopped = False
         self.fenced = False
         """Another writer took the root disk over (the guest was stopped then)."""
+        self.accel = "tcg"
 
     @property
     def console_log(self) -> Path:
