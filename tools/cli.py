@@ -20,6 +20,7 @@ from .cli_disk import add_parsers as add_disk_parsers
 from .cli_disk import print_json
 from .cli_s3 import add_parsers as add_s3_parsers
 from .cli_vm import add_parsers as add_vm_parsers
+from . import progress
 from .config import EXIT_BUSY, EXIT_ERROR, CLIError, lanekit_home
 
 
@@ -61,6 +62,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lanekit", description="Durable agent sandboxes.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    p.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="no progress bars or phase lines (they only ever go to a terminal)",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
 
     add_s3_parsers(sub)
@@ -81,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    progress.set_quiet(args.quiet)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="lanekit: %(levelname)s: %(message)s",

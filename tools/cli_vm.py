@@ -57,6 +57,7 @@ examples:
 
 def _state() -> tuple[Registry, ImageStore]:
     registry, images, _ = state_paths(lanekit_home())
+    images.on_phase = progress.phase
     return registry, images
 
 

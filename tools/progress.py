@@ -5,8 +5,10 @@ tqdm draws the bars: small, dependency-free, and it computes rates and ETAs."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -19,6 +21,20 @@ def set_quiet(quiet: bool) -> None:
 
 def enabled() -> bool:
     return not _quiet[0] and sys.stderr.isatty()
+
+
+def _width() -> dict[str, Any]:
+    """Follow the terminal's size."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        columns = 0
+    # A terminal whose encoding is not UTF-8 gets an ASCII bar (tqdm would otherwise fail
+    # to encode its block characters and silently switch itself off).
+    ascii_only = not (getattr(sys.stderr, "encoding", "") or "").lower().startswith("utf")
+    # One that reports no size (0x0) gets 80x24: tqdm would draw nothing at 0 rows.
+    size: dict[str, Any] = {"dynamic_ncols": True} if columns else {"ncols": 80, "nrows": 24}
+    return {**size, "ascii": ascii_only}
 
 
 def phase(text: str) -> None:
@@ -35,7 +51,7 @@ def byte_bar(description: str, total: int | None = None) -> Iterator[Callable[[i
         return
     bar = tqdm(
         total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
-        file=sys.stderr, leave=False, dynamic_ncols=True,
+        file=sys.stderr, leave=False, **_width(),
     )  # fmt: skip
 
     def update(done: int, total: int) -> None:
@@ -55,7 +71,7 @@ def count_bar(description: str, unit: str) -> Iterator[Callable[[int], None]]:
     if not enabled():
         yield lambda n: None
         return
-    bar = tqdm(desc=description, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+    bar = tqdm(desc=description, unit=unit, file=sys.stderr, leave=False, **_width())
     try:
         yield lambda n: bar.update(n - bar.n)
     finally:

@@ -185,6 +185,8 @@ class ImageStore:
         self.root = root
         self.by_digest = root / "sha256"
         self.builds = root / "build"
+        self.on_phase: Callable[[str], None] = lambda text: None
+        """Told what a build does next (the CLI shows it on a terminal)."""
 
     def path(self, digest: str) -> Path:
         digest = check_digest(digest)
@@ -274,8 +276,10 @@ class ImageStore:
             disk_size = size or default_size(tree_bytes(tree))
             with open(disk, "wb") as f:
                 f.truncate(disk_size)
+            self.on_phase("fixing times and identities (reproducible builds)")
             fs_uuid, hash_seed = tree_uuids(tree)
             set_fixed_times(tree)
+            self.on_phase(f"making the ext4 filesystem ({disk_size >> 20} MiB)")
             _run(
                 ["mkfs.ext4", "-q", "-F", "-L", "lanekit-root", "-m", "0", "-U", fs_uuid,
                  "-E", f"root_owner=0:0,hash_seed={hash_seed}", "-d", str(tree), str(disk)],
@@ -283,7 +287,9 @@ class ImageStore:
                 env={**os.environ, "E2FSPROGS_FAKE_TIME": str(FIXED_TIME)},
             )  # fmt: skip
             fix_change_times(tree, disk, work)
+            self.on_phase("checking the filesystem (e2fsck)")
             _run(["e2fsck", "-fn", str(disk)], "e2fsck of the new image")
+            self.on_phase("hashing and storing the image")
             return self.add(disk, source)
         except OSError as exc:
             raise BuildError(f"image build failed: {exc}") from None
@@ -296,6 +302,7 @@ class ImageStore:
             raise BuildError(f"{directory} is not a directory")
 
         def populate(tree: Path) -> dict[str, Any]:
+            self.on_phase(f"copying {directory}")
             _run(["cp", "-a", "--", f"{directory}/.", str(tree)], f"copying {directory}")
             return {"kind": "dir", "path": str(directory)}
 
@@ -305,6 +312,7 @@ class ImageStore:
         archive = archive.absolute()
 
         def populate(tree: Path) -> dict[str, Any]:
+            self.on_phase(f"unpacking the layers of {archive.name}")
             layers = unpack_image(archive, tree)
             return {"kind": "oci", "path": str(archive), "layers": layers}
 
@@ -323,6 +331,8 @@ class ImageStore:
                 raise BuildError(f"invalid Debian suite or package name {name!r}")
 
         def populate(tree: Path) -> dict[str, Any]:
+            what = " with " + " ".join(packages) if packages else ""
+            self.on_phase(f"debootstrap {suite}{what} from {mirror} (the slow part)")
             argv = ["debootstrap", "--variant=minbase"]
             if packages:
                 argv.append("--include=" + ",".join(packages))
@@ -347,6 +357,7 @@ class ImageStore:
         if packages is None:
 
             def populate(tree: Path) -> dict[str, Any]:
+                self.on_phase("installing busybox")
                 install_busybox_userland(tree)
                 return {"kind": "recipe", "recipe": name}
 
