@@ -16,11 +16,11 @@ from blockstore.concurrency import first_failure
 from vfs import FSError, MountError
 from vm import VMError
 
+from . import progress
 from .cli_disk import add_parsers as add_disk_parsers
 from .cli_disk import print_json
 from .cli_s3 import add_parsers as add_s3_parsers
 from .cli_vm import add_parsers as add_vm_parsers
-from . import progress
 from .config import EXIT_BUSY, EXIT_ERROR, CLIError, lanekit_home
 
 

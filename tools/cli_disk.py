@@ -137,7 +137,7 @@ def cmd_disk_export(args: argparse.Namespace) -> int:
                 os.close(fd)
             return disk.size
 
-    with progress.byte_bar(f"export {args.url}") as update:
+    with progress.byte_bar(f"export {out.name}") as update:
         size = trio.run(main, update)
     print_json({"exported": args.url, "file": args.file, "size": size})
     return 0
@@ -170,7 +170,7 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
             finally:
                 os.close(fd)
 
-    with progress.byte_bar(f"import {args.file}") as update:
+    with progress.byte_bar(f"import {src.name}") as update:
         trio.run(main, update)
     print_json({"imported": args.file, "disk": args.url, "size": size})
     return 0
