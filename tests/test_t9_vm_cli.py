@@ -170,3 +170,31 @@ def test_kill_minus_nine_leaves_no_vm(vm_home: Path) -> None:
     proc.kill()
     proc.wait()
     wait_for(lambda: set(ours()) <= before, timeout=30)
+
+
+def test_a_registered_image_says_how_to_build_it(vm_home: Path, tmp_path: Path) -> None:
+    """Every command an error suggests is one that works."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (vm_home / "kernels").mkdir(parents=True, exist_ok=True)
+    (home / "kernels").symlink_to(vm_home / "kernels")  # a kernel is the host's, not the image's
+    done = lanekit(home, "image", "register", "--id", "go", "--ref", "golang:1.23",
+                   "--healthcheck", "true")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = lanekit(home, "vm", "run", "--image", "go", "--", "true")
+    assert done.returncode == 1 and b"Traceback" not in done.stderr
+    message = done.stderr.decode()
+    assert "lanekit image build --from-dir DIR --id go" in message
+    assert "lanekit image build go`" not in message  # the CLI refuses that one
+    tree = tmp_path / "tree" / "bin"
+    tree.mkdir(parents=True)
+    (tree / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    os.chmod(tree / "busybox", 0o755)
+    (tree / "sh").symlink_to("busybox")
+    (tree / "true").symlink_to("busybox")
+    done = lanekit(home, "image", "build", "--from-dir", str(tmp_path / "tree"), "--id", "go")
+    assert done.returncode == 0, done.stderr
+    done = lanekit(
+        home, "vm", "run", "--image", "go", "--memory", "256", "--", "sh", "-c", "echo ok"
+    )
+    assert (done.returncode, done.stdout) == (0, b"ok\n"), done.stderr
