@@ -241,6 +241,11 @@ class Sandbox:
             VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={directory}",
             "-o", "cache=auto", "-o", "xattr", "-o", "sandbox=chroot",
         ]  # fmt: skip
+        if not isinstance(mount.source, Path):
+            # A vfs filesystem is edited by host code while the guest runs (the Paths
+            # API): the guest revalidates attributes on every look, so it never sees new
+            # bytes at an old size (virtiofs keeps them 1 s otherwise).
+            argv += ["-o", "timeout=0"]
         async with _process(argv, log, "virtiofsd") as proc:
             await _wait_for_socket(socket_path, proc, "virtiofsd", log)
             mode = "ro" if mount.read_only else "rw"
