@@ -62,6 +62,18 @@ for arg in $cmdline; do
             ;;
     esac
 done
+if [ -e /sys/class/net/eth0 ]; then  # a network device: the sandbox has networking (vm.net)
+    net=10.0.2.15/24,10.0.2.2,10.0.2.3
+    for arg in $cmdline; do case "$arg" in lanekit.net=*) net="${{arg#lanekit.net=}}" ;; esac; done
+    addr="${{net%%,*}}"; rest="${{net#*,}}"; gateway="${{rest%%,*}}"; dns="${{rest#*,}}"
+    $bb ip link set eth0 up
+    $bb ip addr add "$addr" dev eth0
+    $bb ip route add default via "$gateway" dev eth0
+    if [ "$($bb cat /etc/resolv.conf 2>/dev/null)" != "nameserver $dns" ]; then
+        $bb rm -f /etc/resolv.conf
+        echo "nameserver $dns" >/etc/resolv.conf
+    fi
+fi
 port=; qga=
 for d in /sys/class/virtio-ports/*; do
     name=; read -r name <"$d/name"
