@@ -92,10 +92,12 @@ class Audit:
         self.lost = 0
 
     def record(self, kind: str, src: str, dst: str, hostname: str | None, verdict: str,
-               reason: str, up: int = 0, down: int = 0, **detail: Any) -> AuditEvent:  # fmt: skip
+               reason: str, up: int = 0, down: int = 0,
+               detail: dict[str, Any] | None = None) -> AuditEvent:  # fmt: skip
         event = AuditEvent(
-            time.time(), self.sandbox, kind, src, dst, hostname, verdict, reason, up, down, detail
-        )
+            time.time(), self.sandbox, kind, src, dst, hostname, verdict, reason, up, down,
+            detail or {},
+        )  # fmt: skip
         key = f"{kind}:{verdict}"
         self.counts[key] = self.counts.get(key, 0) + 1
         for watcher in list(self._watchers):
@@ -121,7 +123,9 @@ class Audit:
         self._watchers.clear()
         self._to_file.close()
 
-    async def write_file(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def write_file(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Service task: append events to the log in batches until :meth:`close`."""
         if self.path is None:
             task_status.started()

@@ -1,5 +1,5 @@
-"""A sandbox's network as a plain value: a preset, ordered first-match rules, DNS settings,
-secrets and published ports (after microsandbox's ``NetworkConfig``).
+"""A sandbox's network as a plain value: a preset, ordered first-match rules, DNS settings and
+where upstream connections go (after microsandbox's ``NetworkConfig``).
 
 Everything here but the Python callback serialises (:meth:`NetworkConfig.to_dict`), so a
 stored definition — a lane's — can carry its network. Values are checked when they are made:
@@ -24,7 +24,6 @@ a policy grant. ``public-only``: the public internet, nothing private, local or 
 
 ACTIONS = ("allow", "deny")
 PROTOCOLS = ("tcp", "dns")
-VIOLATION_ACTIONS = ("block", "block-and-log", "block-and-terminate")
 GROUP_NAMES = (*GROUPS, "public")
 REBINDING_GROUPS = frozenset(
     {"loopback", "private", "link-local", "metadata", "multicast", "broadcast", "reserved"}
@@ -32,11 +31,9 @@ REBINDING_GROUPS = frozenset(
 """DNS answers in these classes are rebinding attempts unless a rule allows them."""
 
 DEFAULT_MAX_CONNECTIONS = 256
-DEFAULT_INTERCEPT_PORTS = (80, 443)
 DEFAULT_CALLBACK_TIMEOUT = 5.0
 
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def normalise_hostname(name: str, what: str = "host name") -> str:
@@ -175,72 +172,6 @@ class Rule:
         return self.protocol != "dns" and self._matches_address(ip)
 
 
-@dataclasses.dataclass(frozen=True)
-class Secret:
-    """A credential the guest never sees (after microsandbox's ``Secret.env``): commands get
-    ``placeholder`` in the environment variable ``env``; the proxy puts ``value`` in its
-    place in request headers, only on intercepted TLS to one of ``hosts`` (names, or
-    ``*.example.com`` patterns) at an address this sandbox's DNS answered for that name.
-    The placeholder on its way anywhere else is a violation: the request or flow is
-    blocked; ``block-and-log`` also names the secret in the audit log and the host's log;
-    ``block-and-terminate`` also kills the sandbox."""
-
-    env: str
-    value: str = dataclasses.field(repr=False)
-    hosts: tuple[str, ...] = ()
-    placeholder: str | None = None
-    on_violation: str = "block-and-log"
-
-    def __post_init__(self) -> None:
-        if not _ENV_NAME.fullmatch(self.env):
-            raise NetworkConfigError(f"secret variable {self.env!r} is not an environment name")
-        if not self.value or any(c in self.value for c in "\r\n\0"):
-            raise NetworkConfigError(
-                f"secret {self.env}: the value must be non-empty, with no CR, LF or NUL"
-            )
-        hosts = (self.hosts,) if isinstance(self.hosts, str) else tuple(self.hosts)
-        if not hosts:
-            raise NetworkConfigError(f"secret {self.env}: name the hosts it may be sent to")
-        normalised = []
-        for host in hosts:
-            wildcard = host.startswith("*.")
-            name = normalise_hostname(host[2:] if wildcard else host, f"secret {self.env} host")
-            normalised.append(f"*.{name}" if wildcard else name)
-        object.__setattr__(self, "hosts", tuple(normalised))
-        if self.on_violation not in VIOLATION_ACTIONS:
-            raise NetworkConfigError(
-                f"secret {self.env}: on_violation {self.on_violation!r}: use "
-                + ", ".join(VIOLATION_ACTIONS)
-            )
-        if self.placeholder is not None and (
-            len(self.placeholder) < 8 or not re.fullmatch(r"[A-Za-z0-9_.$-]+", self.placeholder)
-        ):
-            raise NetworkConfigError(
-                f"secret {self.env}: a placeholder is 8 or more of A-Z a-z 0-9 _ . $ -"
-            )
-
-    def allows(self, host: str) -> bool:
-        return any(host_matches(pattern, host) for pattern in self.hosts)
-
-
-@dataclasses.dataclass(frozen=True)
-class Publish:
-    """A host listener on ``address:host_port`` forwarding to ``guest_port`` in the guest."""
-
-    host_port: int
-    guest_port: int
-    address: str = "127.0.0.1"
-
-    def __post_init__(self) -> None:
-        for port in (self.host_port, self.guest_port):
-            if not isinstance(port, int) or not 1 <= port <= 65535:
-                raise NetworkConfigError(f"published port {port!r}: ports are 1-65535")
-        try:
-            ipaddress.IPv4Address(self.address)
-        except ValueError:
-            raise NetworkConfigError(f"publish address {self.address!r} is not an IPv4 address")
-
-
 def _resolver(text: str) -> str:
     host, sep, port = text.strip().rpartition(":")
     host, port = (host, port) if sep else (port, "53")
@@ -262,12 +193,11 @@ def resolver_address(spec: str) -> tuple[str, int]:
 class NetworkConfig:
     """A sandbox's network. Rules are checked first, in order (the first that matches
     decides); then ``callback`` (see :func:`vm.net.policy`), if there is one; then the
-    preset. ``dns``: the resolvers that answer (default: the host's). ``publish``: host
-    ports forwarded to guest ports. ``egress_netns``: the network namespace upstream
+    preset. ``dns``: the resolvers that answer (default: the host's).
+    ``egress_netns``: the network namespace upstream
     connections are made from (a path like ``/run/netns/NAME``; default: the launcher's).
-    ``log_path``: a JSON-lines audit log. ``upstream_ca_bundle``: the CAs upstream TLS is
-    verified against (default: the host's trust store). ``intercept_ports``: where a flow
-    allowed by a name rule, or to a secret's host, is intercepted as HTTP(S)."""
+    ``log_path``: a JSON-lines audit log. ``max_connections``: concurrent TCP flows; more are
+    refused. ``callback_timeout``: seconds the callback may take before the flow is denied."""
 
     preset: str = "none"
     rules: tuple[Rule, ...] = ()
@@ -276,12 +206,8 @@ class NetworkConfig:
     block_domain_suffixes: tuple[str, ...] = ()
     dns_rebind_protection: bool | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    secrets: tuple[Secret, ...] = ()
-    publish: tuple[Publish, ...] = ()
     egress_netns: str | None = None
     log_path: str | None = None
-    upstream_ca_bundle: str | None = None
-    intercept_ports: tuple[int, ...] = DEFAULT_INTERCEPT_PORTS
     callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
     callback: Callable[[Any], Any] | None = dataclasses.field(default=None, compare=False)
 
@@ -294,32 +220,14 @@ class NetworkConfig:
         for field in ("block_domains", "block_domain_suffixes"):
             names = tuple(normalise_hostname(n.lstrip("."), field) for n in getattr(self, field))
             object.__setattr__(self, field, names)
-        secrets = tuple(s if isinstance(s, Secret) else Secret(**s) for s in self.secrets)
-        if len({s.env for s in secrets}) != len(secrets):
-            raise NetworkConfigError("two secrets for the same environment variable")
-        object.__setattr__(self, "secrets", secrets)
-        publish = self.publish
-        if isinstance(publish, Mapping):
-            publish = tuple(Publish(int(h), int(g)) for h, g in publish.items())
-        publish = tuple(
-            p if isinstance(p, Publish) else Publish(**p) if isinstance(p, Mapping) else Publish(*p)
-            for p in publish
-        )
-        if len({(p.address, p.host_port) for p in publish}) != len(publish):
-            raise NetworkConfigError("a host port is published twice")
-        object.__setattr__(self, "publish", publish)
         if not isinstance(self.max_connections, int) or not 1 <= self.max_connections <= 65536:
             raise NetworkConfigError("max_connections must be between 1 and 65536")
         if not self.callback_timeout > 0:
             raise NetworkConfigError("callback_timeout must be a positive number of seconds")
-        ports = tuple(int(p) for p in self.intercept_ports)
-        if not all(1 <= p <= 65535 for p in ports):
-            raise NetworkConfigError("intercept_ports are ports, 1-65535")
-        object.__setattr__(self, "intercept_ports", ports)
-        if self.preset == "none" and (self.rules or self.callback or self.publish or self.secrets):
+        if self.preset == "none" and (self.rules or self.callback):
             raise NetworkConfigError(
-                "network preset none has no network device: rules, a policy, secrets and "
-                "published ports need another preset (deny, public-only, allow-all)"
+                "network preset none has no network device: rules and a policy need "
+                "another preset (deny, public-only, allow-all)"
             )
 
     @property
@@ -352,8 +260,7 @@ class NetworkConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (secrets' values included: store it where they may be); the callback
-        is left out."""
+        """Plain data (JSON-able); the callback is left out."""
         out = dataclasses.asdict(self)
         out.pop("callback")
         return out
@@ -365,8 +272,7 @@ class NetworkConfig:
         if unknown:
             raise NetworkConfigError(f"unknown network settings: {', '.join(sorted(unknown))}")
         values = dict(data)
-        for key in ("rules", "dns", "block_domains", "block_domain_suffixes", "secrets",
-                    "publish", "intercept_ports"):  # fmt: skip
+        for key in ("rules", "dns", "block_domains", "block_domain_suffixes"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -387,28 +293,6 @@ def parse_allow(spec: str) -> Rule:
         return Rule("allow", dest, ports=port or None)
     except NetworkConfigError as exc:
         raise NetworkConfigError(f"--allow {spec!r}: {exc}") from None
-
-
-def parse_secret(spec: str) -> Secret:
-    """``ENV=VALUE@HOST[,HOST...]``."""
-    env, sep, rest = spec.partition("=")
-    value, at, hosts = rest.rpartition("@")
-    if not sep or not at or not env or not value or not hosts:
-        raise NetworkConfigError(f"--secret {env or spec!r}: use ENV=VALUE@HOST[,HOST...]")
-    return Secret(env, value, tuple(h for h in hosts.split(",") if h))
-
-
-def parse_publish(spec: str) -> Publish:
-    """``HOSTPORT:GUESTPORT`` or ``ADDRESS:HOSTPORT:GUESTPORT``."""
-    parts = spec.strip().split(":")
-    try:
-        if len(parts) == 2:
-            return Publish(int(parts[0]), int(parts[1]))
-        if len(parts) == 3:
-            return Publish(int(parts[1]), int(parts[2]), parts[0])
-    except ValueError:
-        pass
-    raise NetworkConfigError(f"--publish {spec!r}: use HOSTPORT:GUESTPORT (e.g. 8080:80)")
 
 
 def as_config(network: NetworkConfig | str | None) -> NetworkConfig:

@@ -90,7 +90,7 @@ class NamespaceThread:
         ok, value = outcome[0]
         if not ok:
             raise value
-        return value  # type: ignore[no-any-return]
+        return value
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(self.call, fn, *args)

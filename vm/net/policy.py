@@ -21,27 +21,15 @@ from typing import Any
 import trio
 
 from .addresses import Endpoint
-from .config import NetworkConfig, Rule, host_matches, parse_ports, resolver_address
+from .config import NetworkConfig, parse_ports, resolver_address
 from .errors import NetworkConfigError
 
 log = logging.getLogger(__name__)
-
-Middleware = Callable[[Any], Any]
-"""Called with each intercepted :class:`vm.net.http.Request`; sync or async."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RawGrant:
     """The flow's bytes go through as they are (no protocol is looked at)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HttpGrant:
-    """The flow is HTTP or HTTPS for one of ``hostnames``, intercepted: TLS is terminated
-    with the sandbox's CA, Host and SNI checked, ``middleware`` sees each request."""
-
-    hostnames: frozenset[str]
-    middleware: Middleware | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +40,7 @@ class DnsGrant:
     allow_private: bool = False
 
 
-Grant = RawGrant | HttpGrant | DnsGrant
+Grant = RawGrant | DnsGrant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +58,6 @@ class DnsQuestion:
     name: str
     qtype: str
     transport: str
-
-
-@dataclasses.dataclass(frozen=True)
-class HttpCandidate:
-    """What a ``match_http`` predicate is asked about: one trusted host name of the flow."""
-
-    hostname: str
-    dst: Endpoint
 
 
 class _Match:
@@ -104,23 +84,6 @@ class DnsMatch(_Match):
 class TcpMatch(_Match):
     def accept(self) -> Grant:
         return self._conn.accept()
-
-
-class HttpMatch(_Match):
-    def __init__(self, conn: Connection, hostnames: frozenset[str]) -> None:
-        super().__init__(conn)
-        self.hostnames = hostnames
-
-    @property
-    def hostname(self) -> str:
-        return sorted(self.hostnames)[0]
-
-    def accept(self, middleware: Middleware | None = None) -> HttpGrant:
-        """Intercept the flow as HTTP(S) for these names; ``middleware(request)`` may change
-        the request on its way upstream (never the response)."""
-        grant = HttpGrant(self.hostnames, middleware)
-        self._conn._grant(grant)
-        return grant
 
 
 def _resolver(spec: str) -> str:
@@ -208,19 +171,6 @@ class Connection:
             return None
         return TcpMatch(self)
 
-    def match_http(self, host: str | Callable[[HttpCandidate], bool]) -> HttpMatch | None:
-        """A TCP flow to an address this sandbox resolved for ``host`` (a name, a
-        ``.suffix``, or a predicate on each trusted name)? Accepting it intercepts it as
-        HTTP(S): a flow that is not HTTP then fails closed."""
-        if self.dns is not None or not self.hostnames:
-            return None
-        if callable(host):
-            names = {h for h in self.hostnames if host(HttpCandidate(h, self.dst))}
-        else:
-            pattern = host.lower().removesuffix(".")
-            names = {h for h in self.hostnames if host_matches(pattern, h)}
-        return HttpMatch(self, frozenset(names)) if names else None
-
     def _seal(self) -> tuple[Grant | None, str | None]:
         with self._lock:
             self._sealed = True
@@ -250,33 +200,21 @@ async def call_hook(
 class Decider:
     """Decides flows and queries for one boot from its configuration and callback."""
 
-    def __init__(self, config: NetworkConfig, secret_hosts: Callable[[str], bool]) -> None:
+    def __init__(self, config: NetworkConfig) -> None:
         self.config = config
         self.rules = config.effective_rules()
-        self._secret_host = secret_hosts
         self._limiter = trio.CapacityLimiter(16)
-
-    def _allow_flow(self, conn: Connection, rule: Rule | None, reason: str) -> Decision:
-        port = conn.dst.port
-        names: frozenset[str] = frozenset()
-        if port in self.config.intercept_ports:
-            if rule is not None and rule.kind in ("domain", "suffix"):
-                names = frozenset(h for h in conn.hostnames if host_matches(rule.destination, h))
-            names |= frozenset(h for h in conn.hostnames if self._secret_host(h))
-        if names:
-            return Decision(HttpGrant(names), reason)
-        return Decision(RawGrant(), reason)
 
     async def decide_flow(self, conn: Connection) -> Decision:
         for rule, where in self.rules:
             if rule.matches_flow(conn.dst.ip, conn.dst.port, conn.hostnames):
                 if rule.action == "allow":
-                    return self._allow_flow(conn, rule, where)
+                    return Decision(RawGrant(), where)
                 return Decision(None, where)
         if self.config.callback is not None:
             return await self._ask(conn)
         if self.config.default_action == "allow":
-            return self._allow_flow(conn, None, "allow-all")
+            return Decision(RawGrant(), "allow-all")
         return Decision(None, f"not allowed (preset {self.config.preset}, no rule matched)")
 
     async def decide_query(self, conn: Connection) -> Decision:
