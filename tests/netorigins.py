@@ -9,7 +9,7 @@ else, so nothing sent through it can leave this machine. Its origins:
 - a TCP echo on 198.51.100.20:7;
 - DNS on 203.0.113.53:53 (``origin.test``, ``echo.test``, ``rebind.test`` -> 10.1.2.3, and
   ``big.test``: an answer too big for UDP) and a second resolver on 198.51.100.53:53 that
-  answers ``origin.test`` with 198.51.100.99 (to tell the two apart).
+  alone answers ``elsewhere.test`` (198.51.100.99).
 
 It prints ``ready`` once everything listens and runs until stdin closes.
 """
@@ -34,11 +34,12 @@ MAIN_ZONE = {
     "rebind.test": ["10.1.2.3"],
     "big.test": [f"203.0.113.{i}" for i in range(100, 160)],
 }
-OTHER_ZONE = {"origin.test": ["198.51.100.99"]}
+OTHER_ZONE = {"elsewhere.test": ["198.51.100.99"]}
 
 
 def payload(size: int) -> bytes:
-    return random.Random(size).randbytes(size)
+    block = random.Random(size).randbytes(1 << 20)
+    return block * (size >> 20) + block[: size & ((1 << 20) - 1)]
 
 
 class Zone(BaseResolver):  # type: ignore[misc]
