@@ -11,7 +11,16 @@ import pytest
 import trio
 
 from tools.cli_net import add_network_arguments, network_from_args
-from vm.net import Connection, Endpoint, NetworkConfig, NetworkConfigError, Rule, policy
+from vm.net import (
+    Connection,
+    Endpoint,
+    NetworkConfig,
+    NetworkConfigError,
+    Publish,
+    Rule,
+    parse_publish,
+    policy,
+)
 from vm.net.config import parse_allow
 from vm.net.pins import Pins
 from vm.net.policy import Decider, DnsGrant, DnsQuestion, RawGrant
@@ -144,6 +153,7 @@ def test_config_is_plain_data() -> None:
         rules=(Rule("allow", "Origin.TEST.", ports="80"), Rule("deny", "private")),
         dns=("203.0.113.53",),
         block_domains=("bad.test",),
+        publish={18080: 80},
         log_path="/tmp/x.jsonl",
     )
     data = json.loads(json.dumps(config.to_dict()))
@@ -190,6 +200,14 @@ def test_cli_flags() -> None:
         network_from_args(parser.parse_args(["--allow", ":80"]))
     with_policy = network_from_args(parser.parse_args(["--policy", f"{__name__}:example_policy"]))
     assert with_policy.preset == "deny" and with_policy.callback is example_policy
+    published = network_from_args(parser.parse_args(["--publish", "18080:80"]))
+    assert published.preset == "deny" and published.publish == (Publish(18080, 80),)
+    assert parse_publish("0.0.0.0:8443:443") == Publish(8443, 443, "0.0.0.0")
+    for bad in ("80", "x:80", "70000:80", "host:1:2"):
+        with pytest.raises(NetworkConfigError):
+            parse_publish(bad)
+    with pytest.raises(NetworkConfigError, match="published twice"):
+        NetworkConfig(preset="deny", publish=(Publish(1, 2), Publish(1, 3)))
     with pytest.raises(NetworkConfigError, match="has no function"):
         network_from_args(parser.parse_args(["--policy", f"{__name__}:missing"]))
 

@@ -12,10 +12,12 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +31,15 @@ from vm.net import Connection, NetworkConfig, Rule
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_host_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+PUBLISHED = _free_host_port()
 
 
 def namespace_holders(inode: int) -> list[str]:
@@ -116,6 +127,7 @@ def machine(vm_home: Path, internet: str, tmp_path_factory: pytest.TempPathFacto
             Rule("allow", "198.51.100.20", ports="7"),
         ),
         dns=("203.0.113.53",),
+        publish={PUBLISHED: 8000},
         egress_netns=internet,
         log_path=str(log),
         callback=decide,
@@ -239,6 +251,26 @@ def test_bulk_download_is_intact(machine: SyncMachine) -> None:
         elif event.kind == "exited":
             assert event.exit_code == 0
     assert total == size and digest.hexdigest() == hashlib.sha256(payload(size)).hexdigest()
+
+
+def test_published_port_reaches_a_server_in_the_guest(machine: SyncMachine) -> None:
+    machine.exec(["sh", "-c", "mkdir -p /tmp/www && echo published >/tmp/www/index.html"])
+    server = machine.exec_stream(["httpd", "-f", "-p", "8000", "-h", "/tmp/www"])
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                url = f"http://127.0.0.1:{PUBLISHED}/index.html"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert response.read() == b"published\n"
+                break
+            except OSError:  # qemu takes a moment; httpd too
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        server.kill()
+        server.wait()
+    assert any(e["kind"] == "inbound" and e["verdict"] == "allow" for e in audit(machine))
 
 
 def test_cli_flags_and_kill_9_leave_nothing(vm_home: Path, internet: str, tmp_path: Path) -> None:

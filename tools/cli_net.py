@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from vm.net import PRESETS, NetworkConfig, NetworkConfigError, parse_allow
+from vm.net import PRESETS, NetworkConfig, NetworkConfigError, parse_allow, parse_publish
 
 NETWORK_HELP = """\
 network (default: none, no network device):
@@ -43,6 +43,11 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
         "implies --net deny unless --net is given",
     )  # fmt: skip
     group.add_argument(
+        "--publish", action="append", metavar="[ADDRESS:]HOSTPORT:GUESTPORT",
+        help="forward a host port (on 127.0.0.1 unless ADDRESS) to a guest port; repeatable; "
+        "implies --net deny unless --net is given",
+    )  # fmt: skip
+    group.add_argument(
         "--egress-netns", metavar="PATH",
         help="make upstream connections from this network namespace (/run/netns/NAME, "
         "/proc/PID/ns/net); default: this process's",
@@ -69,7 +74,8 @@ def load_policy(spec: str) -> Callable[[Any], Any]:
 def network_from_args(args: argparse.Namespace) -> NetworkConfig:
     rules = tuple(parse_allow(spec) for spec in args.allow or ())
     callback = load_policy(args.policy) if args.policy else None
-    preset = args.net or ("deny" if rules or callback else "none")
+    publish = tuple(parse_publish(spec) for spec in args.publish or ())
+    preset = args.net or ("deny" if rules or callback or publish else "none")
     if preset == "none" and (args.dns or args.egress_netns or args.net_log):
         raise NetworkConfigError(
             "--dns, --egress-netns and --net-log need a network: give --net or --allow"
@@ -78,6 +84,7 @@ def network_from_args(args: argparse.Namespace) -> NetworkConfig:
         preset=preset,
         rules=rules,
         dns=tuple(args.dns or ()),
+        publish=publish,
         egress_netns=args.egress_netns,
         log_path=args.net_log,
         callback=callback,

@@ -9,7 +9,7 @@ composes one :class:`Network` per boot with :func:`open_network`.
 
 from .addresses import Endpoint
 from .audit import AuditEvent, AuditStream
-from .config import PRESETS, NetworkConfig, Rule, as_config, parse_allow
+from .config import PRESETS, NetworkConfig, Publish, Rule, as_config, parse_allow, parse_publish
 from .errors import NetworkConfigError, NetworkError, NetworkSetupError
 from .network import Network, open_network
 from .policy import Connection, DnsQuestion, policy
@@ -26,9 +26,11 @@ __all__ = [
     "NetworkConfigError",
     "NetworkError",
     "NetworkSetupError",
+    "Publish",
     "Rule",
     "as_config",
     "open_network",
     "parse_allow",
+    "parse_publish",
     "policy",
 ]

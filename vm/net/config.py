@@ -172,6 +172,24 @@ class Rule:
         return self.protocol != "dns" and self._matches_address(ip)
 
 
+@dataclasses.dataclass(frozen=True)
+class Publish:
+    """A host listener on ``address:host_port`` forwarding to ``guest_port`` in the guest."""
+
+    host_port: int
+    guest_port: int
+    address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        for port in (self.host_port, self.guest_port):
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise NetworkConfigError(f"published port {port!r}: ports are 1-65535")
+        try:
+            ipaddress.IPv4Address(self.address)
+        except ValueError:
+            raise NetworkConfigError(f"publish address {self.address!r} is not an IPv4 address")
+
+
 def _resolver(text: str) -> str:
     host, sep, port = text.strip().rpartition(":")
     host, port = (host, port) if sep else (port, "53")
@@ -193,8 +211,9 @@ def resolver_address(spec: str) -> tuple[str, int]:
 class NetworkConfig:
     """A sandbox's network. Rules are checked first, in order (the first that matches
     decides); then ``callback`` (see :func:`vm.net.policy`), if there is one; then the
-    preset. ``dns``: the resolvers that answer (default: the host's).
-    ``egress_netns``: the network namespace upstream
+    preset. ``dns``: the resolvers that answer (default: the host's). ``publish``: host
+    ports forwarded to guest ports (a mapping ``{host_port: guest_port}`` or
+    :class:`Publish` values). ``egress_netns``: the network namespace upstream
     connections are made from (a path like ``/run/netns/NAME``; default: the launcher's).
     ``log_path``: a JSON-lines audit log. ``max_connections``: concurrent TCP flows; more are
     refused. ``callback_timeout``: seconds the callback may take before the flow is denied."""
@@ -206,6 +225,7 @@ class NetworkConfig:
     block_domain_suffixes: tuple[str, ...] = ()
     dns_rebind_protection: bool | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    publish: tuple[Publish, ...] = ()
     egress_netns: str | None = None
     log_path: str | None = None
     callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
@@ -220,14 +240,21 @@ class NetworkConfig:
         for field in ("block_domains", "block_domain_suffixes"):
             names = tuple(normalise_hostname(n.lstrip("."), field) for n in getattr(self, field))
             object.__setattr__(self, field, names)
+        publish = self.publish
+        if isinstance(publish, Mapping):
+            publish = tuple(Publish(int(h), int(g)) for h, g in publish.items())
+        publish = tuple(p if isinstance(p, Publish) else Publish(**p) for p in publish)
+        if len({(p.address, p.host_port) for p in publish}) != len(publish):
+            raise NetworkConfigError("a host port is published twice")
+        object.__setattr__(self, "publish", publish)
         if not isinstance(self.max_connections, int) or not 1 <= self.max_connections <= 65536:
             raise NetworkConfigError("max_connections must be between 1 and 65536")
         if not self.callback_timeout > 0:
             raise NetworkConfigError("callback_timeout must be a positive number of seconds")
-        if self.preset == "none" and (self.rules or self.callback):
+        if self.preset == "none" and (self.rules or self.callback or self.publish):
             raise NetworkConfigError(
-                "network preset none has no network device: rules and a policy need "
-                "another preset (deny, public-only, allow-all)"
+                "network preset none has no network device: rules, a policy and published "
+                "ports need another preset (deny, public-only, allow-all)"
             )
 
     @property
@@ -272,7 +299,7 @@ class NetworkConfig:
         if unknown:
             raise NetworkConfigError(f"unknown network settings: {', '.join(sorted(unknown))}")
         values = dict(data)
-        for key in ("rules", "dns", "block_domains", "block_domain_suffixes"):
+        for key in ("rules", "dns", "block_domains", "block_domain_suffixes", "publish"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -293,6 +320,19 @@ def parse_allow(spec: str) -> Rule:
         return Rule("allow", dest, ports=port or None)
     except NetworkConfigError as exc:
         raise NetworkConfigError(f"--allow {spec!r}: {exc}") from None
+
+
+def parse_publish(spec: str) -> Publish:
+    """``HOSTPORT:GUESTPORT`` or ``ADDRESS:HOSTPORT:GUESTPORT``."""
+    parts = spec.strip().split(":")
+    try:
+        if len(parts) == 2:
+            return Publish(int(parts[0]), int(parts[1]))
+        if len(parts) == 3:
+            return Publish(int(parts[1]), int(parts[2]), parts[0])
+    except ValueError:
+        pass
+    raise NetworkConfigError(f"--publish {spec!r}: use [ADDRESS:]HOSTPORT:GUESTPORT (8080:80)")
 
 
 def as_config(network: NetworkConfig | str | None) -> NetworkConfig:

@@ -30,6 +30,7 @@ from .errors import NetworkSetupError
 from .namespace import Egress, SandboxNamespace
 from .pins import Pins
 from .policy import Decider
+from .ports import FORWARD_MARK, PublishedPort, free_ports
 from .proxy import RedirectedFlows, TcpProxy
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,13 @@ NAMESPACE_ADDRESS = "10.255.255.254"
 
 def ruleset(proxy_port: int, dns_port: int) -> str:
     """nftables for the sandbox's namespace: TCP to the proxy, port 53 to the DNS listener
-    (both bound to 127.0.0.1, so replies are translated back), nothing else, no IPv6."""
+    (both bound to 127.0.0.1, so replies are translated back), nothing else, no IPv6 —
+    but for lanekit's own sockets to qemu's published-port listeners (marked)."""
     return f"""
 table ip lanekit {{
     chain to_listeners {{
         type nat hook output priority -100; policy accept;
+        meta mark {FORWARD_MARK} accept
         udp dport 53 redirect to :{dns_port}
         tcp dport 53 redirect to :{dns_port}
         meta l4proto tcp redirect to :{proxy_port}
@@ -56,6 +59,7 @@ table ip lanekit {{
     chain nothing_else {{
         type filter hook output priority 0; policy drop;
         ct state established,related accept
+        meta mark {FORWARD_MARK} ip daddr 127.0.0.1 accept
         ip daddr 127.0.0.1 tcp dport {{ {proxy_port}, {dns_port} }} accept
         ip daddr 127.0.0.1 udp dport {dns_port} accept
     }}
@@ -86,10 +90,17 @@ def host_resolvers(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
 class Network:
     """A running sandbox network: what qemu needs to join it, and its audit trail."""
 
-    def __init__(self, config: NetworkConfig, namespace: SandboxNamespace, audit: Audit) -> None:
+    def __init__(
+        self,
+        config: NetworkConfig,
+        namespace: SandboxNamespace,
+        audit: Audit,
+        ports: list[PublishedPort],
+    ) -> None:
         self.config = config
         self._namespace = namespace
         self._audit = audit
+        self._ports = ports
         self.pins = Pins()
 
     @property
@@ -98,10 +109,8 @@ class Network:
         return self._namespace.inode
 
     def qemu_args(self) -> list[str]:
-        return [
-            "-netdev", "user,id=net0,ipv6=off",
-            "-device", "virtio-net-device,netdev=net0",
-        ]  # fmt: skip
+        netdev = ",".join(["user,id=net0,ipv6=off", *(p.hostfwd() for p in self._ports)])
+        return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
 
     def join_hook(self) -> Callable[[], None]:
         """qemu's ``preexec_fn``: start it in the sandbox's namespace."""
@@ -146,7 +155,15 @@ async def open_network(
 
         audit = Audit(sandbox, Path(config.log_path) if config.log_path else None)
         stack.callback(audit.close)
-        network = Network(config, namespace, audit)
+        inner_ports = await free_ports(namespace, len(config.publish))
+        ports = [
+            PublishedPort(p, inner, namespace, audit)
+            for p, inner in zip(config.publish, inner_ports, strict=True)
+        ]
+        for port in ports:
+            await port.listen()
+            stack.callback(port.close)
+        network = Network(config, namespace, audit, ports)
         decider = Decider(config)
         resolvers = config.dns or host_resolvers()
         dns = DnsService(decider, network.pins, audit, egress, resolvers, GUEST_ADDRESS, GUEST_DNS)
@@ -170,6 +187,8 @@ async def open_network(
                         nursery.start_soon(flows.serve, proxy.handle)
                         nursery.start_soon(dns.serve_udp, dns_udp)
                         nursery.start_soon(dns.serve_tcp, dns_tcp)
+                        for port in ports:
+                            nursery.start_soon(port.serve)
             finally:
                 done.set()
 

@@ -113,15 +113,22 @@ class TcpProxy:
                 return
             counts = [0, 0]
             try:
-                async with flow.stream, upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(_copy, flow.stream, upstream, counts, 0)
-                    nursery.start_soon(_copy, upstream, flow.stream, counts, 1)
+                await copy_both_ways(flow.stream, upstream, counts)
             finally:
                 self._audit.record(
                     "tcp", src, dst, hostname, "allow", decision.reason, counts[0], counts[1]
                 )
         finally:
             self._slots.release()
+
+
+async def copy_both_ways(
+    near: trio.SocketStream, far: trio.SocketStream, counts: list[int]
+) -> None:
+    """Copy until both directions end; ``counts``: bytes near to far, far to near."""
+    async with near, far, trio.open_nursery() as nursery:
+        nursery.start_soon(_copy, near, far, counts, 0)
+        nursery.start_soon(_copy, far, near, counts, 1)
 
 
 async def _copy(
