@@ -16,15 +16,20 @@ It prints ``ready`` once everything listens and runs until stdin closes.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import os
 import random
 import socketserver
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from dnslib import QTYPE, RCODE, RR, A  # type: ignore[import-untyped]
-from dnslib.server import BaseResolver, DNSServer  # type: ignore[import-untyped]
+from dnslib.server import BaseResolver, DNSLogger, DNSServer  # type: ignore[import-untyped]
 
 ADDRESSES = ("203.0.113.10", "203.0.113.53", "198.51.100.20", "198.51.100.53", "198.51.100.99")
 HELLO = b"hello from the test internet\n"
@@ -102,9 +107,57 @@ def main() -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     for address, zone in (("203.0.113.53", MAIN_ZONE), ("198.51.100.53", OTHER_ZONE)):
         for tcp in (False, True):
-            DNSServer(Zone(zone), port=53, address=address, tcp=tcp).start_thread()
+            quiet = DNSLogger(logf=lambda line: None)  # stdout is the parent's pipe
+            DNSServer(Zone(zone), port=53, address=address, tcp=tcp, logger=quiet).start_thread()
     print("ready", flush=True)
     sys.stdin.read()
+
+
+@contextlib.contextmanager
+def internet_namespace(cwd: str) -> Iterator[str]:
+    """Run the test internet; yields the path of its network namespace."""
+    proc = subprocess.Popen(
+        ["unshare", "-n", sys.executable, "-m", "tests.netorigins"],
+        cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield f"/proc/{proc.pid}/ns/net"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def namespace_holders(inode: int) -> list[str]:
+    """Every process, thread or open file that holds the network namespace ``inode``."""
+    link = f"net:[{inode}]"
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/task/{tid}/ns/net") == link:
+                        found.append(f"task {pid}/{tid}")
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                        found.append(f"fd {pid}/{fd}")
+    return found
+
+
+def assert_namespace_gone(inode: int) -> None:
+    """Nothing holds the namespace any more, so the kernel freed it with its nftables
+    table, listeners and sockets; no lanekit name was left in /run/netns."""
+    deadline = time.monotonic() + 15
+    while namespace_holders(inode) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert namespace_holders(inode) == []
+    netns = Path("/run/netns")
+    assert not any(
+        p.name.startswith("lanekit") for p in (netns.iterdir() if netns.is_dir() else ())
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +30,7 @@ from vm.net.pins import Pins
 from vm.net.policy import Decider, DnsGrant, DnsQuestion, RawGrant
 
 GUEST = Endpoint("10.0.2.15", 0)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def flow(ip: str, port: int, names: tuple[str, ...] = ()) -> Connection:
@@ -214,3 +219,19 @@ def test_cli_flags() -> None:
 
 def example_policy(conn: Connection) -> None:
     conn.accept()
+
+
+def test_cli_bad_network_flags_are_one_line_errors(tmp_path: Path) -> None:
+    for flags, message in (
+        (["--allow", ":80"], "--allow ':80': use HOST[:PORT] or CIDR[:PORT]"),
+        (["--net-log", "/tmp/x"], "need a network"),
+        (["--publish", "80"], "--publish '80'"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell", *flags,
+             "--", "true"],
+            cwd=REPO, env={**os.environ, "LANEKIT_HOME": str(tmp_path)},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

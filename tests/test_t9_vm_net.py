@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netorigins import HELLO, payload
+from tests.netorigins import HELLO, assert_namespace_gone, internet_namespace, payload
 from vm.launcher import Sandbox
 from vm.machine import SyncMachine
 from vm.net import Connection, NetworkConfig, Rule
@@ -42,41 +42,15 @@ def _free_host_port() -> int:
 PUBLISHED = _free_host_port()
 
 
-def namespace_holders(inode: int) -> list[str]:
-    """Every process, thread or open file that holds the network namespace ``inode``."""
-    link = f"net:[{inode}]"
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/task/{tid}/ns/net") == link:
-                        found.append(f"task {pid}/{tid}")
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
-                        found.append(f"fd {pid}/{fd}")
-    return found
-
-
 def assert_gone(inode: int, qemu_pid: int, threads: bool = True) -> None:
     """The sandbox's namespace (and with it its nft table, listeners and sockets) is freed:
     nothing holds it, qemu is gone, no name was left in /run/netns, and (``threads``) this
     process has no namespace thread left."""
-    deadline = time.monotonic() + 15
-    while namespace_holders(inode) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert namespace_holders(inode) == []
+    assert_namespace_gone(inode)
     assert _gone(qemu_pid)
     if threads:
         names = {t.name for t in threading.enumerate()}
         assert "lanekit-netns" not in names and "lanekit-egress" not in names
-    netns = Path("/run/netns")
-    assert not any(
-        p.name.startswith("lanekit") for p in (netns.iterdir() if netns.is_dir() else ())
-    )
 
 
 def _gone(pid: int) -> bool:
@@ -89,17 +63,8 @@ def _gone(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def internet() -> Iterator[str]:
-    """The test internet; yields the path of its network namespace."""
-    proc = subprocess.Popen(
-        ["unshare", "-n", sys.executable, "-m", "tests.netorigins"],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield f"/proc/{proc.pid}/ns/net"
-    finally:
-        proc.kill()
-        proc.wait()
+    with internet_namespace(str(REPO)) as path:
+        yield path
 
 
 def decide(conn: Connection) -> None:
