@@ -63,15 +63,13 @@ for arg in $cmdline; do
     esac
 done
 if [ -e /sys/class/net/eth0 ]; then  # a network device: the sandbox has networking (vm.net)
-    net=10.0.2.15/24,10.0.2.2,10.0.2.3
-    for arg in $cmdline; do case "$arg" in lanekit.net=*) net="${{arg#lanekit.net=}}" ;; esac; done
-    addr="${{net%%,*}}"; rest="${{net#*,}}"; gateway="${{rest%%,*}}"; dns="${{rest#*,}}"
+    # qemu's user networking: the guest, its gateway and its DNS (the host decides both).
     $bb ip link set eth0 up
-    $bb ip addr add "$addr" dev eth0
-    $bb ip route add default via "$gateway" dev eth0
-    if [ "$($bb cat /etc/resolv.conf 2>/dev/null)" != "nameserver $dns" ]; then
+    $bb ip addr add 10.0.2.15/24 dev eth0
+    $bb ip route add default via 10.0.2.2 dev eth0
+    if [ "$($bb cat /etc/resolv.conf 2>/dev/null)" != "nameserver 10.0.2.3" ]; then
         $bb rm -f /etc/resolv.conf
-        echo "nameserver $dns" >/etc/resolv.conf
+        echo "nameserver 10.0.2.3" >/etc/resolv.conf
     fi
 fi
 port=; qga=
