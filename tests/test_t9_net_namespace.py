@@ -35,6 +35,12 @@ def dns_udp(name: str) -> DNSRecord:
         return DNSRecord.parse(sock.recv(4096))
 
 
+def send_garbage() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for packet in (b"", b"\x00" * 3, b"\xff" * 40, DNSRecord.question("x.test").pack()[:-3]):
+            sock.sendto(packet, ANYWHERE)
+
+
 def dns_tcp(name: str) -> DNSRecord:
     packet = DNSRecord.question(name).pack()
     with socket.create_connection(ANYWHERE, timeout=10) as sock:
@@ -78,6 +84,7 @@ def test_dns_and_flows_in_the_namespace(internet: str) -> None:
 
                 nursery.start_soon(watch)
                 run = network._namespace.thread.run
+                await run(send_garbage)  # dropped; the listener goes on
                 answer = await run(dns_udp, "origin.test")
                 assert [str(r.rdata) for r in answer.rr] == ["203.0.113.10"]
                 # Too big for UDP: the resolver is asked again over TCP, the guest is told

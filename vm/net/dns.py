@@ -70,6 +70,8 @@ class DnsService:
                 await sock.sendto(reply, peer)
         except OSError:
             pass
+        except Exception:  # one bad packet must not take the sandbox's DNS down
+            log.exception("DNS query dropped")
         finally:
             self._inflight.release()
 
@@ -96,6 +98,8 @@ class DnsService:
                         await stream.send_all(struct.pack("!H", len(reply)) + reply)
             except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 pass
+            except Exception:
+                log.exception("DNS query over TCP dropped")
 
     async def answer(self, data: bytes, transport: str) -> bytes | None:
         """The reply to one query (None: unreadable, dropped)."""
