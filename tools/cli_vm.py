@@ -22,6 +22,7 @@ from vm.registry import validate_id
 from vm.state import state_paths
 
 from . import progress
+from .cli_net import NETWORK_HELP, add_network_arguments, network_from_args
 from .config import lanekit_home, parse_size
 from .stopping import Stopper, run_stoppable, serve_until_stopped
 from .vmrun import RunOptions, run_in_sandbox
@@ -244,6 +245,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         force=args.force,
         lease_wait=args.wait,
         notice=lambda line: print(f"lanekit: {line}", file=sys.stderr, flush=True),
+        network=network_from_args(args),
     )
     run = RunOptions(
         command=command,
@@ -345,7 +347,7 @@ def add_parsers(sub: Any) -> None:
         "run",
         help="boot an image, run one command, stream its output",
         description=VM_RUN_DESCRIPTION,
-        epilog=VM_RUN_EPILOG,
+        epilog=VM_RUN_EPILOG + "\n\n" + NETWORK_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("--image", required=True, help="registered image id (see `lanekit image list`)")
@@ -387,6 +389,7 @@ def add_parsers(sub: Any) -> None:
     )  # fmt: skip
     c.add_argument("--accel", choices=("kvm", "tcg"), help="default: KVM if it works, else TCG")
     c.add_argument("--s3-endpoint", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
+    add_network_arguments(c)
     c.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     c.set_defaults(func=cmd_vm_run)
 

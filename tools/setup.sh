@@ -12,6 +12,7 @@ apt_packages=(
   e2fsprogs busybox-static util-linux kmod
   s3backer fio
   qemu-guest-agent debootstrap git
+  nftables iproute2
 )
 missing=()
 for p in "${apt_packages[@]}"; do

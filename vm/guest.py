@@ -62,6 +62,16 @@ for arg in $cmdline; do
             ;;
     esac
 done
+if [ -e /sys/class/net/eth0 ]; then  # a network device: the sandbox has networking (vm.net)
+    # qemu's user networking: the guest, its gateway and its DNS (the host decides both).
+    $bb ip link set eth0 up
+    $bb ip addr add 10.0.2.15/24 dev eth0
+    $bb ip route add default via 10.0.2.2 dev eth0
+    if [ "$($bb cat /etc/resolv.conf 2>/dev/null)" != "nameserver 10.0.2.3" ]; then
+        $bb rm -f /etc/resolv.conf
+        echo "nameserver 10.0.2.3" >/etc/resolv.conf
+    fi
+fi
 port=; qga=
 for d in /sys/class/virtio-ports/*; do
     name=; read -r name <"$d/name"

@@ -34,6 +34,9 @@ GUEST_MODULES = (
     "virtio_mmio",
     "virtio_blk",
     "virtio_console",
+    "failover",
+    "net_failover",
+    "virtio_net",
     "fuse",
     "virtiofs",
     "overlay",
@@ -147,9 +150,16 @@ class KernelCache:
         """The newest cached kernel, fetching Debian's cloud kernel if none (or ``refresh``),
         and its initramfs with the runtime ``variant`` (see :data:`vm.guest.VARIANTS`)."""
         versions = self.installed_versions()
-        version = self._fetch() if refresh or not versions else versions[-1]
+        stale = bool(versions) and not self._has_modules(versions[-1])
+        version = self._fetch() if refresh or stale or not versions else versions[-1]
         initramfs = self._initramfs(version, variant)
         return KernelAssets(version, self.root / version / "vmlinuz", initramfs)
+
+    def _has_modules(self, version: str) -> bool:
+        """Whether a cached kernel carries every module the initramfs loads (a cache from
+        before a module was added lacks it and is extracted again)."""
+        modules = self.root / version / "modules"
+        return all((modules / f"{m}.ko").is_file() for m in GUEST_MODULES)
 
     def _fetch(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -167,7 +177,7 @@ class KernelCache:
                 raise KernelError(f"{KERNEL_PACKAGE} names no linux-image package: {depends!r}")
             version = image_pkg.strip().removeprefix("linux-image-")
             target = self.root / version
-            if (target / "vmlinuz").is_file():
+            if (target / "vmlinuz").is_file() and self._has_modules(version):
                 return version
             _run(["apt-get", "download", "-q", image_pkg.strip()], cwd=work)
             deb = next(work.glob(f"{image_pkg.strip()}_*.deb"))
@@ -186,6 +196,9 @@ class KernelCache:
             missing = [m for m in GUEST_MODULES if not (modules / f"{m}.ko").exists()]
             if missing:
                 raise KernelError(f"kernel {version} lacks modules {missing}")
+            if target.exists():  # cached before a module was added: replace it whole
+                old = work / "replaced"
+                os.rename(target, old)
             os.rename(staged, target)
             return version
 

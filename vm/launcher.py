@@ -34,6 +34,7 @@ from .errors import BootError, GuestAgentError, ImageNotFoundError, VMError
 from .guest import AGENT_PORT_NAME
 from .images import RECIPES, not_built_message
 from .machine import Machine, SyncMachine, describe_exit, tail
+from .net import NetworkConfig, as_config, open_network
 from .proc import Child, open_child
 from .rootdisk import DiskOptions, root_disk
 from .state import lanekit_home, state_paths
@@ -112,10 +113,14 @@ def _host_tsc_khz() -> int | None:
 
 
 @contextlib.asynccontextmanager
-async def _process(argv: list[str], log: Path, name: str) -> AsyncIterator[Child]:
+async def _process(
+    argv: list[str], log: Path, name: str, preexec: Callable[[], None] | None = None
+) -> AsyncIterator[Child]:
     """A child in its own process group, killed with the group on the way out."""
     with open(log, "ab") as out:  # noqa: ASYNC230  (creating an empty log)
-        proc = await open_child(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = await open_child(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=preexec
+        )
     try:
         yield proc
     finally:
@@ -162,6 +167,7 @@ class Sandbox:
         force: bool = False,
         lease_wait: float | None = None,
         notice: Callable[[str], None] | None = None,
+        network: NetworkConfig | str | None = None,
     ) -> None:
         if not 1 <= cpus <= 64:
             raise VMError("cpus must be between 1 and 64")
@@ -181,6 +187,8 @@ class Sandbox:
         self.force = force
         self.lease_wait = lease_wait
         self.notice = notice or (lambda line: log.info("%s", line))
+        self.network = as_config(network)
+        """The sandbox's network (:mod:`vm.net`); ``none``, no network device, by default."""
         self.registry, self.images, self.kernels = state_paths(self.home)
 
     def _local_image(self) -> tuple[str, Path]:
@@ -336,9 +344,20 @@ class Sandbox:
             argv = self._qemu_argv(
                 runtime, accel, assets.kernel, assets.initramfs, " ".join(cmdline), len(mounts)
             )
-            qemu = await stack.enter_async_context(_process(argv, runtime / "qemu.log", "qemu"))
+            network = None
+            if self.network.enabled:  # set up, rules and all, before qemu can send a packet
+                network = await stack.enter_async_context(
+                    open_network(self.network, runtime.name, services)
+                )
+                argv += network.qemu_args()
+            qemu = await stack.enter_async_context(
+                _process(
+                    argv, runtime / "qemu.log", "qemu", network.join_hook() if network else None
+                )
+            )
             machine = Machine(self, entry, qemu, disk, runtime, cwd, services)
             machine.accel = accel
+            machine.network = network
             stack.push_async_callback(_shielded, machine.stop)
             services.start_soon(self._watch_fencing, machine)
             await self._wait_for_agent(machine)

@@ -28,6 +28,7 @@ from .registry import ImageEntry
 
 if TYPE_CHECKING:
     from .launcher import Sandbox
+    from .net import Network
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POWEROFF_GRACE = 10.0
@@ -124,6 +125,8 @@ class Machine:
         self.fenced = False
         """Another writer took the root disk over (the guest was stopped then)."""
         self.accel = "tcg"
+        self.network: Network | None = None
+        """The sandbox's network (``network.watch()``: its audit events live), if it has one."""
 
     @property
     def console_log(self) -> Path:
@@ -460,6 +463,10 @@ class SyncMachine:
     @property
     def agent_pid(self) -> int | None:
         return self._machine.agent_pid
+
+    @property
+    def network(self) -> Network | None:
+        return self._machine.network
 
     def read_file(self, path: str) -> bytes:
         return self._call(self._machine.read_file, path)
