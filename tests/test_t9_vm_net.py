@@ -47,6 +47,10 @@ def assert_gone(inode: int, qemu_pid: int, threads: bool = True) -> None:
     nothing holds it, qemu is gone, no name was left in /run/netns, and (``threads``) this
     process has no namespace thread left."""
     assert_namespace_gone(inode)
+    # A dying process leaves its namespaces early in its exit and frees its memory after.
+    deadline = time.monotonic() + 30
+    while not _gone(qemu_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _gone(qemu_pid)
     if threads:
         names = {t.name for t in threading.enumerate()}
