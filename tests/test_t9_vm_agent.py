@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -233,13 +235,28 @@ def test_a_killed_agent_comes_back(machine: SyncMachine) -> None:
     assert machine.agent_pid != pid
 
 
-def test_idle_host_and_a_long_command(machine: SyncMachine) -> None:
-    """Liveness: the host idles 40 s between two commands while a 60 s command runs."""
-    long = machine.exec_stream(["sh", "-c", "sleep 60; echo done"])
-    time.sleep(40)
-    assert machine.exec(["echo", "alive"]).stdout == b"alive\n"
-    exit_event, out, _ = long.collect()
-    assert (exit_event.exit_code, out) == (0, b"done\n")
+def test_idle_host_and_a_long_command(machine: SyncMachine, vm_home: Path) -> None:
+    """Liveness: the host idles 40 s between two commands while a 60 s command runs; at
+    the same time `lanekit vm run -- sleep 45` lives to the end (its sandbox used to die
+    after about 13 s, issue 14.1)."""
+    quiet = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell", "--memory", "256",
+         "--", "sh", "-c", "sleep 45; echo survived"],
+        env={**os.environ, "LANEKIT_HOME": str(vm_home)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        long = machine.exec_stream(["sh", "-c", "sleep 60; echo done"])
+        time.sleep(40)
+        assert machine.exec(["echo", "alive"]).stdout == b"alive\n"
+        exit_event, out, _ = long.collect()
+        assert (exit_event.exit_code, out) == (0, b"done\n")
+        stdout, stderr = quiet.communicate(timeout=300)
+        assert (quiet.returncode, stdout) == (0, b"survived\n"), stderr
+    finally:
+        if quiet.poll() is None:
+            quiet.kill()
+            quiet.wait()
 
 
 def test_patches_on_ephemeral_and_durable_disks(vm_home: Path, tmp_path: Path) -> None:
