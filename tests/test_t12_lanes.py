@@ -117,6 +117,8 @@ def test_a_lane_runs_detached_stops_and_moves_to_another_host(
     mounted = a.lanekit("lane", "exec", "journey", "--", "awk", "$2 == \"/data\" {print $3}",
                         "/proc/mounts")  # fmt: skip
     assert mounted.stdout == b"ext4\n", mounted.stderr
+    no_pause = a.lanekit("lane", "pause", "journey")
+    assert no_pause.returncode == 1 and b"this lane has volumes" in no_pause.stderr
     in_use = a.lanekit("volume", "rm", "data", *s3)
     assert in_use.returncode == 1 and b"attached for writing" in in_use.stderr, in_use.stderr
 
@@ -231,3 +233,61 @@ def test_lane_errors_are_one_line(two_hosts: tuple[Host, Host, str, str]) -> Non
     with pytest.raises(LaneError, match="unreadable"):
         Lane.get("unborn", home=a.home)
     objects.delete("lanes/unborn/definition")
+
+
+def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None:
+    """A running process survives a pause on A and a resume on B (memory through qemu's
+    migration stream, in the store); a corrupted snapshot is refused, nothing lost."""
+    a, b, store, endpoint = two_hosts
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    lane = Lane.create("napper", "shell", store=store, s3_endpoint=endpoint, memory_mib=256,
+                       home=a.home)  # fmt: skip
+    lane.start()
+    counter = "echo $$; i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+
+    async def start_counter() -> str:
+        async with lane.connect() as machine:
+            handle = await machine.exec_stream(["sh", "-c", counter])
+            async for event in handle:
+                return event.data.decode().strip()  # it runs on after we leave
+        raise AssertionError("the counter printed nothing")
+
+    pid = trio.run(start_counter)
+    before = a.lanekit("lane", "exec", "napper", "--", "sh", "-c", "sleep 1; cat /root/count")
+    counted = int(before.stdout)
+    supervisor = a.supervisor("napper")
+    qemu = children_of(supervisor)
+    paused = a.lanekit("lane", "pause", "napper")
+    assert paused.returncode == 0 and b"paused" in paused.stdout, paused.stderr
+    wait_gone([supervisor, *qemu])
+    assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json", *s3).stdout)] == [
+        "paused"
+    ]
+    assert b.lanekit("lane", "pause", "napper", *s3).returncode == 1  # not running
+
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    chunk = sorted(i.key for i in objects.list("lanes/napper/memory/"))[0]
+    good = objects.get(chunk).data
+    objects.put(chunk, good[:-1] + bytes([good[-1] ^ 1]))
+    corrupted = b.lanekit("lane", "start", "napper", *s3)
+    assert corrupted.returncode == 1 and b"memory snapshot is corrupted" in corrupted.stderr
+    assert b"stays paused" in corrupted.stderr
+    assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json").stdout)] == ["paused"]
+    objects.put(chunk, good)
+
+    resumed = b.lanekit("lane", "start", "napper")
+    assert resumed.returncode == 0, resumed.stderr
+    asked = time.time()
+    after = b.lanekit(
+        "lane", "exec", "napper", "--", "sh", "-c",
+        f"kill -0 {pid} && a=$(cat /root/count) && sleep 1 && "
+        "echo $a $(cat /root/count) $(date +%s)",
+    )  # fmt: skip
+    assert after.returncode == 0, after.stderr
+    first, second, clock = (int(x) for x in after.stdout.split())
+    assert counted <= first < second  # the same process, counting on from where it was
+    assert asked - 2 <= clock <= time.time() + 2  # set to the host's after the resume
+    assert list(objects.list("lanes/napper/memory/")) == []  # a resumed snapshot is spent
+    stopped = b.lanekit("lane", "stop", "napper")
+    assert stopped.returncode == 0, stopped.stderr
+    assert b.lanekit("lane", "rm", "napper").returncode == 0

@@ -21,8 +21,10 @@ LANE_DESCRIPTION = """\
 A lane is a named sandbox whose definition and root disk live in an object store
 (file:///DIR or s3://BUCKET/PREFIX). `lane start` boots it under a supervisor process that
 outlives the command; `lane exec` runs commands in it; `lane stop` powers it off and
-releases its disk. Any host that reaches the store can start a stopped lane, with
-everything its guest wrote (`lane start NAME --store URL` on a host that never saw it).
+releases its disk; `lane pause` saves its memory into the store too, and the next start
+resumes its processes where they were. Any host that reaches the store can start a
+stopped or paused lane, with everything its guest wrote (`lane start NAME --store URL` on
+a host that never saw it).
 Who runs a lane is its disk's lease in the store: `lane ls` is right after a crash."""
 
 
@@ -43,7 +45,7 @@ def _show(status: LaneStatus) -> str:
     if status.error is not None:
         return f"{status.name}\tunreadable: {status.error}\t{status.store}"
     if status.state != "running":
-        return f"{status.name}\tstopped\t{status.store}"
+        return f"{status.name}\t{status.state}\t{status.store}"
     where = "here" if status.here else f"host {status.host}"
     return f"{status.name}\trunning ({where}, pid {status.pid})\t{status.store}"
 
@@ -79,7 +81,12 @@ def cmd_lane_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_lane_start(args: argparse.Namespace) -> int:
-    print(_show(_lane(args).start()))
+    print(_show(_lane(args).start(cold=args.cold)))
+    return 0
+
+
+def cmd_lane_pause(args: argparse.Namespace) -> int:
+    print(_show(_lane(args).pause()))
     return 0
 
 
@@ -137,13 +144,19 @@ def add_parsers(sub: Any) -> None:
     c.set_defaults(func=cmd_lane_ls)
 
     for name, func, text in (
-        ("start", cmd_lane_start, "boot a lane under a detached supervisor on this host"),
+        ("start", cmd_lane_start, "boot (or resume) a lane under a detached supervisor here"),
+        ("pause", cmd_lane_pause, "save a lane's memory and disk state in its store, and end"),
         ("stop", cmd_lane_stop, "stop a lane cleanly (guest sync, disk flushed and released)"),
         ("rm", cmd_lane_rm, "delete a stopped lane (definition and root disk)"),
     ):
         c = lanes.add_parser(name, help=text)
         c.add_argument("name")
         _store_args(c)
+        if name == "start":
+            c.add_argument(
+                "--cold", action="store_true",
+                help="a paused lane: discard its memory snapshot and boot from its disk",
+            )  # fmt: skip
         c.set_defaults(func=func)
 
     options = argparse.ArgumentParser(prog="lanekit lane exec NAME", add_help=False)

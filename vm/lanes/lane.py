@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -45,10 +46,12 @@ from .definition import (
     runner,
     write_definition,
 )
+from .paused import discard, read_paused
 from .supervisor import run_dir
 
 START_TIMEOUT = 600.0
 STOP_TIMEOUT = 120.0
+PAUSE_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 30.0
 
 
@@ -57,7 +60,8 @@ class LaneStatus:
     name: str
     store: str
     state: str
-    """``running`` (somewhere: see ``host``/``here``) or ``stopped``."""
+    """``running`` (somewhere: see ``host``/``here``), ``paused`` (its memory in the
+    store: a start resumes it) or ``stopped``."""
     here: bool
     """Run by a supervisor on this host (this ``$LANEKIT_HOME``)."""
     host: str | None = None
@@ -211,7 +215,7 @@ class Lane:
         holder = runner(self.objects, self.name)
         local = self._supervisor_pid()
         if holder is None:
-            state = "stopped"
+            state = "paused" if read_paused(self.objects, self.name) is not None else "stopped"
             status = LaneStatus(self.name, self.store, state, False)
         else:
             here = local is not None and holder.get("pid") == local
@@ -227,9 +231,11 @@ class Lane:
 
     # ------------------------------------------------------------ running
 
-    def start(self, timeout: float = START_TIMEOUT) -> LaneStatus:
-        """Start the lane's supervisor here; returns once the guest runs. LaneError if it
-        runs already (here or elsewhere) or does not boot (with the supervisor's log)."""
+    def start(self, timeout: float = START_TIMEOUT, *, cold: bool = False) -> LaneStatus:
+        """Start the lane's supervisor here; returns once the guest runs. A paused lane
+        resumes where it was, unless ``cold`` (its memory snapshot is discarded and it boots
+        from its disk). LaneError if it runs already (here or elsewhere) or does not come up
+        (with the supervisor's log)."""
         status = self.status()
         if status.state == "running":
             where = "here" if status.here else f"on host {status.host} (pid {status.pid})"
@@ -239,6 +245,8 @@ class Lane:
         argv = [sys.executable, "-m", "vm.lanes.supervisor", self.name, self.store]
         if self.s3_endpoint:
             argv += ["--s3-endpoint", self.s3_endpoint]
+        if cold:
+            argv.append("--cold")
         read_end, write_end = os.pipe()
         try:
             with open(log_path, "ab") as log:
@@ -260,13 +268,12 @@ class Lane:
             )
         return self.status()
 
-    def _control(self, op: str) -> tuple[dict[str, Any], Any]:
-        import socket
-
+    def _control(self, op: str, timeout: float) -> tuple[dict[str, Any], Any]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
         try:
             sock.connect(str(self.run_dir / "control.sock"))
+            sock.settimeout(timeout)
         except OSError as exc:
             sock.close()
             raise LaneError(f"lane {self.name!r}: its supervisor does not answer ({exc})") from None
@@ -281,6 +288,15 @@ class Lane:
     def stop(self, timeout: float = STOP_TIMEOUT) -> LaneStatus:
         """Stop the lane cleanly (the guest syncs and powers off, the disk is flushed and
         released); returns once its supervisor is gone."""
+        return self._end("stop", timeout)
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> LaneStatus:
+        """Save the running guest's memory (qemu's migration stream) and its disk's state
+        into the store and end; the next :meth:`start`, on any host with the same qemu,
+        resumes its processes where they were. Refused for lanes with volumes."""
+        return self._end("pause", timeout)
+
+    def _end(self, op: str, timeout: float) -> LaneStatus:
         status = self.status()
         if status.state != "running":
             raise LaneError(f"lane {self.name!r} is not running")
@@ -289,16 +305,22 @@ class Lane:
                 f"lane {self.name!r} runs on host {status.host} (pid {status.pid}): stop it there"
             )
         pid = status.pid
-        reply, sock = self._control("stop")
+        reply, sock = self._control(op, timeout)
         sock.close()
         if "error" in reply:
             raise LaneError(f"lane {self.name!r}: {reply['error']}")
         deadline = time.monotonic() + timeout
         while pid is not None and self._supervisor_pid() == pid:
             if time.monotonic() > deadline:
-                raise LaneError(f"lane {self.name!r} did not stop within {timeout:.0f} s")
+                raise LaneError(f"lane {self.name!r} did not {op} within {timeout:.0f} s")
             time.sleep(0.1)
-        return self.status()
+        status = self.status()
+        if op == "pause" and status.state != "paused":
+            raise LaneError(
+                f"lane {self.name!r} did not pause (it is {status.state}):\n"
+                f"{_tail(self.run_dir / 'supervisor.log')}"
+            )
+        return status
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[AgentMachine]:
@@ -320,6 +342,7 @@ class Lane:
         """Delete a stopped lane: its definition and root disk (blocks go at ``disk gc``)."""
         if self.status().state == "running":
             raise LaneError(f"lane {self.name!r} is running: stop it first")
+        discard(self.objects, self.name, read_paused(self.objects, self.name))
         delete_definition(self.objects, self.name)
         delete_disk(self.objects, root_disk_name(self.name))
         _cache(self.home).forget(self.name)

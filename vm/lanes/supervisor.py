@@ -5,10 +5,14 @@ what it starts (qemu, virtiofsd, the NBD server) is spawned by ``vm.proc`` insid
 all dies with it, kill -9 included. It boots the lane's sandbox, which leases the lane's
 root disk (the truth about who runs the lane), and serves two 0600 unix sockets in the
 lane's run directory: ``agent.sock`` (the agent relay, see :mod:`.relay`) and
-``control.sock`` (one JSON request per line: ``status``, ``stop``).
+``control.sock`` (one JSON request per line: ``status``, ``stop``, ``pause``).
 
-Signals follow ``tools/stopping.py``: the first SIGTERM/SIGINT (or a ``stop`` request) is a
-clean stop (the guest syncs and powers off, the disk is flushed and its lease released);
+A ``pause`` request saves the guest's memory through qemu's migration stream into the
+store (see :mod:`.paused`) and ends; the next start, on any host with the same qemu, resumes
+the guest where it was.
+
+Signals follow ``tools/stopping.py``: the first SIGTERM/SIGINT (or a ``stop`` request) is
+a clean stop (the guest syncs and powers off, the disk is flushed and its lease released);
 a second one kills the guest at once and still flushes and releases the disk.
 """
 
@@ -31,9 +35,11 @@ from blockstore.identity import process_identity
 
 from ..launcher import Sandbox
 from ..machine import Machine
+from ..snapshot import load_memory, save_memory
 from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
-from .definition import read_definition, root_disk_name
+from . import paused
+from .definition import LaneDefinition, read_definition, root_disk_name
 from .relay import bind_unix, serve_relay
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -54,6 +60,9 @@ class _Supervisor:
         self.stop = trio.Event()
         self.stops = 0
         self.machine: Machine | None = None
+        self.objects: blockstore.ObjectStore | None = None
+        self.definition: LaneDefinition | None = None
+        self.pausing = False
 
     def request_stop(self, why: str) -> None:
         self.stops += 1
@@ -87,8 +96,9 @@ class _Supervisor:
                 except (ValueError, KeyError, TypeError):
                     await stream.send_all(b'{"error": "not a control request"}\n')
                     return
-                await stream.send_all(json.dumps(self.answer(op)).encode() + b"\n")
-                if op == "stop":
+                answer = await self.pause() if op == "pause" else self.answer(op)
+                await stream.send_all(json.dumps(answer).encode() + b"\n")
+                if op in ("stop", "pause") and "ok" in answer:
                     await trio.sleep_forever()  # closed when the supervisor exits
 
         async with trio.open_nursery() as nursery:
@@ -103,9 +113,49 @@ class _Supervisor:
             return {"ok": "stopping"}
         return {"error": f"unknown request {op!r}"}
 
+    async def pause(self) -> dict[str, Any]:
+        """Save the guest's memory and the disk's state into the store, then end (see
+        :mod:`.paused`); on any failure the guest runs on and the error is the answer."""
+        machine = self.machine
+        assert machine is not None and self.objects is not None and self.definition is not None
+        if self.pausing or self.stop.is_set():
+            return {"error": "the lane is stopping or pausing already"}
+        if self.definition.volumes:
+            return {
+                "error": "this lane has volumes: they would be free for other writers "
+                "while its memory still expects their state; stop it instead"
+            }
+        self.pausing = True
+        snapshot = paused.new_snapshot_id()
+        memory = self.run / "memory.bin"
+        try:
+            say(f"pausing: saving the guest's memory (snapshot {snapshot})")
+            version = await save_memory(machine, memory)
+            try:
+                await machine.disk.checkpoint(f"paused-{snapshot}")
+                chunks = await paused.upload(self.objects, self.name, snapshot, memory)
+                record = {"id": snapshot, "chunks": chunks, "qemu": version, "saved": time.time()}
+                await trio.to_thread.run_sync(paused.write_record, self.objects, self.name, record)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(paused.discard, self.objects, self.name, {})
+                    await _resume_after_failed_save(machine)
+                raise
+        except Exception as exc:
+            self.pausing = False
+            say(f"pause failed, the lane runs on: {exc}")
+            return {"error": f"could not pause: {exc}"}
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                memory.unlink()
+        say(f"paused: memory and disk state are in the store (snapshot {snapshot})")
+        await machine.kill()
+        self.stop.set()
+        return {"ok": "paused"}
+
     async def watch_guest(self, machine: Machine) -> None:
         code = await machine.qemu.wait()
-        if not self.stop.is_set():
+        if not self.stop.is_set() and not self.pausing:
             say(f"the guest stopped by itself (qemu exit {code})")
             self.stop.set()
 
@@ -117,7 +167,43 @@ def _report(fd: int | None, line: str) -> None:
             os.close(fd)
 
 
-async def supervise(name: str, store: str, s3_endpoint: str | None, ready_fd: int | None) -> int:
+class LaneSandbox(Sandbox):
+    """The lane's sandbox; resuming, its qemu waits for the memory snapshot (``-incoming
+    defer``) and gets it as soon as it runs."""
+
+    resume_from: tuple[Path, dict[str, Any]] | None = None
+
+    def extra_qemu_args(self, runtime: Path) -> list[str]:
+        return ["-incoming", "defer"] if self.resume_from else []
+
+    async def qemu_started(self, machine: Machine) -> None:
+        if self.resume_from is not None:
+            path, saved_by = self.resume_from
+            await load_memory(machine, path, saved_by)
+
+
+async def _resume_after_failed_save(machine: Machine) -> None:
+    from ..qmp import QMP
+
+    with contextlib.suppress(Exception):
+        qmp = await QMP.connect(machine.runtime / "qmp.sock")
+        try:
+            await qmp.execute("cont")
+        finally:
+            qmp.close()
+
+
+async def _set_clock(machine: Machine) -> None:
+    """The guest's clock stood still while it was paused; set it to now."""
+    now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    result = await machine.exec(["date", "-u", "-s", now])
+    if result.exit_code != 0:
+        say(f"could not set the guest's clock: {result.stderr_text.strip()}")
+
+
+async def supervise(
+    name: str, store: str, s3_endpoint: str | None, ready_fd: int | None, cold: bool = False
+) -> int:
     home = lanekit_home()
     run = run_dir(home, name)
     supervisor = _Supervisor(name, run)
@@ -129,7 +215,17 @@ async def supervise(name: str, store: str, s3_endpoint: str | None, ready_fd: in
                 lambda: blockstore.open_store(store, s3_endpoint=s3_endpoint)
             )
             definition = await trio.to_thread.run_sync(read_definition, objects, name)
-            sandbox = Sandbox(
+            supervisor.objects, supervisor.definition = objects, definition
+            record = await trio.to_thread.run_sync(paused.read_paused, objects, name)
+            if record is not None and cold:
+                say("starting cold: the memory snapshot is discarded")
+                await trio.to_thread.run_sync(paused.discard, objects, name, record)
+                record = None
+            memory = run / "memory.bin"
+            if record is not None:
+                say(f"resuming from the memory snapshot {record['id']}")
+                await paused.download(objects, name, record, memory)
+            sandbox = LaneSandbox(
                 definition.image, cpus=definition.cpus, memory_mib=definition.memory_mib,
                 disk=(objects, root_disk_name(name)), disk_size=definition.disk_size,
                 home=home, s3_endpoint=s3_endpoint, notice=say,
@@ -138,9 +234,15 @@ async def supervise(name: str, store: str, s3_endpoint: str | None, ready_fd: in
                     for v in definition.volumes
                 ],
             )  # fmt: skip
+            if record is not None:
+                sandbox.resume_from = (memory, record["qemu"])
             async with sandbox.boot() as machine:
                 supervisor.machine = machine
                 await machine.session()
+                if record is not None:
+                    await _set_clock(machine)
+                    await trio.to_thread.run_sync(paused.discard, objects, name, record)
+                    memory.unlink()
                 async with trio.open_nursery() as servers:
                     await servers.start(serve_relay, run / "agent.sock", machine.session)
                     await servers.start(supervisor.serve_control)
@@ -150,7 +252,7 @@ async def supervise(name: str, store: str, s3_endpoint: str | None, ready_fd: in
                     say(f"lane {name} is running (pid {os.getpid()})")
                     await supervisor.stop.wait()
                     servers.cancel_scope.cancel()
-            say(f"lane {name} stopped")
+            say(f"lane {name} {'paused' if supervisor.pausing else 'stopped'}")
         except Exception as exc:
             say(f"error: {exc}")
             if not reported:
@@ -179,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("store")
     p.add_argument("--s3-endpoint")
     p.add_argument("--ready-fd", type=int)
+    p.add_argument("--cold", action="store_true", help="discard a memory snapshot")
     args = p.parse_args(argv)
     run = run_dir(lanekit_home(), args.name)
     run.mkdir(parents=True, exist_ok=True)
     write_identity(run)
-    return trio.run(supervise, args.name, args.store, args.s3_endpoint, args.ready_fd)
+    return trio.run(supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold)
 
 
 if __name__ == "__main__":
