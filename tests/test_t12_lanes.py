@@ -182,9 +182,12 @@ def test_a_lane_runs_detached_stops_and_moves_to_another_host(
     busy_rm = b.lanekit("lane", "rm", "journey")
     assert busy_rm.returncode == 1 and b"stop it first" in busy_rm.stderr
 
-    # SIGTERM to the supervisor is a clean stop (tools/stopping.py's first signal).
+    # SIGTERM to the supervisor is a clean stop; a second one kills the guest, and the
+    # disk is still flushed and released (tools/stopping.py's semantics).
     supervisor_b = b.supervisor("journey")
     qemu_b = children_of(supervisor_b)
+    os.kill(supervisor_b, signal.SIGTERM)
+    time.sleep(0.3)
     os.kill(supervisor_b, signal.SIGTERM)
     wait_gone([supervisor_b, *qemu_b], timeout=120)
     assert runner(objects, "journey") is None
@@ -192,6 +195,7 @@ def test_a_lane_runs_detached_stops_and_moves_to_another_host(
     assert lease is None  # released, not left to expire
     log = (b.home / "lanes" / "journey" / "supervisor.log").read_text()
     assert "SIGTERM: stopping cleanly" in log and "lane journey stopped" in log
+    assert "SIGTERM again: killing the guest now" in log
 
     removed = b.lanekit("lane", "rm", "journey")
     assert removed.returncode == 0, removed.stderr
@@ -224,6 +228,17 @@ def test_lane_errors_are_one_line(two_hosts: tuple[Host, Host, str, str]) -> Non
     assert runner(blockstore.open_store(store, s3_endpoint=endpoint), "unborn") is None
 
     objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    objects.put("lanes/unborn/paused", b"garbage")
+    objects.put("lanes/unborn/memory/x/000000", b"a chunk")
+    unreadable = b.lanekit("lane", "start", "unborn")
+    assert unreadable.returncode == 1 and b"record is unreadable" in unreadable.stderr
+    assert b"--cold" in unreadable.stderr
+    cold = b.lanekit("lane", "start", "unborn", "--cold")  # discards it, then fails as before
+    assert cold.returncode == 1 and b"did not start" in cold.stderr, cold.stderr
+    assert list(objects.list("lanes/unborn/memory/")) == []
+    with pytest.raises(blockstore.ObjectNotFound):
+        objects.get("lanes/unborn/paused")
+
     objects.put("lanes/unborn/definition", b"{not json")
     broken = a.lanekit("lane", "ls")  # the others are still listed; this one says why
     assert broken.returncode == 0 and b"unborn\tunreadable: " in broken.stdout, broken.stderr

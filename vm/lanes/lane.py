@@ -215,7 +215,10 @@ class Lane:
         holder = runner(self.objects, self.name)
         local = self._supervisor_pid()
         if holder is None:
-            state = "paused" if read_paused(self.objects, self.name) is not None else "stopped"
+            try:
+                state = "paused" if read_paused(self.objects, self.name) else "stopped"
+            except LaneError:  # a snapshot, unreadable: a start says so, --cold discards it
+                state = "paused"
             status = LaneStatus(self.name, self.store, state, False)
         else:
             here = local is not None and holder.get("pid") == local

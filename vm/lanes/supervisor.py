@@ -216,11 +216,10 @@ async def supervise(
             )
             definition = await trio.to_thread.run_sync(read_definition, objects, name)
             supervisor.objects, supervisor.definition = objects, definition
+            if cold:  # whatever the snapshot holds, readable or not
+                say("starting cold: a memory snapshot is discarded")
+                await trio.to_thread.run_sync(paused.discard, objects, name, {})
             record = await trio.to_thread.run_sync(paused.read_paused, objects, name)
-            if record is not None and cold:
-                say("starting cold: the memory snapshot is discarded")
-                await trio.to_thread.run_sync(paused.discard, objects, name, record)
-                record = None
             memory = run / "memory.bin"
             if record is not None:
                 say(f"resuming from the memory snapshot {record['id']}")
