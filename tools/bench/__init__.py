@@ -18,6 +18,7 @@ BENCHMARKS = {
     "vmboot": "tools.bench.vmboot",
     "vfs": "tools.bench.vfsbench",
     "exec": "tools.bench.execbench",
+    "lanes": "tools.bench.lanes",
 }
 
 
