@@ -6,8 +6,11 @@ one before it left (a lane running on A, then stopped, then running on B)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
+import select
 import signal
 import stat
 import subprocess
@@ -78,6 +81,39 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def interactive_shell(host: Host, *args: str) -> tuple[int, bytes]:
+    """``lanekit ARGS`` under a real terminal: a command, then ``exit 3``."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(host.env)
+        os.execv(sys.executable, [sys.executable, "-m", "tools.cli", *args])
+    seen = b""
+
+    def until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < deadline, seen[-2000:]
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+
+    try:
+        until(b"# ")
+        os.write(fd, b"echo $((40+2))\n")
+        until(b"42")
+        os.write(fd, b"exit 3\n")
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), seen
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
 def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while any(blockstore.process_identity(p) for p in pids):
@@ -114,6 +150,8 @@ def test_a_lane_runs_detached_stops_and_moves_to_another_host(
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (3, b"out\n"), done.stderr
     assert b"err\n" in done.stderr
+    code, seen = interactive_shell(a, "lane", "exec", "-it", "journey", "--", "sh")
+    assert code == 3, seen[-2000:]
     mounted = a.lanekit("lane", "exec", "journey", "--", "awk", "$2 == \"/data\" {print $3}",
                         "/proc/mounts")  # fmt: skip
     assert mounted.stdout == b"ext4\n", mounted.stderr
