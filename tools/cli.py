@@ -19,6 +19,8 @@ from vm import VMError
 from . import progress
 from .cli_disk import add_parsers as add_disk_parsers
 from .cli_disk import print_json
+from .cli_lane import add_parsers as add_lane_parsers
+from .cli_lane import add_volume_parsers
 from .cli_s3 import add_parsers as add_s3_parsers
 from .cli_vm import add_parsers as add_vm_parsers
 from .config import EXIT_BUSY, EXIT_ERROR, CLIError, lanekit_home
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_disk_parsers(sub)
     add_vm_parsers(sub)
+    add_lane_parsers(sub)
+    add_volume_parsers(sub)
 
     d = sub.add_parser("demo", help="create a disk in $LANEKIT_HOME and show its info")
     d.set_defaults(func=cmd_demo)

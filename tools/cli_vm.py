@@ -216,12 +216,14 @@ def parse_mount(spec: str) -> Mount:
     return Mount(guest, Path(source), read_only)
 
 
-def cmd_vm_run(args: argparse.Namespace) -> int:
+def command_options(args: argparse.Namespace) -> RunOptions:
+    """The command to run and how, from the arguments of :func:`add_command_arguments`
+    (``vm run`` and ``lane exec`` share them)."""
     command = list(args.cmd)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise VMError("give the command to run after --, e.g. lanekit vm run --image shell -- sh")
+        raise VMError(f"give the command to run after --, e.g. {args.example} -- sh")
     env = {}
     for item in args.env or ():
         key, sep, value = item.partition("=")
@@ -232,6 +234,19 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         raise VMError(f"--timeout {args.timeout:g}: give a positive number of seconds")
     if not args.cwd.startswith("/"):
         raise VMError(f"--cwd {args.cwd!r}: give an absolute guest path, e.g. /workspace")
+    return RunOptions(
+        command=command,
+        env=env,
+        cwd=args.cwd,
+        user=args.user,
+        timeout=args.timeout,
+        tty=args.tty,
+        interactive=args.interactive or args.stdin,
+    )
+
+
+def cmd_vm_run(args: argparse.Namespace) -> int:
+    run = command_options(args)
     if args.wait is not None and args.wait < 0:
         raise VMError(f"--wait {args.wait:g}: give a number of seconds, 0 or more")
     mounts = [parse_mount(m) for m in args.mount or ()]
@@ -246,15 +261,6 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         lease_wait=args.wait,
         notice=lambda line: print(f"lanekit: {line}", file=sys.stderr, flush=True),
         network=network_from_args(args),
-    )
-    run = RunOptions(
-        command=command,
-        env=env,
-        cwd=args.cwd,
-        user=args.user,
-        timeout=args.timeout,
-        tty=args.tty,
-        interactive=args.interactive or args.stdin,
     )
     code: int = trio.run(run_in_sandbox, sandbox, mounts, run)
     return code
@@ -299,6 +305,27 @@ def cmd_vfs_mount(args: argparse.Namespace) -> int:
     run_stoppable(lambda s: serve_until_stopped(s, serve, ready), stopper)
     print("unmounted", flush=True)
     return 0
+
+
+def add_command_arguments(c: argparse.ArgumentParser, example: str) -> None:
+    """How a command runs in a guest (see :func:`command_options`)."""
+    c.add_argument("--cwd", default="/", help="absolute guest directory to run in (default /)")
+    c.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
+    c.add_argument("--user", help="run as this guest user: a name, a uid, or uid:gid")
+    c.add_argument(
+        "--timeout", type=float, metavar="SECONDS",
+        help="kill the command and everything it started after this long (exit 137)",
+    )  # fmt: skip
+    c.add_argument(
+        "-t", "--tty", action="store_true",
+        help="give the command a terminal (raw mode here, window size kept in step)",
+    )  # fmt: skip
+    c.add_argument(
+        "-i", "--interactive", action="store_true",
+        help="keep stdin open and pass it on even when it is a terminal",
+    )  # fmt: skip
+    c.add_argument("--stdin", action="store_true", help=argparse.SUPPRESS)  # older spelling of -i
+    c.set_defaults(example=example)
 
 
 def add_parsers(sub: Any) -> None:
@@ -363,22 +390,7 @@ def add_parsers(sub: Any) -> None:
     )  # fmt: skip
     c.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
     c.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
-    c.add_argument("--cwd", default="/", help="absolute guest directory to run in (default /)")
-    c.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
-    c.add_argument("--user", help="run as this guest user: a name, a uid, or uid:gid")
-    c.add_argument(
-        "--timeout", type=float, metavar="SECONDS",
-        help="kill the command and everything it started after this long (exit 137)",
-    )  # fmt: skip
-    c.add_argument(
-        "-t", "--tty", action="store_true",
-        help="give the command a terminal (raw mode here, window size kept in step)",
-    )  # fmt: skip
-    c.add_argument(
-        "-i", "--interactive", action="store_true",
-        help="keep stdin open and pass it on even when it is a terminal",
-    )  # fmt: skip
-    c.add_argument("--stdin", action="store_true", help=argparse.SUPPRESS)  # older spelling of -i
+    add_command_arguments(c, "lanekit vm run --image shell")
     c.add_argument(
         "--force", action="store_true",
         help="take the root disk over from a dead or unreachable holder (fences it)",

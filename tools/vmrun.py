@@ -24,7 +24,7 @@ from blockstore.concurrency import first_failure
 from vm.agent import ExecHandle
 from vm.errors import GuestAgentError, VMError
 from vm.launcher import Mount, Sandbox
-from vm.machine import Machine
+from vm.machine import AgentMachine, Machine
 
 from .terminal import raw_terminal, read_some, stdin_fd, terminal_size, write_all
 
@@ -54,7 +54,8 @@ _raw = [False]
 class _Session:
     """What a signal needs to reach: the command, the machine, the scopes to cancel."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: str = "the sandbox stops cleanly when it ends") -> None:
+        self.after = after
         self.signals = 0
         self.handle: ExecHandle | None = None
         self.machine: Machine | None = None
@@ -81,7 +82,7 @@ class _Session:
             self.boot_scope.cancel()
             return
         _say(
-            f"{name}: passed to the command; the sandbox stops cleanly when it ends "
+            f"{name}: passed to the command; {self.after} "
             f"(or in {COMMAND_GRACE:.0f} s); {name} again stops at once"
         )
         try:
@@ -128,7 +129,7 @@ async def _stream(handle: ExecHandle) -> int:
     return handle.exit.exit_code
 
 
-async def _run_command(machine: Machine, run: RunOptions, session: _Session) -> int | None:
+async def _run_command(machine: AgentMachine, run: RunOptions, session: _Session) -> int | None:
     forward_stdin = run.interactive or not os.isatty(stdin_fd())
     rows, cols = terminal_size(sys.stdout.fileno())
     with trio.CancelScope() as scope:
@@ -182,6 +183,34 @@ async def run_in_sandbox(sandbox: Sandbox, mounts: Sequence[Mount], run: RunOpti
             nursery.cancel_scope.cancel()
     if code is None:
         _say("interrupted; the sandbox was stopped")
+        return EXIT_INTERRUPTED
+    return code
+
+
+async def run_in_machine(machine: AgentMachine, run: RunOptions) -> int:
+    """``lane exec``: stream one command in a guest that goes on running. The first
+    SIGINT/SIGTERM is passed to the command; a second abandons it (it may go on running
+    in the guest); a third exits on the spot."""
+    session = _Session("this command is left when it ends")
+    code: int | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    await session.on_signal(signum)
+
+            nursery.start_soon(watch)
+            terminal = raw_terminal(stdin_fd()) if run.tty else _no_terminal()
+            with session.boot_scope, terminal as raw:
+                _raw[0] = bool(raw)
+                try:
+                    code = await _run_command(machine, run, session)
+                finally:
+                    _raw[0] = False
+            nursery.cancel_scope.cancel()
+    if code is None:
+        _say("interrupted; the command was left")
         return EXIT_INTERRUPTED
     return code
 

@@ -60,6 +60,19 @@ for arg in $cmdline; do
             $bb mount -t virtiofs -o "$mode" "$tag" "$path" \
                 || echo "lanekit-init: cannot mount $tag at $path" >/dev/console
             ;;
+        lanekit.volume=*)  # a volume: the virtio-blk disk with this serial, ext4
+            spec="${{arg#lanekit.volume=}}"
+            serial="${{spec%%:*}}"; rest="${{spec#*:}}"; path="${{rest%:*}}"; mode="${{rest##*:}}"
+            dev=
+            for b in /sys/block/vd*; do
+                s=; read -r s <"$b/serial" 2>/dev/null
+                [ "$s" = "$serial" ] && dev="/dev/${{b##*/}}"
+            done
+            [ "$mode" = ro ] && mode=ro,noload
+            $bb mkdir -p "$path"
+            [ -n "$dev" ] && $bb mount -t ext4 -o "$mode" "$dev" "$path" \
+                || echo "lanekit-init: cannot mount volume $serial at $path" >/dev/console
+            ;;
     esac
 done
 if [ -e /sys/class/net/eth0 ]; then  # a network device: the sandbox has networking (vm.net)
@@ -124,6 +137,9 @@ $bb usleep 200000
 kill -KILL -1 2>/dev/null
 $bb sync
 for m in $($bb awk '$3 == "virtiofs" {print $2}' /proc/mounts); do $bb umount -l "$m"; done
+for m in $($bb awk '$1 ~ /^\/dev\/vd[b-z]/ {print $2}' /proc/mounts); do
+    $bb umount "$m" 2>/dev/null || $bb mount -o remount,ro "$m"  # volumes: clean for the next
+done
 $bb mount -o remount,ro / 2>/dev/null
 $bb sync
 $bb poweroff -f

@@ -36,13 +36,14 @@ from .images import RECIPES, not_built_message
 from .machine import Machine, SyncMachine, describe_exit, tail
 from .net import NetworkConfig, as_config, open_network
 from .proc import Child, open_child
-from .rootdisk import DiskOptions, root_disk
+from .registry import ImageEntry
+from .rootdisk import DiskOptions, RootDisk, root_disk
 from .state import lanekit_home, state_paths
+from .volumes import VolumeAttachment, attach_volumes, check_guest_path
 
 log = logging.getLogger(__name__)
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-_SAFE_GUEST_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_.-")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +55,7 @@ class Mount:
     read_only: bool = False
 
     def __post_init__(self) -> None:
-        path = self.guest_path
-        if not path.startswith("/") or path == "/" or not set(path) <= _SAFE_GUEST_PATH:
-            raise VMError(
-                f"mount point {path!r} must be an absolute guest path other than / "
-                "made of letters, digits and / _ . -"
-            )
-        if any(p in ("", ".", "..") for p in path.strip("/").split("/")):
-            raise VMError(f"mount point {path!r} must be a normalised path")
+        check_guest_path(self.guest_path)
         if isinstance(self.source, str | os.PathLike):
             directory = Path(self.source).absolute()
             if not directory.is_dir():
@@ -145,18 +139,35 @@ async def _wait_for_socket(path: Path, proc: Child, what: str, log: Path) -> Non
 
 
 class Sandbox:
-    """A sandbox definition; boot it as many times as needed with per-boot mounts."""
+    """A sandbox definition; boot it as many times as needed with per-boot mounts.
+
+    ``image``: a registry id, or an :class:`~vm.registry.ImageEntry` (with its digest) for
+    an image this host's registry need not know. ``disk``, the root disk:
+
+    - ``None``: ephemeral, discarded at stop;
+    - a disk URL (``file:///DIR/NAME``, ``s3://BUCKET/PREFIX/NAME``, ``URL@TAG``);
+    - ``(object_store, name)``: the disk ``name`` in any :class:`blockstore.ObjectStore`
+      (your own subclass included), created on the image at first use, leased, fenced;
+    - an :class:`blockstore.ObjectStore` alone: its disk named ``root``;
+    - a :class:`blockstore.BlockStore`: your own block storage for the copy-on-write
+      blocks over the image (torkbot's ``rootfs.cow``); there is no lease, so attach it
+      to one running sandbox at a time, and always over the same image.
+
+    ``volumes``: block-store disks with a filesystem, attached at guest paths (see
+    :mod:`vm.volumes`). ``lease_ttl``: how long a crashed holder's leases on the disks
+    outlive it.
+    """
 
     runtime_variant = "default"
     """Which guest runtime the initramfs carries (see ``vm.guest.VARIANTS``)."""
 
     def __init__(
         self,
-        image: str,
+        image: str | ImageEntry,
         *,
         cpus: int = 1,
         memory_mib: int = 512,
-        disk: str | None = None,
+        disk: RootDisk = None,
         disk_size: int | None = None,
         accel: str | None = None,
         home: Path | None = None,
@@ -168,6 +179,8 @@ class Sandbox:
         lease_wait: float | None = None,
         notice: Callable[[str], None] | None = None,
         network: NetworkConfig | str | None = None,
+        volumes: Sequence[VolumeAttachment] = (),
+        lease_ttl: float | None = None,
     ) -> None:
         if not 1 <= cpus <= 64:
             raise VMError("cpus must be between 1 and 64")
@@ -189,12 +202,26 @@ class Sandbox:
         self.notice = notice or (lambda line: log.info("%s", line))
         self.network = as_config(network)
         """The sandbox's network (:mod:`vm.net`); ``none``, no network device, by default."""
+        self.volumes = list(volumes)
+        self.lease_ttl = lease_ttl
         self.registry, self.images, self.kernels = state_paths(self.home)
+
+    def _entry(self) -> ImageEntry:
+        if isinstance(self.image, ImageEntry):
+            return self.image
+        return self.registry.lookup(self.image)
 
     def _local_image(self) -> tuple[str, Path]:
         """The registry image's (digest, path) on this host, built first if it is a
         built-in recipe this host has not built (saying so: it takes a while)."""
-        entry = self.registry.lookup(self.image)
+        entry = self._entry()
+        if isinstance(self.image, ImageEntry) and entry.digest is not None:
+            if not self.images.has(entry.digest):
+                raise ImageNotFoundError(
+                    f"image sha256:{entry.digest} ({entry.id}) is not on this host: "
+                    f"`lanekit image pull sha256:{entry.digest} --store URL`"
+                )
+            return entry.digest, self.images.path(entry.digest)
         if entry.digest is None or not self.images.has(entry.digest):
             if not (self.build_missing and entry.id in RECIPES):
                 raise ImageNotFoundError(not_built_message(entry))
@@ -207,7 +234,7 @@ class Sandbox:
     def _disk_options(self) -> DiskOptions:
         return DiskOptions(
             self.disk_url, self.disk_size, self.s3_endpoint, self.force, self.lease_wait,
-            self.notice,
+            self.notice, self.lease_ttl,
         )  # fmt: skip
 
     async def _host_filesystems(
@@ -260,7 +287,14 @@ class Sandbox:
             yield f"lanekit.mount=fs{index}:{mount.guest_path}:{mode}"
 
     def _qemu_argv(
-        self, runtime: Path, accel: str, kernel: Path, initramfs: Path, cmdline: str, mounts: int
+        self,
+        runtime: Path,
+        accel: str,
+        kernel: Path,
+        initramfs: Path,
+        cmdline: str,
+        mounts: int,
+        devices: Sequence[str] = (),
     ) -> list[str]:
         mem = f"{self.memory_mib}M"
         argv = [
@@ -281,13 +315,18 @@ class Sandbox:
             "-device", "virtio-serial-device",
             "-chardev", f"socket,id=agent,path={runtime / 'agent.sock'},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+            "-qmp", f"unix:{runtime / 'qmp.sock'},server=on,wait=off",
         ]  # fmt: skip
         for i in range(mounts):
             argv += [
                 "-chardev", f"socket,id=fs{i},path={runtime / f'fs{i}.sock'}",
                 "-device", f"vhost-user-fs-device,queue-size=1024,chardev=fs{i},tag=fs{i}",
             ]  # fmt: skip
-        return argv + self.extra_qemu_args(runtime)
+        return argv + list(devices) + self.extra_qemu_args(runtime)
+
+    async def qemu_started(self, machine: Machine) -> None:
+        """Called once qemu runs, before the guest agent is awaited (a resume feeds qemu
+        its memory snapshot here: see :mod:`vm.snapshot`)."""
 
     def extra_qemu_args(self, runtime: Path) -> list[str]:
         """More qemu arguments for one boot (the benchmarks add serial ports)."""
@@ -316,7 +355,7 @@ class Sandbox:
         async with contextlib.AsyncExitStack() as stack:
             runtime = await trio.to_thread.run_sync(_runtime_dir)
             stack.callback(shutil.rmtree, runtime, True)
-            entry = await trio.to_thread.run_sync(self.registry.lookup, self.image)
+            entry = await trio.to_thread.run_sync(self._entry)
             assets = await trio.to_thread.run_sync(
                 lambda: self.kernels.ensure(variant=self.runtime_variant)
             )
@@ -337,13 +376,18 @@ class Sandbox:
                 # Under TCG the PIT calibration of the TSC fails now and then, and the
                 # kernel then hangs early in boot; tell it the rate instead.
                 cmdline += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
+            volumes = await stack.enter_async_context(
+                attach_volumes(self.volumes, runtime, services, self._disk_options())
+            )
+            cmdline += volumes.cmdline
             exported = await self._host_filesystems(stack, runtime, mounts)
             for i, (mount, directory) in enumerate(zip(mounts, exported, strict=True)):
                 fragment = self._virtiofsd(runtime, i, directory, mount)
                 cmdline.append(await stack.enter_async_context(fragment))
             argv = self._qemu_argv(
-                runtime, accel, assets.kernel, assets.initramfs, " ".join(cmdline), len(mounts)
-            )
+                runtime, accel, assets.kernel, assets.initramfs, " ".join(cmdline), len(mounts),
+                volumes.qemu_args,
+            )  # fmt: skip
             network = None
             if self.network.enabled:  # set up, rules and all, before qemu can send a packet
                 network = await stack.enter_async_context(
@@ -358,8 +402,12 @@ class Sandbox:
             machine = Machine(self, entry, qemu, disk, runtime, cwd, services)
             machine.accel = accel
             machine.network = network
+            machine.volumes = volumes.disks
+            machine.mounts = list(mounts)
             stack.push_async_callback(_shielded, machine.stop)
             services.start_soon(self._watch_fencing, machine)
+            await _wait_for_socket(runtime / "qmp.sock", qemu, "qemu", runtime / "qemu.log")
+            await self.qemu_started(machine)
             await self._wait_for_agent(machine)
             if self.patches:
                 await apply_patches(await machine.session(), self.patches)
@@ -368,8 +416,8 @@ class Sandbox:
     async def _watch_fencing(self, machine: Machine) -> None:
         """A newer writer took the root disk over: stop the guest at once, so it does not
         go on working on writes that can never reach the disk."""
-        store = machine.disk.store
-        while not getattr(store, "fenced", False):
+        stores = [machine.disk.store, *(d.store for d in machine.volumes.values())]
+        while not any(getattr(store, "fenced", False) for store in stores):
             await trio.sleep(0.5)
         machine.fenced = True
         self.notice(

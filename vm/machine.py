@@ -21,6 +21,7 @@ from blockstore import Disk, Fenced
 from blockstore.concurrency import Services
 
 from .agent import AgentSession, ExecEvent, ExecHandle, GuestProcess
+from .agent.client import TaskSpawner
 from .agent.fs import FileInfo, GuestFS
 from .errors import ExecTimeout, GuestAgentError, HealthcheckFailed, ImageNotFoundError, VMError
 from .proc import Child
@@ -95,53 +96,23 @@ def command_environment(env: Mapping[str, str] | None, tty: bool) -> dict[str, s
     return environment
 
 
-class Machine:
-    """A booted sandbox."""
+class AgentMachine:
+    """Commands and files over a guest agent session on a unix socket: what a booted
+    sandbox (:class:`Machine`) and a connection to a running lane share."""
 
     def __init__(
-        self,
-        sandbox: Sandbox,
-        entry: ImageEntry,
-        qemu: Child,
-        disk: Disk,
-        runtime: Path,
-        cwd: str,
-        services: Services,
+        self, agent_socket: Path, cwd: str, tasks: TaskSpawner, connect_timeout: float
     ) -> None:
-        self.sandbox = sandbox
-        self.entry = entry
-        self.qemu = qemu
-        self.disk = disk
-        self.runtime = runtime
+        self.agent_socket = agent_socket
         self.cwd = cwd
-        self.agent_socket = runtime / "agent.sock"
         self.fs = GuestFS(self.session)
-        self._services = services
+        self._services = tasks
+        self._connect_timeout = connect_timeout
         self._agent: AgentSession | None = None
         self._connect_lock = trio.Lock()
-        self._healthy = False
-        self._health_lock = trio.Lock()
-        self._stopped = False
-        self.fenced = False
-        """Another writer took the root disk over (the guest was stopped then)."""
-        self.accel = "tcg"
-        self.network: Network | None = None
-        """The sandbox's network (``network.watch()``: its audit events live), if it has one."""
-
-    @property
-    def console_log(self) -> Path:
-        return self.runtime / "console.log"
 
     def _check_running(self) -> None:
-        if self.fenced:
-            raise Fenced("fenced: another host took this disk over; this sandbox was stopped")
-        if self._stopped:
-            raise VMError("the sandbox has been stopped")
-        if self.qemu.returncode is not None:
-            raise VMError(
-                f"the VM is gone: {describe_exit(self.qemu.returncode)}; console:\n"
-                f"{tail(self.console_log)}"
-            )
+        """Raise if the guest is known to be gone."""
 
     async def session(self) -> AgentSession:
         """The live session with the guest agent, opening a new one if the last broke."""
@@ -149,7 +120,7 @@ class Machine:
         async with self._connect_lock:
             if self._agent is None or not self._agent.alive:
                 agent = AgentSession(str(self.agent_socket))
-                await agent.open(self._services, timeout=self.sandbox.boot_timeout)
+                await agent.open(self._services, timeout=self._connect_timeout)
                 self._agent = agent
             return self._agent
 
@@ -273,6 +244,78 @@ class Machine:
         return result.stdout_text
 
     async def wait_healthy(self) -> None:
+        """Until the guest is ready for commands (a booted sandbox runs its healthcheck)."""
+
+    async def close(self) -> None:
+        """Close the session with the agent (what runs in the guest goes on running)."""
+        if self._agent is not None:
+            agent, self._agent = self._agent, None
+            await agent.aclose()
+
+    # ------------------------------------------------------------ files (shortcuts)
+
+    async def read_file(self, path: str) -> bytes:
+        return await self.fs.read(path)
+
+    async def write_file(self, path: str, data: bytes | str) -> None:
+        await self.fs.write(path, data)
+
+    async def list_dir(self, path: str) -> list[str]:
+        return [info.path.rsplit("/", 1)[-1] for info in await self.fs.list(path)]
+
+    async def sync(self) -> None:
+        """Flush the guest's page cache to its disks (the root disk then holds it)."""
+        await (await self.session()).call("sync")
+
+
+class Machine(AgentMachine):
+    """A booted sandbox."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        entry: ImageEntry,
+        qemu: Child,
+        disk: Disk,
+        runtime: Path,
+        cwd: str,
+        services: Services,
+    ) -> None:
+        super().__init__(runtime / "agent.sock", cwd, services, sandbox.boot_timeout)
+        self.sandbox = sandbox
+        self.entry = entry
+        self.qemu = qemu
+        self.disk = disk
+        self.runtime = runtime
+        self.volumes: dict[str, Disk] = {}
+        """Writable volumes, by guest path."""
+        self.mounts: list[Any] = []
+        """This boot's host filesystems (:class:`vm.launcher.Mount`)."""
+        self._healthy = False
+        self._health_lock = trio.Lock()
+        self._stopped = False
+        self.fenced = False
+        """Another writer took the root disk over (the guest was stopped then)."""
+        self.accel = "tcg"
+        self.network: Network | None = None
+        """The sandbox's network (``network.watch()``: its audit events live), if it has one."""
+
+    @property
+    def console_log(self) -> Path:
+        return self.runtime / "console.log"
+
+    def _check_running(self) -> None:
+        if self.fenced:
+            raise Fenced("fenced: another host took this disk over; this sandbox was stopped")
+        if self._stopped:
+            raise VMError("the sandbox has been stopped")
+        if self.qemu.returncode is not None:
+            raise VMError(
+                f"the VM is gone: {describe_exit(self.qemu.returncode)}; console:\n"
+                f"{tail(self.console_log)}"
+            )
+
+    async def wait_healthy(self) -> None:
         """Run the image's healthcheck until it passes or its timeout ends (once per boot)."""
         async with self._health_lock:
             if self._healthy:
@@ -306,17 +349,6 @@ class Machine:
                     raise HealthcheckFailed(message)
                 await trio.sleep(0.2)
 
-    # ------------------------------------------------------------ files (shortcuts)
-
-    async def read_file(self, path: str) -> bytes:
-        return await self.fs.read(path)
-
-    async def write_file(self, path: str, data: bytes | str) -> None:
-        await self.fs.write(path, data)
-
-    async def list_dir(self, path: str) -> list[str]:
-        return [info.path.rsplit("/", 1)[-1] for info in await self.fs.list(path)]
-
     # ------------------------------------------------------------ lifecycle
 
     async def metrics(self) -> Metrics:
@@ -340,10 +372,6 @@ class Machine:
             blocks_fetched=getattr(store_stats, "blocks_fetched", 0),
             blocks_uploaded=getattr(store_stats, "blocks_uploaded", 0),
         )
-
-    async def sync(self) -> None:
-        """Flush the guest's page cache to its disks (the root disk then holds it)."""
-        await (await self.session()).call("sync")
 
     async def stop(self, timeout: float = POWEROFF_GRACE) -> None:
         """Power the guest off (every process stopped, filesystems synced and the root

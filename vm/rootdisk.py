@@ -8,6 +8,11 @@
 - ``URL@TAG``: the checkpoint, read-only, under a scratch disk in the runtime directory:
   the guest can write, and everything it writes is discarded at stop. A checkpoint is
   never written.
+- ``(object_store, name)``, or an object store alone (its disk ``root``): as a URL would,
+  on any :class:`~blockstore.ObjectStore`, your own included.
+- A :class:`~blockstore.BlockStore`: the caller's own storage for the written blocks, over
+  the registry image. It records no base and takes no lease: the caller keeps it to one
+  sandbox at a time and to one image (what it holds is read over that image's blocks).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import trio
 
 import blockstore
-from blockstore import BaseImage, Disk, DiskBase, LeaseHeld, ObjectStore
+from blockstore import BaseImage, BlockStore, Disk, DiskBase, LeaseHeld, ObjectStore
 from blockstore.layered import scratch_digest
+from blockstore.lease import DEFAULT_TTL
 from blockstore.manifest import read_checkpoint
 
 from . import transfer
@@ -30,6 +36,9 @@ from .errors import ImageNotFoundError, VMError
 from .images import ImageStore
 
 Notice = Callable[[str], None]
+RootDisk: TypeAlias = str | tuple[ObjectStore, str] | ObjectStore | BlockStore | None
+"""What a sandbox's root disk can be (see the module docstring)."""
+DEFAULT_DISK_NAME = "root"
 
 
 class DiskOptions:
@@ -43,6 +52,7 @@ class DiskOptions:
         force: bool,
         lease_wait: float | None,
         notice: Notice,
+        lease_ttl: float | None = None,
     ) -> None:
         self.url = url
         self.size = size
@@ -50,6 +60,7 @@ class DiskOptions:
         self.force = force
         self.lease_wait = lease_wait
         self.notice = notice
+        self.lease_ttl = lease_ttl or DEFAULT_TTL
 
 
 @contextlib.asynccontextmanager
@@ -88,7 +99,9 @@ async def open_with_lease(target: Any, options: DiskOptions, **kwargs: Any) -> A
     while True:
         opened = False
         try:
-            async with blockstore.open_disk(target, force=options.force, **kwargs) as disk:
+            async with blockstore.open_disk(
+                target, force=options.force, lease_ttl=options.lease_ttl, **kwargs
+            ) as disk:
                 opened = True
                 yield disk
             return
@@ -115,7 +128,18 @@ async def root_disk(
     """The boot's root disk (see the module docstring); ``local_image()`` gives the
     registry image's (digest, path), building it if needed."""
     spill = str(runtime)
-    if options.url is None:
+    target = options.url
+    if isinstance(target, ObjectStore):
+        target = (target, DEFAULT_DISK_NAME)
+    if isinstance(target, BlockStore):
+        async with _over_block_store(target, options, runtime, local_image) as disk:
+            yield disk
+        return
+    if not (target is None or isinstance(target, str) or _is_store_and_name(target)):
+        raise VMError(
+            f"disk={target!r}: give a disk URL, (ObjectStore, name), an ObjectStore or a BlockStore"
+        )
+    if target is None:
         digest, path = await trio.to_thread.run_sync(local_image)
         scratch = (blockstore.LocalObjectStore(runtime / "root-store"), "root")
         base = BaseImage(path, digest=digest)
@@ -127,7 +151,7 @@ async def root_disk(
         finally:
             base.close()
         return
-    objects, name, tag = blockstore.resolve(options.url, options.s3_endpoint)
+    objects, name, tag = blockstore.resolve(target, options.s3_endpoint)
     if tag is not None:
         async with _checkpoint_copy(objects, name, tag, runtime, images, options) as disk:
             yield disk
@@ -185,3 +209,34 @@ async def _checkpoint_copy(
             )
             async with blockstore.open_disk(scratch, base=base, spill_dir=str(runtime)) as disk:
                 yield disk
+
+
+def _is_store_and_name(target: object) -> bool:
+    return (
+        isinstance(target, tuple)
+        and len(target) == 2
+        and isinstance(target[0], ObjectStore)
+        and isinstance(target[1], str)
+    )
+
+
+@contextlib.asynccontextmanager
+async def _over_block_store(
+    store: BlockStore,
+    options: DiskOptions,
+    runtime: Path,
+    local_image: Callable[[], tuple[str, Path]],
+) -> AsyncIterator[Disk]:
+    """The caller's block store over the registry image: no lease, no record of the base."""
+    if options.force or options.lease_wait:
+        raise VMError("--force and --wait concern leases; a BlockStore you pass in has none")
+    digest, path = await trio.to_thread.run_sync(local_image)
+    base = BaseImage(path, digest=digest)
+    try:
+        size = max(options.size or 0, base.size)
+        disk = Disk(store, size, base=base, spill_dir=str(runtime))
+    except BaseException:
+        base.close()
+        raise
+    async with disk:
+        yield disk

@@ -54,22 +54,32 @@ async def push(
     size = path.stat().st_size
     with contextlib.suppress(blockstore.DiskExists):
         await blockstore.create((objects, name), size)
+    async with blockstore.open_disk((objects, name)) as disk:
+        sent = await copy_file_into(disk, path, progress)
+        await disk.checkpoint(COMPLETE)
+    return sent
+
+
+async def copy_file_into(
+    disk: blockstore.Disk, path: Path, progress: Progress | None = None
+) -> int:
+    """Write the parts of a (sparse) file that hold data into ``disk`` at the same offsets,
+    all-zero chunks skipped; returns the bytes read. The caller flushes."""
     fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
     sent = 0
     try:
+        size = os.fstat(fd).st_size
         ranges = await trio.to_thread.run_sync(data_ranges, fd, size)
         total = sum(length for _, length in ranges)
-        async with blockstore.open_disk((objects, name)) as disk:
-            for start, length in ranges:
-                for offset in range(start, start + length, CHUNK):
-                    n = min(CHUNK, start + length - offset)
-                    data = await trio.to_thread.run_sync(os.pread, fd, n, offset)
-                    if data.count(0) != len(data):
-                        await disk.write(offset, data)
-                    sent += n
-                    if progress is not None:
-                        progress(sent, total)
-            await disk.checkpoint(COMPLETE)
+        for start, length in ranges:
+            for offset in range(start, start + length, CHUNK):
+                n = min(CHUNK, start + length - offset)
+                data = await trio.to_thread.run_sync(os.pread, fd, n, offset)
+                if data.count(0) != len(data):
+                    await disk.write(offset, data)
+                sent += n
+                if progress is not None:
+                    progress(sent, total)
     finally:
         os.close(fd)
     return sent

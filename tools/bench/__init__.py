@@ -19,6 +19,7 @@ BENCHMARKS = {
     "vfs": "tools.bench.vfsbench",
     "exec": "tools.bench.execbench",
     "net": "tools.bench.net",
+    "lanes": "tools.bench.lanes",
 }
 
 

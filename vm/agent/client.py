@@ -31,6 +31,17 @@ class TaskSpawner(Protocol):
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None: ...
 
 
+class Tap(Protocol):
+    """Raw frames of streams this session does not own (a relay for other clients: a
+    lane's supervisor shares its one session with every ``lane exec``)."""
+
+    def deliver(self, kind: int, sid: int, payload: bytes) -> None:
+        """A frame from the guest on a tapped stream (or ALIVE: the agent restarted)."""
+
+    def lost(self, error: BaseException) -> None:
+        """The session is gone; no frame comes any more."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ExecEvent:
     """One event of a running command: ``kind`` is "stdout", "stderr" or "exited"."""
@@ -108,6 +119,8 @@ class AgentSession:
         self._dead: BaseException | None = None
         self._next_sid = random.randrange(1, 1 << 30)
         self._closed = trio.Event()
+        self._taps: dict[int, Tap] = {}
+        self._listeners: list[Tap] = []
 
     @property
     def alive(self) -> bool:
@@ -196,7 +209,14 @@ class AgentSession:
                 for lost in list(self._streams.values()):
                     lost.fail(GuestAgentError("the guest agent restarted; this call was lost"))
                 self._streams.clear()
+                self._taps.clear()
+                for listener in self._listeners:
+                    listener.deliver(kind, sid, payload)
                 await self._hello()
+            return
+        tap = self._taps.get(sid)
+        if tap is not None:
+            tap.deliver(kind, sid, payload)
             return
         # Parsed before the stream is looked up: garbage is an error wherever it is sent.
         message = P.parse_message(payload) if kind in (P.REPLY, P.EVENT) else None
@@ -237,6 +257,10 @@ class AgentSession:
         for stream in self._streams.values():
             stream.fail(error)
         self._streams.clear()
+        self._taps.clear()
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.lost(error)
         self._ready.set()
 
     # ------------------------------------------------------------ frames out
@@ -253,9 +277,11 @@ class AgentSession:
                 raise error from None
 
     def _new_stream(self, sid: int | None = None) -> _Stream:
-        if sid is None:
-            sid = self._next_sid
+        while sid is None:
+            candidate = self._next_sid
             self._next_sid = self._next_sid % ((1 << 31) - 1) + 1
+            if candidate not in self._taps:  # a relayed client's stream
+                sid = candidate
         stream = _Stream(sid, self.window)
         self._streams[sid] = stream
         return stream
@@ -264,6 +290,39 @@ class AgentSession:
         await self._ready.wait()
         if self._dead is not None:
             raise self._dead
+
+    # ------------------------------------------------------------ relaying
+
+    async def wait_ready(self) -> None:
+        """Until the agent has answered this session's HELLO (again, after a restart)."""
+        await self._ready_or_raise()
+
+    def listen(self, listener: Tap) -> None:
+        """Tell ``listener`` of agent restarts (ALIVE) and of the session's end."""
+        if self._dead is not None:
+            listener.lost(self._dead)
+        else:
+            self._listeners.append(listener)
+
+    def unlisten(self, listener: Tap) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def in_use(self, sid: int) -> bool:
+        """Whether a stream id is this session's own or already tapped."""
+        return sid in self._streams or sid in self._taps
+
+    def tap(self, sid: int, tap: Tap) -> None:
+        """Hand the guest's frames of stream ``sid`` to ``tap`` from now on."""
+        self._taps[sid] = tap
+
+    def untap(self, sid: int, tap: Tap) -> None:
+        if self._taps.get(sid) is tap:
+            del self._taps[sid]
+
+    async def send_frame(self, data: bytes) -> None:
+        """Send an already framed message to the guest (a relay's client's frame)."""
+        await self._send(data)
 
     async def _start(self, op: str, args: Mapping[str, Any], sid: int | None = None) -> _Stream:
         """Send a CALL on a new (or given) stream and wait for its first reply."""

@@ -1,0 +1,346 @@
+"""Lanes across two hosts: two LANEKIT_HOMEs (separate caches, supervisors, image stores;
+the kernel cache shared, since a kernel is the host's) on one SeaweedFS.
+
+The journey boots three times and is one test on purpose: every step needs the state the
+one before it left (a lane running on A, then stopped, then running on B)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import blockstore
+from vm.lanes import Lane, LaneError
+from vm.lanes.definition import root_disk_name, runner
+from vm.launcher import Sandbox
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+class Host:
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = {**env, "LANEKIT_HOME": str(home)}
+
+    def lanekit(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "tools.cli", *args], capture_output=True, timeout=timeout,
+            env=self.env,
+        )  # fmt: skip
+
+    def supervisor(self, name: str) -> int:
+        return int(json.loads((self.home / "lanes" / name / "supervisor.json").read_text())["pid"])
+
+
+@pytest.fixture(scope="module")
+def two_hosts(vm_home: Path, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+    tuple[Host, Host, str, str]
+]:  # fmt: skip
+    built = Sandbox("shell", home=vm_home)
+    built._local_image()  # host A has built the image, and the kernel B shares
+    built.kernels.ensure(variant=built.runtime_variant)
+    host_b = tmp_path_factory.mktemp("host-b")
+    (host_b / "kernels").symlink_to(vm_home / "kernels")
+    env = {**os.environ, **s3.env}
+    store = f"s3://{s3.new_bucket()}/lanes"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.env.items():
+            patch.setenv(key, value)
+        yield Host(vm_home, env), Host(host_b, env), store, s3.endpoint
+    for host in (vm_home, host_b):  # whatever a failed test left running
+        for identity in (host / "lanes").glob("*/supervisor.json"):
+            pid = json.loads(identity.read_text())["pid"]
+            if blockstore.process_identity(pid) == json.loads(identity.read_text())["process"]:
+                os.kill(pid, signal.SIGKILL)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def interactive_shell(host: Host, *args: str) -> tuple[int, bytes]:
+    """``lanekit ARGS`` under a real terminal: a command, then ``exit 3``."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(host.env)
+        os.execv(sys.executable, [sys.executable, "-m", "tools.cli", *args])
+    seen = b""
+
+    def until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < deadline, seen[-2000:]
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+
+    try:
+        until(b"# ")
+        os.write(fd, b"echo $((40+2))\n")
+        until(b"42")
+        os.write(fd, b"exit 3\n")
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), seen
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(blockstore.process_identity(p) for p in pids):
+        assert time.monotonic() < deadline, f"still running: {pids}"
+        time.sleep(0.1)
+
+
+def test_a_lane_runs_detached_stops_and_moves_to_another_host(
+    two_hosts: tuple[Host, Host, str, str],
+) -> None:
+    a, b, store, endpoint = two_hosts
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    assert a.lanekit("volume", "create", "data", "--size", "32M", *s3).returncode == 0
+    made = a.lanekit(
+        "lane", "create", "journey", "--image", "shell", "--memory", "256",
+        "--volume", "data:/data", *s3,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    again = a.lanekit("lane", "create", "journey", "--image", "shell", *s3)
+    assert again.returncode == 1 and b"exists" in again.stderr and b"Traceback" not in again.stderr
+
+    started = a.lanekit("lane", "start", "journey")  # the CLI returns; the lane runs on
+    assert started.returncode == 0, started.stderr
+    assert b"running (here" in started.stdout
+    run = a.home / "lanes" / "journey"
+    for sock in ("agent.sock", "control.sock"):
+        assert stat.S_IMODE((run / sock).stat().st_mode) == 0o600
+    supervisor_a = a.supervisor("journey")
+    assert os.getsid(supervisor_a) == supervisor_a  # its own session: the CLI's end is not its
+
+    done = a.lanekit(
+        "lane", "exec", "journey", "--",
+        "sh", "-c", "echo out; echo err >&2; echo v1 > /root/note; echo d1 > /data/x; sync; exit 3",
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (3, b"out\n"), done.stderr
+    assert b"err\n" in done.stderr
+    code, seen = interactive_shell(a, "lane", "exec", "-it", "journey", "--", "sh")
+    assert code == 3, seen[-2000:]
+    mounted = a.lanekit("lane", "exec", "journey", "--", "awk", "$2 == \"/data\" {print $3}",
+                        "/proc/mounts")  # fmt: skip
+    assert mounted.stdout == b"ext4\n", mounted.stderr
+    no_pause = a.lanekit("lane", "pause", "journey")
+    assert no_pause.returncode == 1 and b"this lane has volumes" in no_pause.stderr
+    in_use = a.lanekit("volume", "rm", "data", *s3)
+    assert in_use.returncode == 1 and b"attached for writing" in in_use.stderr, in_use.stderr
+
+    async def two_at_once() -> list[str]:
+        lane = Lane.get("journey", home=a.home)
+        async with lane.connect() as m1, lane.connect() as m2:
+            results: list[str] = ["", ""]
+
+            async def one(i: int, machine: Any) -> None:
+                results[i] = await machine.exec_text(["sh", "-c", f"sleep 1; echo {i}"])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 0, m1)
+                nursery.start_soon(one, 1, m2)
+            assert await m1.read_file("/root/note") == b"v1\n"
+        return results
+
+    assert trio.run(two_at_once) == ["0\n", "1\n"]
+
+    # Host B sees the lane running elsewhere and may not start it.
+    busy = b.lanekit("lane", "start", "journey", *s3)
+    assert busy.returncode == 1 and b"is running on host" in busy.stderr, busy.stderr
+    seen = json.loads(b.lanekit("lane", "ls", "--json").stdout)
+    assert [(s["name"], s["state"], s["here"]) for s in seen] == [("journey", "running", False)]
+    stopped_elsewhere = b.lanekit("lane", "stop", "journey")
+    assert stopped_elsewhere.returncode == 1 and b"stop it there" in stopped_elsewhere.stderr
+
+    qemu_a = children_of(supervisor_a)
+    assert qemu_a
+    stopped = a.lanekit("lane", "stop", "journey")
+    assert stopped.returncode == 0 and b"stopped" in stopped.stdout, stopped.stderr
+    wait_gone([supervisor_a, *qemu_a])
+    assert not (run / "agent.sock").exists() and not (run / "control.sock").exists()
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    assert runner(objects, "journey") is None
+    not_running = a.lanekit("lane", "exec", "journey", "--", "true")
+    assert not_running.returncode == 1 and b"not running on this host" in not_running.stderr
+
+    # Host B, which built nothing, starts it with everything the guest wrote.
+    moved = b.lanekit("lane", "start", "journey", *s3)
+    assert moved.returncode == 0, moved.stderr
+    note = b.lanekit("lane", "exec", "journey", "--", "cat", "/root/note", "/data/x")
+    assert note.stdout == b"v1\nd1\n", note.stderr
+    assert not (b.home / "images" / "sha256").exists()
+    state_a = json.loads(a.lanekit("lane", "ls", "--json").stdout)
+    assert [(s["state"], s["here"]) for s in state_a] == [("running", False)]
+    b.lanekit("lane", "exec", "journey", "--", "sh", "-c", "echo v2 > /root/note; sync")
+
+    # kill -9 of the supervisor: its qemu goes with it; the next ls and start clean up.
+    supervisor_b = b.supervisor("journey")
+    qemu_b = children_of(supervisor_b)
+    os.kill(supervisor_b, signal.SIGKILL)
+    wait_gone(qemu_b)
+    seen = json.loads(b.lanekit("lane", "ls", "--json").stdout)
+    assert [s["state"] for s in seen] == ["stopped"]
+    assert not (b.home / "lanes" / "journey" / "agent.sock").exists()
+    restarted = b.lanekit("lane", "start", "journey")
+    assert restarted.returncode == 0, restarted.stderr
+    note = b.lanekit("lane", "exec", "journey", "--", "cat", "/root/note")
+    assert note.stdout == b"v2\n", note.stderr
+    busy_rm = b.lanekit("lane", "rm", "journey")
+    assert busy_rm.returncode == 1 and b"stop it first" in busy_rm.stderr
+
+    # SIGTERM to the supervisor is a clean stop; a second one kills the guest, and the
+    # disk is still flushed and released (tools/stopping.py's semantics).
+    supervisor_b = b.supervisor("journey")
+    qemu_b = children_of(supervisor_b)
+    os.kill(supervisor_b, signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(supervisor_b, signal.SIGTERM)
+    wait_gone([supervisor_b, *qemu_b], timeout=120)
+    assert runner(objects, "journey") is None
+    lease = blockstore.disk_info(objects, root_disk_name("journey"))["lease_holder"]
+    assert lease is None  # released, not left to expire
+    log = (b.home / "lanes" / "journey" / "supervisor.log").read_text()
+    assert "SIGTERM: stopping cleanly" in log and "lane journey stopped" in log
+    assert "SIGTERM again: killing the guest now" in log
+
+    removed = b.lanekit("lane", "rm", "journey")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(b.lanekit("lane", "ls", "--json").stdout) == []
+    assert json.loads(a.lanekit("lane", "ls", "--json").stdout) == []
+    assert a.lanekit("volume", "rm", "data", *s3).returncode == 0
+    assert a.lanekit("volume", "ls", *s3).stdout == b""
+
+
+def test_lane_errors_are_one_line(two_hosts: tuple[Host, Host, str, str]) -> None:
+    a, b, store, endpoint = two_hosts
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    for host, args, message in (
+        (b, ("lane", "start", "nowhere"), b"give its --store"),
+        (b, ("lane", "start", "nowhere", *s3), b"no lane named 'nowhere'"),
+        (a, ("lane", "create", "x", "--image", "no-such-image", *s3), b"no-such-image"),
+        (a, ("lane", "create", "bad/name", "--image", "shell", *s3), b"invalid lane name"),
+        (a, ("lane", "exec", "nowhere", *s3, "--"), b"give the command to run"),
+    ):
+        done = host.lanekit(*args)
+        assert done.returncode != 0 and message in done.stderr, (args, done.stderr)
+        assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") == 1, done.stderr
+
+    # Never started on A, so its image was never copied into the store: B cannot boot it,
+    # and says why (with the supervisor's log) instead of hanging.
+    assert a.lanekit("lane", "create", "unborn", "--image", "shell", *s3).returncode == 0
+    failed = b.lanekit("lane", "start", "unborn", *s3)
+    assert failed.returncode == 1 and b"did not start" in failed.stderr, failed.stderr
+    assert b"not on this host" in failed.stderr or b"not built" in failed.stderr, failed.stderr
+    assert runner(blockstore.open_store(store, s3_endpoint=endpoint), "unborn") is None
+
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    objects.put("lanes/unborn/paused", b"garbage")
+    objects.put("lanes/unborn/memory/x/000000", b"a chunk")
+    unreadable = b.lanekit("lane", "start", "unborn")
+    assert unreadable.returncode == 1 and b"record is unreadable" in unreadable.stderr
+    assert b"--cold" in unreadable.stderr
+    cold = b.lanekit("lane", "start", "unborn", "--cold")  # discards it, then fails as before
+    assert cold.returncode == 1 and b"did not start" in cold.stderr, cold.stderr
+    assert list(objects.list("lanes/unborn/memory/")) == []
+    with pytest.raises(blockstore.ObjectNotFound):
+        objects.get("lanes/unborn/paused")
+
+    objects.put("lanes/unborn/definition", b"{not json")
+    broken = a.lanekit("lane", "ls")  # the others are still listed; this one says why
+    assert broken.returncode == 0 and b"unborn\tunreadable: " in broken.stdout, broken.stderr
+    assert b"definition is unreadable" in broken.stdout
+    start = a.lanekit("lane", "start", "unborn")
+    assert start.returncode == 1 and b"definition is unreadable" in start.stderr
+    with pytest.raises(LaneError, match="unreadable"):
+        Lane.get("unborn", home=a.home)
+    objects.delete("lanes/unborn/definition")
+
+
+def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None:
+    """A running process survives a pause on A and a resume on B (memory through qemu's
+    migration stream, in the store); a corrupted snapshot is refused, nothing lost."""
+    a, b, store, endpoint = two_hosts
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    lane = Lane.create("napper", "shell", store=store, s3_endpoint=endpoint, memory_mib=256,
+                       home=a.home)  # fmt: skip
+    lane.start()
+    counter = "echo $$; i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+
+    async def start_counter() -> str:
+        async with lane.connect() as machine:
+            handle = await machine.exec_stream(["sh", "-c", counter])
+            async for event in handle:
+                return event.data.decode().strip()  # it runs on after we leave
+        raise AssertionError("the counter printed nothing")
+
+    pid = trio.run(start_counter)
+    before = a.lanekit("lane", "exec", "napper", "--", "sh", "-c", "sleep 1; cat /root/count")
+    counted = int(before.stdout)
+    supervisor = a.supervisor("napper")
+    qemu = children_of(supervisor)
+    paused = a.lanekit("lane", "pause", "napper")
+    assert paused.returncode == 0 and b"paused" in paused.stdout, paused.stderr
+    wait_gone([supervisor, *qemu])
+    assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json", *s3).stdout)] == [
+        "paused"
+    ]
+    assert b.lanekit("lane", "pause", "napper", *s3).returncode == 1  # not running
+
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    chunk = sorted(i.key for i in objects.list("lanes/napper/memory/"))[0]
+    good = objects.get(chunk).data
+    objects.put(chunk, good[:-1] + bytes([good[-1] ^ 1]))
+    corrupted = b.lanekit("lane", "start", "napper", *s3)
+    assert corrupted.returncode == 1 and b"memory snapshot is corrupted" in corrupted.stderr
+    assert b"stays paused" in corrupted.stderr
+    assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json").stdout)] == ["paused"]
+    objects.put(chunk, good)
+
+    resumed = b.lanekit("lane", "start", "napper")
+    assert resumed.returncode == 0, resumed.stderr
+    asked = time.time()
+    after = b.lanekit(
+        "lane", "exec", "napper", "--", "sh", "-c",
+        f"kill -0 {pid} && a=$(cat /root/count) && sleep 1 && "
+        "echo $a $(cat /root/count) $(date +%s)",
+    )  # fmt: skip
+    assert after.returncode == 0, after.stderr
+    first, second, clock = (int(x) for x in after.stdout.split())
+    assert counted <= first < second  # the same process, counting on from where it was
+    assert asked - 2 <= clock <= time.time() + 2  # set to the host's after the resume
+    assert list(objects.list("lanes/napper/memory/")) == []  # a resumed snapshot is spent
+    stopped = b.lanekit("lane", "stop", "napper")
+    assert stopped.returncode == 0, stopped.stderr
+    assert b.lanekit("lane", "rm", "napper").returncode == 0

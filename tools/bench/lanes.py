@@ -1,0 +1,127 @@
+"""Lanes: what running detached under a supervisor, moving hosts and pausing cost.
+
+Cases, all in one run on the same machine (two LANEKIT_HOMEs stand for two hosts, sharing
+the kernel cache; one SeaweedFS):
+
+- *boot to first exec result*: a sandbox booted in-process (``Sandbox.boot``, what
+  ``vm run`` does; the baseline) vs ``lane.start()`` then an exec through the supervisor;
+  the same lane started on the other host (root disk in S3, image fetched lazily); and
+  resumed there from a memory snapshot (``lane.pause()`` on the first host);
+- *exec round trip*: ``exec(["true"])`` on the in-process machine (baseline) vs through
+  the supervisor's agent relay (``lane.connect()``);
+- *lane stop* and *lane pause* (memory saved into S3), and the snapshot's stored size.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import trio
+
+import blockstore
+from tools.s3server import S3Server
+from vm.lanes import Lane
+from vm.launcher import Sandbox
+from vm.machine import AgentMachine
+
+from .harness import Report
+
+DIRECT = "in-process sandbox (vm run's way)"
+LANE = "lane, started here (supervisor, relay)"
+MOVED = "lane, started on the other host (disk in S3)"
+RESUMED = "lane, resumed on the other host (memory from S3)"
+BOOT = "boot to first exec result"
+EXEC = "exec round trip, p50"
+
+
+async def _round_trips(machine: AgentMachine, count: int) -> float:
+    times = []
+    for _ in range(count):
+        start = time.monotonic()
+        await machine.exec(["true"])
+        times.append(time.monotonic() - start)
+    return statistics.median(times)
+
+
+async def _direct(home: Path, count: int) -> tuple[float, float]:
+    start = time.monotonic()
+    async with Sandbox("shell", home=home, memory_mib=256).boot() as machine:
+        await machine.exec(["true"])
+        boot = time.monotonic() - start
+        return boot, await _round_trips(machine, count)
+
+
+async def _lane_exec(lane: Lane, count: int) -> float:
+    async with lane.connect() as machine:
+        await machine.exec(["true"])
+        return await _round_trips(machine, count) if count else 0.0
+
+
+def _start_to_exec(lane: Lane) -> float:
+    start = time.monotonic()
+    lane.start()
+    trio.run(_lane_exec, lane, 0)
+    return time.monotonic() - start
+
+
+def run(*, quick: bool = False) -> Report:
+    repeats, count = (1, 5) if quick else (3, 30)
+    report = Report("lanes", "Detached lanes: start, exec through the relay, move, pause.")
+    report.metric(BOOT, "s", higher_is_better=False, baseline=DIRECT)
+    report.metric(EXEC, "ms", higher_is_better=False, baseline=DIRECT)
+    report.metric("lane stop", "s", higher_is_better=False)
+    report.metric("lane pause (memory into S3)", "s", higher_is_better=False)
+    report.metric("memory snapshot stored", "MiB", higher_is_better=False)
+    with tempfile.TemporaryDirectory(prefix="lanekit-bench-lanes-") as tmp:
+        _measure(report, Path(tmp), repeats, count)
+    report.notes.append("1 vCPU, 256 MiB guests; shell image (busybox); TCG unless KVM works")
+    return report
+
+
+def _measure(report: Report, tmp: Path, repeats: int, count: int) -> None:
+    home_a, home_b = tmp / "host-a", tmp / "host-b"
+    built = Sandbox("shell", home=home_a)
+    built._local_image()
+    built.kernels.ensure(variant=built.runtime_variant)
+    home_b.mkdir()
+    (home_b / "kernels").symlink_to(home_a / "kernels")
+    (tmp / "s3").mkdir()
+    with S3Server(tmp / "s3") as server:
+        server.client().create_bucket(Bucket="lanes")
+        os.environ.update(server.env)
+        store, endpoint = "s3://lanes/bench", server.endpoint
+        objects = blockstore.open_store(store, s3_endpoint=endpoint)
+        for _ in range(repeats):
+            boot, trip = trio.run(_direct, home_a, count)
+            report.add(BOOT, DIRECT, boot)
+            report.add(EXEC, DIRECT, trip * 1000)
+
+            name = f"bench-{uuid.uuid4().hex[:8]}"
+            lane = Lane.create(name, "shell", store=store, s3_endpoint=endpoint,
+                               memory_mib=256, home=home_a)  # fmt: skip
+            try:
+                report.add(BOOT, LANE, _start_to_exec(lane))
+                report.add(EXEC, LANE, trio.run(_lane_exec, lane, count) * 1000)
+                start = time.monotonic()
+                lane.stop()
+                report.add("lane stop", LANE, time.monotonic() - start)
+
+                there = Lane.get(name, store=store, s3_endpoint=endpoint, home=home_b)
+                report.add(BOOT, MOVED, _start_to_exec(there))
+                start = time.monotonic()
+                there.pause()
+                report.add("lane pause (memory into S3)", MOVED, time.monotonic() - start)
+                stored = sum(i.size for i in objects.list(f"lanes/{name}/memory/"))
+                report.add("memory snapshot stored", MOVED, stored / (1 << 20))
+
+                report.add(BOOT, RESUMED, _start_to_exec(lane))
+                lane.stop()
+            finally:
+                if lane.status().state == "running":
+                    lane.stop()
+                lane.remove()

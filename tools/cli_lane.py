@@ -1,0 +1,234 @@
+"""``lanekit lane ...``: named durable sandboxes that run detached (see :mod:`vm.lanes`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import trio
+
+import blockstore
+from vm import volumes as V
+from vm.lanes import Lane, LaneStatus, LaneVolume
+
+from .cli_vm import add_command_arguments, command_options
+from .config import parse_size
+from .vmrun import run_in_machine
+
+LANE_DESCRIPTION = """\
+A lane is a named sandbox whose definition and root disk live in an object store
+(file:///DIR or s3://BUCKET/PREFIX). `lane start` boots it under a supervisor process that
+outlives the command; `lane exec` runs commands in it; `lane stop` powers it off and
+releases its disk; `lane pause` saves its memory into the store too, and the next start
+resumes its processes where they were. Any host that reaches the store can start a
+stopped or paused lane, with everything its guest wrote (`lane start NAME --store URL` on
+a host that never saw it).
+Who runs a lane is its disk's lease in the store: `lane ls` is right after a crash."""
+
+
+def _store_args(c: argparse.ArgumentParser, required: bool = False) -> None:
+    c.add_argument(
+        "--store", required=required,
+        help="the lane's store: file:///DIR or s3://BUCKET/PREFIX"
+        + ("" if required else " (default: the store this host knows it from)"),
+    )  # fmt: skip
+    c.add_argument("--s3-endpoint", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
+
+
+def _lane(args: argparse.Namespace) -> Lane:
+    return Lane.get(args.name, store=args.store, s3_endpoint=args.s3_endpoint)
+
+
+def _show(status: LaneStatus) -> str:
+    if status.error is not None:
+        return f"{status.name}\tunreadable: {status.error}\t{status.store}"
+    if status.state != "running":
+        return f"{status.name}\t{status.state}\t{status.store}"
+    where = "here" if status.here else f"host {status.host}"
+    return f"{status.name}\trunning ({where}, pid {status.pid})\t{status.store}"
+
+
+def cmd_lane_create(args: argparse.Namespace) -> int:
+    labels = _labels(args.label)
+    volumes = []
+    for spec in args.volume or ():
+        name, sep, path = spec.partition(":")
+        read_only = path.endswith(":ro")
+        path = path.removesuffix(":ro").removesuffix(":rw")
+        if not sep or not name or not path:
+            raise ValueError(f"--volume {spec!r}: use NAME:GUEST_PATH[:ro]")
+        volumes.append(LaneVolume(name, path, read_only))
+    lane = Lane.create(
+        args.name, args.image, store=args.store, s3_endpoint=args.s3_endpoint,
+        cpus=args.cpus, memory_mib=args.memory,
+        disk_size=parse_size(args.disk_size) if args.disk_size else None, labels=labels,
+        volumes=volumes,
+    )  # fmt: skip
+    print(f"lane {lane.name} created in {lane.store} (image {lane.definition.image.id})")
+    return 0
+
+
+def cmd_lane_ls(args: argparse.Namespace) -> int:
+    statuses = Lane.list(store=args.store, s3_endpoint=args.s3_endpoint)
+    if args.json:
+        print(json.dumps([s.to_json() for s in statuses], indent=2))
+    else:
+        for status in statuses:
+            print(_show(status))
+    return 0
+
+
+def cmd_lane_start(args: argparse.Namespace) -> int:
+    print(_show(_lane(args).start(cold=args.cold)))
+    return 0
+
+
+def cmd_lane_pause(args: argparse.Namespace) -> int:
+    print(_show(_lane(args).pause()))
+    return 0
+
+
+def cmd_lane_stop(args: argparse.Namespace) -> int:
+    print(_show(_lane(args).stop()))
+    return 0
+
+
+def cmd_lane_rm(args: argparse.Namespace) -> int:
+    _lane(args).remove()
+    print(f"lane {args.name} removed")
+    return 0
+
+
+def cmd_lane_exec(args: argparse.Namespace) -> int:
+    if "--" in args.cmd:  # options after NAME (argparse hands all of it to REMAINDER)
+        cut = args.cmd.index("--")
+        args.exec_options.parse_args(args.cmd[:cut], namespace=args)
+        args.cmd = args.cmd[cut:]
+    run = command_options(args)
+    lane = _lane(args)
+
+    async def main() -> int:
+        async with lane.connect() as machine:
+            return await run_in_machine(machine, run)
+
+    code: int = trio.run(main)
+    sys.stdout.flush()
+    return code
+
+
+def add_parsers(sub: Any) -> None:
+    lanes = sub.add_parser(
+        "lane", help="named durable sandboxes that run detached and move between hosts",
+        description=LANE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).add_subparsers(dest="lane_command", required=True)  # fmt: skip
+
+    c = lanes.add_parser("create", help="define a lane in a store")
+    c.add_argument("name")
+    c.add_argument("--image", required=True, help="a registered image built on this host")
+    _store_args(c, required=True)
+    c.add_argument("--cpus", type=int, default=1)
+    c.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
+    c.add_argument("--disk-size", help="root disk size (default: the image's)")
+    c.add_argument("--label", action="append", metavar="KEY=VALUE", help="repeatable")
+    c.add_argument(
+        "--volume", action="append", metavar="NAME:GUEST_PATH[:ro]",
+        help="a volume of the lane's store, mounted at every start; repeatable",
+    )  # fmt: skip
+    c.set_defaults(func=cmd_lane_create)
+
+    c = lanes.add_parser("ls", help="lanes this host knows (or a store's), read from the store")
+    _store_args(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_lane_ls)
+
+    for name, func, text in (
+        ("start", cmd_lane_start, "boot (or resume) a lane under a detached supervisor here"),
+        ("pause", cmd_lane_pause, "save a lane's memory and disk state in its store, and end"),
+        ("stop", cmd_lane_stop, "stop a lane cleanly (guest sync, disk flushed and released)"),
+        ("rm", cmd_lane_rm, "delete a stopped lane (definition and root disk)"),
+    ):
+        c = lanes.add_parser(name, help=text)
+        c.add_argument("name")
+        _store_args(c)
+        if name == "start":
+            c.add_argument(
+                "--cold", action="store_true",
+                help="a paused lane: discard its memory snapshot and boot from its disk",
+            )  # fmt: skip
+        c.set_defaults(func=func)
+
+    options = argparse.ArgumentParser(prog="lanekit lane exec NAME", add_help=False)
+    _store_args(options)
+    add_command_arguments(options, "lanekit lane exec NAME")
+    c = lanes.add_parser(
+        "exec", parents=[options], help="run a command in a running lane, streaming its output"
+    )
+    c.add_argument("name")
+    c.add_argument("cmd", nargs=argparse.REMAINDER, help="[OPTIONS] -- COMMAND [ARG...]")
+    c.set_defaults(func=cmd_lane_exec, exec_options=options)
+
+
+# ---------------------------------------------------------------- volumes
+
+
+def _labels(items: Any) -> dict[str, str]:
+    labels = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--label {item!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _volume_store(args: argparse.Namespace) -> blockstore.ObjectStore:
+    return blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
+
+
+def cmd_volume_create(args: argparse.Namespace) -> int:
+    objects = _volume_store(args)
+    definition = trio.run(
+        V.create_volume, objects, args.name, parse_size(args.size), _labels(args.label)
+    )
+    print(f"volume {args.name} created in {objects.describe()} ({definition['size']} bytes, ext4)")
+    return 0
+
+
+def cmd_volume_ls(args: argparse.Namespace) -> int:
+    objects = _volume_store(args)
+    for name in V.list_volumes(objects):
+        print(name)
+    return 0
+
+
+def cmd_volume_info(args: argparse.Namespace) -> int:
+    print(json.dumps(V.volume_info(_volume_store(args), args.name), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_volume_rm(args: argparse.Namespace) -> int:
+    V.remove_volume(_volume_store(args), args.name)
+    print(f"volume {args.name} removed (its blocks are freed by `lanekit disk gc`)")
+    return 0
+
+
+def add_volume_parsers(sub: Any) -> None:
+    volumes = sub.add_parser(
+        "volume", help="named ext4 disks in a store, attached to lanes and sandboxes"
+    ).add_subparsers(dest="volume_command", required=True)
+    for name, func, text in (
+        ("create", cmd_volume_create, "make a volume: a disk holding a fresh ext4 filesystem"),
+        ("ls", cmd_volume_ls, "list a store's volumes"),
+        ("info", cmd_volume_info, "a volume's size, labels, stored bytes and writer"),
+        ("rm", cmd_volume_rm, "delete a volume no sandbox writes"),
+    ):
+        c = volumes.add_parser(name, help=text)
+        if name != "ls":
+            c.add_argument("name")
+        _store_args(c, required=True)
+        if name == "create":
+            c.add_argument("--size", required=True, help="e.g. 256M, 4G: also its quota")
+            c.add_argument("--label", action="append", metavar="KEY=VALUE")
+        c.set_defaults(func=func)

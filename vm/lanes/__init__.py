@@ -1,0 +1,7 @@
+"""Lanes: named durable sandboxes that live in an object store, run detached under a
+supervisor process, and start on any host that reaches their store."""
+
+from .definition import LaneDefinition, LaneError, LaneVolume
+from .lane import Lane, LaneStatus
+
+__all__ = ["Lane", "LaneDefinition", "LaneError", "LaneStatus", "LaneVolume"]

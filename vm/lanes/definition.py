@@ -1,0 +1,161 @@
+"""A lane in its object store: its definition, its root disk, and who runs it.
+
+Layout, next to the lane's disks and images in the same store::
+
+    lanes/<name>/definition    JSON (written once, with If-None-Match)
+    disks/lane.<name>/...      the lane's root disk: its lease says who runs the lane
+
+The lease on the root disk is the truth about where a lane runs: the supervisor that
+boots the lane holds it (taken and renewed by the block store, fenced, epoch-numbered).
+A holder that died on this host is recognised as dead (``blockstore.identity``), so a
+lane whose supervisor was killed shows as stopped at once, and the next start takes over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import blockstore
+from blockstore import ObjectStore
+from blockstore.layout import check_name
+from blockstore.lease import lease_is_live, read_lease
+from blockstore.objectstore import put_new
+
+from ..errors import VMError
+from ..registry import ImageEntry
+
+PREFIX = "lanes/"
+MAX_NAME = 100
+
+
+class LaneError(VMError):
+    """A lane is missing, exists already, is (not) running, or cannot be reached."""
+
+
+class LaneNotFound(LaneError):
+    """No lane of that name in the store."""
+
+
+def check_lane_name(name: str) -> str:
+    check_name(name, "lane name")
+    if len(name) > MAX_NAME:
+        raise LaneError(f"lane name {name!r} is longer than {MAX_NAME} characters")
+    return name
+
+
+def root_disk_name(lane: str) -> str:
+    return f"lane.{lane}"
+
+
+def _definition_key(name: str) -> str:
+    return f"{PREFIX}{name}/definition"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneVolume:
+    """A volume of the lane's store, mounted at ``path`` at every start of the lane."""
+
+    name: str
+    path: str
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneDefinition:
+    """What a lane is, the same on every host: its image (by digest), its size, labels, and
+    the network it gets (a plain dict handed to the sandbox once networking lands)."""
+
+    name: str
+    image: ImageEntry
+    cpus: int = 1
+    memory_mib: int = 512
+    disk_size: int | None = None
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    network: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created: float = 0.0
+    volumes: tuple[LaneVolume, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image": self.image.to_json(),
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "disk_size": self.disk_size,
+            "labels": dict(self.labels),
+            "network": dict(self.network),
+            "created": self.created,
+            "volumes": [dataclasses.asdict(v) for v in self.volumes],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> LaneDefinition:
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        return cls(
+            name=str(data["name"]),
+            image=ImageEntry.from_json(data["image"]),
+            cpus=int(data.get("cpus", 1)),
+            memory_mib=int(data.get("memory_mib", 512)),
+            disk_size=None if data.get("disk_size") is None else int(data["disk_size"]),
+            labels={str(k): str(v) for k, v in (data.get("labels") or {}).items()},
+            network=dict(data.get("network") or {}),
+            created=float(data.get("created", 0.0)),
+            volumes=tuple(
+                LaneVolume(str(v["name"]), str(v["path"]), bool(v.get("read_only", False)))
+                for v in data.get("volumes") or ()
+            ),
+        )
+
+
+def write_definition(objects: ObjectStore, definition: LaneDefinition) -> None:
+    """Store a new lane's definition (blocking); LaneError if the name is taken."""
+    check_lane_name(definition.name)
+    if definition.image.digest is None:
+        raise LaneError(f"image {definition.image.id!r} is not built: a lane needs its digest")
+    body = json.dumps(
+        {**definition.to_json(), "created": definition.created or time.time()}, sort_keys=True
+    ).encode()
+    if not put_new(objects, _definition_key(definition.name), body):
+        raise LaneError(f"a lane named {definition.name!r} exists in {objects.describe()}")
+
+
+def read_definition(objects: ObjectStore, name: str) -> LaneDefinition:
+    check_lane_name(name)
+    try:
+        data = objects.get(_definition_key(name)).data
+    except blockstore.ObjectNotFound:
+        raise LaneNotFound(f"no lane named {name!r} in {objects.describe()}") from None
+    try:
+        definition = LaneDefinition.from_json(json.loads(data))
+        if definition.name != name:
+            raise ValueError(f"it names lane {definition.name!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LaneError(f"lane {name!r}: its definition is unreadable ({exc})") from None
+    return definition
+
+
+def list_lane_names(objects: ObjectStore) -> list[str]:
+    names = set()
+    for info in objects.list(PREFIX):
+        name, _, rest = info.key[len(PREFIX) :].partition("/")
+        if rest == "definition":
+            names.add(name)
+    return sorted(names)
+
+
+def delete_definition(objects: ObjectStore, name: str) -> None:
+    objects.delete(_definition_key(name))
+
+
+def runner(objects: ObjectStore, name: str) -> dict[str, Any] | None:
+    """Who runs the lane now, by its root disk's lease: the holder (host, pid, ...) with
+    the lease's epoch, or None if nobody does (never started, stopped, or its holder is
+    dead or expired)."""
+    lease, _ = read_lease(objects, root_disk_name(name))
+    if lease is None or not lease_is_live(lease):
+        return None
+    return {**lease["holder"], "epoch": lease["epoch"], "since": lease["since"]}

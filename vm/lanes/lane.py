@@ -1,0 +1,372 @@
+"""Lanes: named durable sandboxes that live in an object store and run detached.
+
+``Lane.create`` writes a lane's definition into its store; ``lane.start()`` starts a
+supervisor process on this host that boots it (see :mod:`.supervisor`) and returns once it
+runs; ``lane.connect()`` gives a machine (exec, fs) through the supervisor; ``lane.stop()``
+stops it cleanly. Any host that reaches the store can start a stopped lane: its root disk,
+with everything the guest wrote, is in the store, and so is its base image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import blockstore
+from blockstore import ObjectStore
+from blockstore.identity import process_identity
+
+from ..machine import AgentMachine
+from ..registry import ImageEntry
+from ..state import lanekit_home, state_paths
+from ..volumes import check_guest_path, delete_disk, read_volume
+from .cache import LaneCache
+from .definition import (
+    LaneDefinition,
+    LaneError,
+    LaneNotFound,
+    LaneVolume,
+    check_lane_name,
+    delete_definition,
+    list_lane_names,
+    read_definition,
+    root_disk_name,
+    runner,
+    write_definition,
+)
+from .paused import discard, read_paused
+from .supervisor import run_dir
+
+START_TIMEOUT = 600.0
+STOP_TIMEOUT = 120.0
+PAUSE_TIMEOUT = 600.0
+CONNECT_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneStatus:
+    name: str
+    store: str
+    state: str
+    """``running`` (somewhere: see ``host``/``here``), ``paused`` (its memory in the
+    store: a start resumes it) or ``stopped``."""
+    here: bool
+    """Run by a supervisor on this host (this ``$LANEKIT_HOME``)."""
+    host: str | None = None
+    pid: int | None = None
+    epoch: int | None = None
+    error: str | None = None
+    """Why the lane's state cannot be read (state ``unreadable``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _cache(home: Path) -> LaneCache:
+    return LaneCache(home / "lanes.db")
+
+
+class Lane:
+    """A lane in its store, seen from this host. Methods other than :meth:`connect` block
+    (call them from a thread in async code)."""
+
+    def __init__(
+        self,
+        definition: LaneDefinition,
+        objects: ObjectStore,
+        store: str,
+        s3_endpoint: str | None,
+        home: Path,
+    ) -> None:
+        self.definition = definition
+        self.objects = objects
+        self.store = store
+        self.s3_endpoint = s3_endpoint
+        self.home = home
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir(self.home, self.name)
+
+    # ------------------------------------------------------------ finding lanes
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        image: str | ImageEntry,
+        *,
+        store: str,
+        s3_endpoint: str | None = None,
+        cpus: int = 1,
+        memory_mib: int = 512,
+        disk_size: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        network: Mapping[str, Any] | None = None,
+        volumes: Sequence[LaneVolume] = (),
+        home: Path | None = None,
+    ) -> Lane:
+        """A new lane on an image built here (its digest goes into the definition; the
+        image itself is copied into the store at the first start). ``volumes`` must exist
+        in the lane's store (:func:`vm.volumes.create_volume`)."""
+        home = home or lanekit_home()
+        check_lane_name(name)
+        entry = image if isinstance(image, ImageEntry) else state_paths(home)[0].lookup(image)
+        if entry.digest is None:
+            raise LaneError(f"image {entry.id!r} is not built here: `lanekit image build`")
+        definition = LaneDefinition(
+            name, entry, cpus, memory_mib, disk_size, dict(labels or {}), dict(network or {}),
+            time.time(), tuple(volumes),
+        )  # fmt: skip
+        objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
+        for volume in volumes:
+            check_guest_path(volume.path, "volume path")
+            read_volume(objects, volume.name)
+        write_definition(objects, definition)
+        _cache(home).put(name, store, s3_endpoint, "stopped")
+        return cls(definition, objects, store, s3_endpoint, home)
+
+    @classmethod
+    def get(
+        cls,
+        name: str,
+        *,
+        store: str | None = None,
+        s3_endpoint: str | None = None,
+        home: Path | None = None,
+    ) -> Lane:
+        """A lane this host knows, or any lane of ``store`` (a host that never saw it)."""
+        home = home or lanekit_home()
+        check_lane_name(name)
+        cached = _cache(home).get(name)
+        if store is None:
+            if cached is None:
+                raise LaneError(f"this host knows no lane {name!r}: give its --store")
+            store, s3_endpoint = cached.store, s3_endpoint or cached.s3_endpoint
+        elif cached is not None and cached.store != store:
+            raise LaneError(f"this host knows a lane {name!r} in another store ({cached.store})")
+        objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
+        lane = cls(read_definition(objects, name), objects, store, s3_endpoint, home)
+        if cached is None:
+            _cache(home).put(name, store, s3_endpoint, "stopped")
+        return lane
+
+    @classmethod
+    def list(
+        cls, *, store: str | None = None, s3_endpoint: str | None = None, home: Path | None = None
+    ) -> list[LaneStatus]:
+        """Every lane of ``store``, or every lane this host knows, with its state read from
+        the store now (and the cache brought up to date)."""
+        home = home or lanekit_home()
+        if store is not None:
+            objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
+            names = [(n, store, s3_endpoint) for n in list_lane_names(objects)]
+        else:
+            names = [(c.name, c.store, c.s3_endpoint) for c in _cache(home).all()]
+        statuses = []
+        for name, lane_store, endpoint in names:
+            try:
+                lane = cls.get(name, store=lane_store, s3_endpoint=endpoint, home=home)
+            except LaneNotFound:
+                if store is None:  # removed elsewhere
+                    _cache(home).forget(name)
+                continue
+            except LaneError as exc:
+                statuses.append(LaneStatus(name, lane_store, "unreadable", False, error=str(exc)))
+                continue
+            statuses.append(lane.status())
+        return statuses
+
+    # ------------------------------------------------------------ state
+
+    def _supervisor_pid(self) -> int | None:
+        """This host's live supervisor of the lane, if there is one; a dead one's leftovers
+        (sockets, identity) are removed here."""
+        try:
+            identity = json.loads((self.run_dir / "supervisor.json").read_text())
+            pid = int(identity["pid"])
+            alive = process_identity(pid) == identity["process"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pid, alive = 0, False
+        if alive:
+            return pid
+        for leftover in ("agent.sock", "control.sock", "supervisor.json"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / leftover).unlink()
+        return None
+
+    def status(self) -> LaneStatus:
+        holder = runner(self.objects, self.name)
+        local = self._supervisor_pid()
+        if holder is None:
+            try:
+                state = "paused" if read_paused(self.objects, self.name) else "stopped"
+            except LaneError:  # a snapshot, unreadable: a start says so, --cold discards it
+                state = "paused"
+            status = LaneStatus(self.name, self.store, state, False)
+        else:
+            here = local is not None and holder.get("pid") == local
+            state = "running"
+            status = LaneStatus(
+                self.name, self.store, state, here, holder.get("host"), holder.get("pid"),
+                holder.get("epoch"),
+            )  # fmt: skip
+        _cache(self.home).put(
+            self.name, self.store, self.s3_endpoint, state, status.host, status.pid
+        )
+        return status
+
+    # ------------------------------------------------------------ running
+
+    def start(self, timeout: float = START_TIMEOUT, *, cold: bool = False) -> LaneStatus:
+        """Start the lane's supervisor here; returns once the guest runs. A paused lane
+        resumes where it was, unless ``cold`` (its memory snapshot is discarded and it boots
+        from its disk). LaneError if it runs already (here or elsewhere) or does not come up
+        (with the supervisor's log)."""
+        status = self.status()
+        if status.state == "running":
+            where = "here" if status.here else f"on host {status.host} (pid {status.pid})"
+            raise LaneError(f"lane {self.name!r} is running {where}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "supervisor.log"
+        argv = [sys.executable, "-m", "vm.lanes.supervisor", self.name, self.store]
+        if self.s3_endpoint:
+            argv += ["--s3-endpoint", self.s3_endpoint]
+        if cold:
+            argv.append("--cold")
+        read_end, write_end = os.pipe()
+        try:
+            with open(log_path, "ab") as log:
+                subprocess.Popen(
+                    [*argv, "--ready-fd", str(write_end)], stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, pass_fds=(write_end,), start_new_session=True,
+                    env={**os.environ, "LANEKIT_HOME": str(self.home)},
+                )  # fmt: skip
+            os.close(write_end)
+            answer = _read_line(read_end, timeout)
+        finally:
+            os.close(read_end)
+            with contextlib.suppress(OSError):
+                os.close(write_end)
+        if answer != "ready":
+            tail = _tail(log_path)
+            raise LaneError(
+                f"lane {self.name!r} did not start: {answer or 'its supervisor died'}\n{tail}"
+            )
+        return self.status()
+
+    def _control(self, op: str, timeout: float) -> tuple[dict[str, Any], Any]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(str(self.run_dir / "control.sock"))
+            sock.settimeout(timeout)
+        except OSError as exc:
+            sock.close()
+            raise LaneError(f"lane {self.name!r}: its supervisor does not answer ({exc})") from None
+        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+        reply = sock.makefile("rb").readline()
+        try:
+            return json.loads(reply), sock
+        except ValueError:
+            sock.close()
+            raise LaneError(f"lane {self.name!r}: its supervisor answered {reply!r}") from None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> LaneStatus:
+        """Stop the lane cleanly (the guest syncs and powers off, the disk is flushed and
+        released); returns once its supervisor is gone."""
+        return self._end("stop", timeout)
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> LaneStatus:
+        """Save the running guest's memory (qemu's migration stream) and its disk's state
+        into the store and end; the next :meth:`start`, on any host with the same qemu,
+        resumes its processes where they were. Refused for lanes with volumes."""
+        return self._end("pause", timeout)
+
+    def _end(self, op: str, timeout: float) -> LaneStatus:
+        status = self.status()
+        if status.state != "running":
+            raise LaneError(f"lane {self.name!r} is not running")
+        if not status.here:
+            raise LaneError(
+                f"lane {self.name!r} runs on host {status.host} (pid {status.pid}): stop it there"
+            )
+        pid = status.pid
+        reply, sock = self._control(op, timeout)
+        sock.close()
+        if "error" in reply:
+            raise LaneError(f"lane {self.name!r}: {reply['error']}")
+        deadline = time.monotonic() + timeout
+        while pid is not None and self._supervisor_pid() == pid:
+            if time.monotonic() > deadline:
+                raise LaneError(f"lane {self.name!r} did not {op} within {timeout:.0f} s")
+            time.sleep(0.1)
+        status = self.status()
+        if op == "pause" and status.state != "paused":
+            raise LaneError(
+                f"lane {self.name!r} did not pause (it is {status.state}):\n"
+                f"{_tail(self.run_dir / 'supervisor.log')}"
+            )
+        return status
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AgentMachine]:
+        """The running lane's machine (exec, exec_stream, fs), through its supervisor on
+        this host; the lane goes on running when this ends."""
+        socket_path = self.run_dir / "agent.sock"
+        if await trio.to_thread.run_sync(self._supervisor_pid) is None or not socket_path.exists():
+            raise LaneError(f"lane {self.name!r} is not running on this host")
+        async with trio.open_nursery() as nursery:
+            machine = AgentMachine(socket_path, "/", nursery, CONNECT_TIMEOUT)
+            try:
+                await machine.session()
+                yield machine
+            finally:
+                await machine.close()
+                nursery.cancel_scope.cancel()
+
+    def remove(self) -> None:
+        """Delete a stopped lane: its definition and root disk (blocks go at ``disk gc``)."""
+        if self.status().state == "running":
+            raise LaneError(f"lane {self.name!r} is running: stop it first")
+        discard(self.objects, self.name, read_paused(self.objects, self.name))
+        delete_definition(self.objects, self.name)
+        delete_disk(self.objects, root_disk_name(self.name))
+        _cache(self.home).forget(self.name)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return f"no answer within {timeout:.0f} s"
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

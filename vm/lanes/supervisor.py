@@ -1,0 +1,292 @@
+"""A running lane's supervisor: ``python -m vm.lanes.supervisor NAME STORE``.
+
+Started detached (its own session, no PDEATHSIG: it outlives the command that started it);
+what it starts (qemu, virtiofsd, the NBD server) is spawned by ``vm.proc`` inside it, so it
+all dies with it, kill -9 included. It boots the lane's sandbox, which leases the lane's
+root disk (the truth about who runs the lane), and serves two 0600 unix sockets in the
+lane's run directory: ``agent.sock`` (the agent relay, see :mod:`.relay`) and
+``control.sock`` (one JSON request per line: ``status``, ``stop``, ``pause``).
+
+A ``pause`` request saves the guest's memory through qemu's migration stream into the
+store (see :mod:`.paused`) and ends; the next start, on any host with the same qemu, resumes
+the guest where it was.
+
+Signals follow ``tools/stopping.py``: the first SIGTERM/SIGINT (or a ``stop`` request) is
+a clean stop (the guest syncs and powers off, the disk is flushed and its lease released);
+a second one kills the guest at once and still flushes and releases the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import blockstore
+from blockstore.identity import process_identity
+
+from ..launcher import Sandbox
+from ..machine import Machine
+from ..snapshot import load_memory, save_memory
+from ..state import lanekit_home
+from ..volumes import VolumeAttachment, disk_name
+from . import paused
+from .definition import LaneDefinition, read_definition, root_disk_name
+from .relay import bind_unix, serve_relay
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_dir(home: Path, name: str) -> Path:
+    return home / "lanes" / name
+
+
+def say(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} lanekit-lane: {line}", file=sys.stderr, flush=True)
+
+
+class _Supervisor:
+    def __init__(self, name: str, run: Path) -> None:
+        self.name = name
+        self.run = run
+        self.stop = trio.Event()
+        self.stops = 0
+        self.machine: Machine | None = None
+        self.objects: blockstore.ObjectStore | None = None
+        self.definition: LaneDefinition | None = None
+        self.pausing = False
+
+    def request_stop(self, why: str) -> None:
+        self.stops += 1
+        if self.stops == 1:
+            say(f"{why}: stopping cleanly (guest sync and poweroff; again: kill the guest)")
+            self.stop.set()
+        else:
+            say(f"{why} again: killing the guest now; what it had not synced is lost")
+            if self.machine is not None:
+                self.machine.qemu.kill_group()
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(*SIGNALS) as signals:
+            async for signum in signals:
+                self.request_stop(signal.Signals(signum).name)
+
+    async def serve_control(self, *, task_status: trio.TaskStatus[None]) -> None:
+        listener = await bind_unix(self.run / "control.sock")
+
+        async def handle(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                buffer = b""
+                while b"\n" not in buffer:
+                    data = await stream.receive_some(4096)
+                    if not data or len(buffer) > 65536:
+                        return
+                    buffer += data
+                try:
+                    request = json.loads(buffer.partition(b"\n")[0])
+                    op = request["op"]
+                except (ValueError, KeyError, TypeError):
+                    await stream.send_all(b'{"error": "not a control request"}\n')
+                    return
+                answer = await self.pause() if op == "pause" else self.answer(op)
+                await stream.send_all(json.dumps(answer).encode() + b"\n")
+                if op in ("stop", "pause") and "ok" in answer:
+                    await trio.sleep_forever()  # closed when the supervisor exits
+
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(handle, [listener], handler_nursery=nursery)
+
+    def answer(self, op: str) -> dict[str, Any]:
+        if op == "status":
+            return {"ok": {"name": self.name, "pid": os.getpid()}}
+        if op == "stop":
+            self.request_stop("stop requested")
+            return {"ok": "stopping"}
+        return {"error": f"unknown request {op!r}"}
+
+    async def pause(self) -> dict[str, Any]:
+        """Save the guest's memory and the disk's state into the store, then end (see
+        :mod:`.paused`); on any failure the guest runs on and the error is the answer."""
+        machine = self.machine
+        assert machine is not None and self.objects is not None and self.definition is not None
+        if self.pausing or self.stop.is_set():
+            return {"error": "the lane is stopping or pausing already"}
+        if self.definition.volumes:
+            return {
+                "error": "this lane has volumes: they would be free for other writers "
+                "while its memory still expects their state; stop it instead"
+            }
+        self.pausing = True
+        snapshot = paused.new_snapshot_id()
+        memory = self.run / "memory.bin"
+        try:
+            say(f"pausing: saving the guest's memory (snapshot {snapshot})")
+            version = await save_memory(machine, memory)
+            try:
+                await machine.disk.checkpoint(f"paused-{snapshot}")
+                chunks = await paused.upload(self.objects, self.name, snapshot, memory)
+                record = {"id": snapshot, "chunks": chunks, "qemu": version, "saved": time.time()}
+                await trio.to_thread.run_sync(paused.write_record, self.objects, self.name, record)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(paused.discard, self.objects, self.name, {})
+                    await _resume_after_failed_save(machine)
+                raise
+        except Exception as exc:
+            self.pausing = False
+            say(f"pause failed, the lane runs on: {exc}")
+            return {"error": f"could not pause: {exc}"}
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                memory.unlink()
+        say(f"paused: memory and disk state are in the store (snapshot {snapshot})")
+        await machine.kill()
+        self.stop.set()
+        return {"ok": "paused"}
+
+    async def watch_guest(self, machine: Machine) -> None:
+        code = await machine.qemu.wait()
+        if not self.stop.is_set() and not self.pausing:
+            say(f"the guest stopped by itself (qemu exit {code})")
+            self.stop.set()
+
+
+def _report(fd: int | None, line: str) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(fd, line.encode() + b"\n")
+            os.close(fd)
+
+
+class LaneSandbox(Sandbox):
+    """The lane's sandbox; resuming, its qemu waits for the memory snapshot (``-incoming
+    defer``) and gets it as soon as it runs."""
+
+    resume_from: tuple[Path, dict[str, Any]] | None = None
+
+    def extra_qemu_args(self, runtime: Path) -> list[str]:
+        return ["-incoming", "defer"] if self.resume_from else []
+
+    async def qemu_started(self, machine: Machine) -> None:
+        if self.resume_from is not None:
+            path, saved_by = self.resume_from
+            await load_memory(machine, path, saved_by)
+
+
+async def _resume_after_failed_save(machine: Machine) -> None:
+    from ..qmp import QMP
+
+    with contextlib.suppress(Exception):
+        qmp = await QMP.connect(machine.runtime / "qmp.sock")
+        try:
+            await qmp.execute("cont")
+        finally:
+            qmp.close()
+
+
+async def _set_clock(machine: Machine) -> None:
+    """The guest's clock stood still while it was paused; set it to now."""
+    now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    result = await machine.exec(["date", "-u", "-s", now])
+    if result.exit_code != 0:
+        say(f"could not set the guest's clock: {result.stderr_text.strip()}")
+
+
+async def supervise(
+    name: str, store: str, s3_endpoint: str | None, ready_fd: int | None, cold: bool = False
+) -> int:
+    home = lanekit_home()
+    run = run_dir(home, name)
+    supervisor = _Supervisor(name, run)
+    reported = False
+    async with trio.open_nursery() as outer:
+        outer.start_soon(supervisor.watch_signals)
+        try:
+            objects = await trio.to_thread.run_sync(
+                lambda: blockstore.open_store(store, s3_endpoint=s3_endpoint)
+            )
+            definition = await trio.to_thread.run_sync(read_definition, objects, name)
+            supervisor.objects, supervisor.definition = objects, definition
+            if cold:  # whatever the snapshot holds, readable or not
+                say("starting cold: a memory snapshot is discarded")
+                await trio.to_thread.run_sync(paused.discard, objects, name, {})
+            record = await trio.to_thread.run_sync(paused.read_paused, objects, name)
+            memory = run / "memory.bin"
+            if record is not None:
+                say(f"resuming from the memory snapshot {record['id']}")
+                await paused.download(objects, name, record, memory)
+            sandbox = LaneSandbox(
+                definition.image, cpus=definition.cpus, memory_mib=definition.memory_mib,
+                disk=(objects, root_disk_name(name)), disk_size=definition.disk_size,
+                home=home, s3_endpoint=s3_endpoint, notice=say,
+                volumes=[
+                    VolumeAttachment(v.path, (objects, disk_name(v.name)), v.read_only, v.name)
+                    for v in definition.volumes
+                ],
+            )  # fmt: skip
+            if record is not None:
+                sandbox.resume_from = (memory, record["qemu"])
+            async with sandbox.boot() as machine:
+                supervisor.machine = machine
+                await machine.session()
+                if record is not None:
+                    await _set_clock(machine)
+                    await trio.to_thread.run_sync(paused.discard, objects, name, record)
+                    memory.unlink()
+                async with trio.open_nursery() as servers:
+                    await servers.start(serve_relay, run / "agent.sock", machine.session)
+                    await servers.start(supervisor.serve_control)
+                    servers.start_soon(supervisor.watch_guest, machine)
+                    _report(ready_fd, "ready")
+                    reported = True
+                    say(f"lane {name} is running (pid {os.getpid()})")
+                    await supervisor.stop.wait()
+                    servers.cancel_scope.cancel()
+            say(f"lane {name} {'paused' if supervisor.pausing else 'stopped'}")
+        except Exception as exc:
+            say(f"error: {exc}")
+            if not reported:
+                _report(ready_fd, f"error: {exc}")
+            outer.cancel_scope.cancel()
+            return 1
+        finally:
+            for sock in ("agent.sock", "control.sock"):
+                with contextlib.suppress(FileNotFoundError):
+                    (run / sock).unlink()
+        outer.cancel_scope.cancel()
+    return 0
+
+
+def write_identity(run: Path) -> None:
+    """Who the supervisor is (pid and start time), for the clients and the next cleanup."""
+    identity = {"pid": os.getpid(), "process": process_identity(os.getpid())}
+    tmp = run / "supervisor.json.tmp"
+    tmp.write_text(json.dumps(identity))
+    tmp.rename(run / "supervisor.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lanekit-lane-supervisor")
+    p.add_argument("name")
+    p.add_argument("store")
+    p.add_argument("--s3-endpoint")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--cold", action="store_true", help="discard a memory snapshot")
+    args = p.parse_args(argv)
+    run = run_dir(lanekit_home(), args.name)
+    run.mkdir(parents=True, exist_ok=True)
+    write_identity(run)
+    return trio.run(supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
