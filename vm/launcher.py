@@ -355,6 +355,8 @@ class Sandbox:
             stack.push_async_callback(_shielded, machine.stop)
             services.start_soon(self._watch_fencing, machine)
             await self._wait_for_agent(machine)
+            if network is not None:
+                await network.prepare_guest(machine.fs, machine.exit_code_of)
             if self.patches:
                 await apply_patches(await machine.session(), self.patches)
             yield machine
