@@ -4,12 +4,18 @@ real HTTPS origin on loopback with a CA of its own (tests/netorigins.py's)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
+import os
+import re
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +24,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from tests.netorigins import https_server, make_test_ca
+from tools.cli_net import add_network_arguments, network_from_args
 from vm.net import (
     Connection,
     Endpoint,
@@ -32,6 +39,7 @@ from vm.net import (
     policy,
 )
 from vm.net.audit import Audit, AuditEvent
+from vm.net.config import parse_secret
 from vm.net.http import HttpInterceptor
 from vm.net.namespace import Egress
 from vm.net.policy import Decider, RawGrant
@@ -40,6 +48,7 @@ from vm.net.request import SecretBook
 from vm.net.tls import upstream_context
 
 GUEST = Endpoint("10.0.2.15", 0)
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +322,54 @@ def test_http_grants_from_rules_callbacks_and_secrets() -> None:
     decision = trio.run(Decider(config).decide_flow, flow(("api.example",)))
     assert isinstance(decision.grant, HttpGrant) and decision.grant.names == ("api.example",)
     assert isinstance(trio.run(Decider(config).decide_flow, flow(("b.example",))).grant, RawGrant)
+
+
+def test_cli_secret_and_upstream_ca_flags(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_network_arguments(parser)
+    args = ["--allow", "api.example:443", "--secret", "API_TOKEN=a=b@c@api.example,.corp.example",
+            "--upstream-ca", "/etc/extra.pem"]  # fmt: skip
+    config = network_from_args(parser.parse_args(args))
+    assert config.secrets == (Secret("API_TOKEN", "a=b@c", ("api.example", ".corp.example")),)
+    assert config.upstream_ca_file == "/etc/extra.pem" and config.may_intercept
+    from_env = parse_secret("HOST_TOKEN@api.example", {"HOST_TOKEN": "from-env"})
+    assert from_env.value == "from-env"
+    for spec, message in (
+        ("API_TOKEN=value", "use ENV=VALUE@HOST"),
+        ("UNSET_HERE@api.example", "$UNSET_HERE is not set here"),
+        ("bad-name=v@api.example", "give an environment variable name"),
+    ):
+        with pytest.raises(NetworkConfigError, match=re.escape(message)):
+            parse_secret(spec, {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell",
+         "--secret", "T=hidden-value", "--", "true"],
+        cwd=REPO, env={**os.environ, "LANEKIT_HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "use ENV=VALUE@HOST" in proc.stderr and "hidden-value" not in proc.stderr
+    helptext = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "vm", "run", "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "--secret ENV=VALUE@HOST[,HOST]" in helptext and "--upstream-ca FILE" in helptext
+
+
+async def test_secret_only_interception_lets_other_protocols_through_raw(
+    origin: tuple[int, str],
+) -> None:
+    """Where a flow is intercepted only for secrets, a flow that is not TLS is handed
+    back untouched (nothing read from it) to go through raw."""
+    rig = Rig(origin)
+    a, b = trio.socket.socketpair()
+    await a.send(b"SSH-2.0-client\r\n")
+    flow = Flow(trio.SocketStream(b), GUEST, Endpoint("127.0.0.1", rig.port))
+    assert not await rig.interceptor.handle(flow, HttpGrant(("tls.test",), raw_fallback=True), "r")
+    assert await b.recv(100) == b"SSH-2.0-client\r\n"
+    with trio.fail_after(10):  # a server-speaks-first protocol: the guest sends nothing
+        grant = HttpGrant(("tls.test",), raw_fallback=True)
+        assert not await rig.interceptor.handle(flow, grant, "r")
+    assert rig.events == []
+    a.close()
+    b.close()

@@ -436,6 +436,23 @@ def parse_publish(spec: str) -> Publish:
     raise NetworkConfigError(f"--publish {spec!r}: use [ADDRESS:]HOSTPORT:GUESTPORT (8080:80)")
 
 
+def parse_secret(spec: str, environ: Mapping[str, str]) -> Secret:
+    """``ENV=VALUE@HOST[,HOST]``, or ``ENV@HOST[,HOST]`` for the value of this process's
+    ``$ENV`` (so the value need not be on a command line)."""
+    binding, sep, hosts = spec.rpartition("@")
+    name, has_value, value = binding.partition("=")
+    if not sep or not name or not hosts:
+        raise NetworkConfigError(f"--secret {spec.split('=')[0]}...: use ENV=VALUE@HOST[,HOST]")
+    if not has_value:
+        if name not in environ:
+            raise NetworkConfigError(f"--secret {name}@{hosts}: ${name} is not set here")
+        value = environ[name]
+    try:
+        return Secret(name, value, tuple(h for h in hosts.split(",") if h))
+    except NetworkConfigError as exc:
+        raise NetworkConfigError(f"--secret {name}: {exc}") from None
+
+
 def as_config(network: NetworkConfig | str | None) -> NetworkConfig:
     """A Sandbox's ``network`` argument as a config: ``None`` is ``none``; a preset name."""
     if network is None:

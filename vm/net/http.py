@@ -25,6 +25,7 @@ from .request import Headers, HttpRequest, SecretBook, TlsFacts
 from .tls import ALPN, SandboxCA
 
 HANDSHAKE_TIMEOUT = 30.0
+FIRST_BYTE_WAIT = 2.0
 RECEIVE_CHUNK = 256 * 1024
 TLS_RECORD_HANDSHAKE = 0x16
 
@@ -76,18 +77,25 @@ class HttpInterceptor:
         conn.context = self._ca.server_context(server_name)
         return None
 
-    async def handle(self, flow: Flow, grant: HttpGrant, reason: str) -> None:
+    async def handle(self, flow: Flow, grant: HttpGrant, reason: str) -> bool:
+        """Serve the flow intercepted; False (nothing read) if it is not TLS and the grant
+        lets such a flow go through raw."""
         src, dst = str(flow.src.ip), str(flow.dst)
         sock = flow.stream.socket
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+        first = b""
+        # A protocol whose server speaks first sends nothing: give up waiting soon when
+        # such a flow may go through raw.
+        with trio.move_on_after(FIRST_BYTE_WAIT if grant.raw_fallback else HANDSHAKE_TIMEOUT):
             first = await sock.recv(1, socket.MSG_PEEK)
         if not first or first[0] != TLS_RECORD_HANDSHAKE:
+            if grant.raw_fallback:
+                return False
             flow.refuse()
             self._audit.record(
                 "http", src, dst, grant.names[0] if grant.names else None, "deny",
                 f"{reason}; intercepted flows must be TLS",
             )  # fmt: skip
-            return
+            return True
         guest = trio.SSLStream(flow.stream, self._server, server_side=True)
         chosen = [grant.names[0] if grant.names else str(flow.dst.ip)]
         _server_name.set(chosen)
@@ -101,13 +109,14 @@ class HttpInterceptor:
                 "http", src, dst, chosen[0], "error",
                 f"{reason}; TLS handshake with the guest failed: {cause}"[:300],
             )  # fmt: skip
-            return
+            return True
         tls = TlsFacts(chosen[0], guest.version(), guest.selected_alpn_protocol())
         session = _Session(self, flow, grant, reason, guest, tls)
         try:
             await session.run()
         finally:
             await session.close()
+        return True
 
 
 class _Session:

@@ -53,6 +53,9 @@ class HttpGrant:
     names: tuple[str, ...]
     edits: HttpEdits = dataclasses.field(default_factory=HttpEdits)
     on_request: RequestHook | None = dataclasses.field(default=None, compare=False)
+    raw_fallback: bool = False
+    """A flow that turns out not to be TLS goes through raw (set where the interception is
+    only for secrets: other protocols to a secret's host keep working, unseen)."""
 
 
 Grant = RawGrant | DnsGrant | HttpGrant
@@ -259,7 +262,8 @@ class Decider:
                 n for n in conn.hostnames if any(s.allowed_for(n) for s in self.config.secrets)
             )
             if names:
-                return Decision(HttpGrant(names), f"{decision.reason}; secrets")
+                grant = HttpGrant(names, raw_fallback=True)
+                return Decision(grant, f"{decision.reason}; secrets")
         return decision
 
     async def _decide_flow(self, conn: Connection) -> Decision:

@@ -78,8 +78,9 @@ class RedirectedFlows:
 
 
 class Interceptor(Protocol):
-    async def handle(self, flow: Flow, grant: HttpGrant, reason: str) -> None:
-        """Serve an intercepted flow to its end (auditing each request)."""
+    async def handle(self, flow: Flow, grant: HttpGrant, reason: str) -> bool:
+        """Serve an intercepted flow to its end (auditing each request); False, having
+        read nothing, if it is to go through raw instead."""
 
 
 class TcpProxy:
@@ -116,9 +117,9 @@ class TcpProxy:
                     flow.refuse()
                     self._audit.record("tcp", src, dst, hostname, "deny", "no interception")
                     return
-                await self._interceptor.handle(flow, decision.grant, decision.reason)
-                return
-            if not isinstance(decision.grant, RawGrant):
+                if await self._interceptor.handle(flow, decision.grant, decision.reason):
+                    return
+            elif not isinstance(decision.grant, RawGrant):
                 flow.refuse()
                 self._audit.record("tcp", src, dst, hostname, "deny", decision.reason)
                 return
