@@ -10,7 +10,8 @@ else, so nothing sent through it can leave this machine. Its origins:
 - HTTPS on 203.0.113.30:443 (``tls.test``) and 203.0.113.31:443 (``other.test``), with a
   certificate of the test internet's own CA (written to the path given after
   ``--ca-file``): ``/headers`` answers the request's headers as JSON, ``authorization``
-  as the SHA-256 of its value (so a test can check a secret without the guest seeing it);
+  as the SHA-256 of its value (so a test can check a secret without the guest seeing it),
+  and for a POST the SHA-256 of the body as ``body``;
 - DNS on 203.0.113.53:53 (``origin.test``, ``echo.test``, ``rebind.test`` -> 10.1.2.3, and
   ``big.test``: an answer too big for UDP) and a second resolver on 198.51.100.53:53 that
   alone answers ``elsewhere.test`` (198.51.100.99).
@@ -104,11 +105,15 @@ class Origin(http.server.BaseHTTPRequestHandler):
 class HeaderEcho(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.do_GET(f"sha256:{hashlib.sha256(body).hexdigest()}")
+
+    def do_GET(self, body_digest: str | None = None) -> None:
         if self.path.partition("?")[0] != "/headers":
             self.send_error(404)
             return
-        seen: dict[str, str] = {}
+        seen: dict[str, str] = {} if body_digest is None else {"body": body_digest}
         for name, value in self.headers.items():
             if name.lower() == "authorization":
                 value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()

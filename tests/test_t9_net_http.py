@@ -33,6 +33,7 @@ from vm.net import (
     HttpRequest,
     NetworkConfig,
     NetworkConfigError,
+    NetworkSetupError,
     Rule,
     SandboxCA,
     Secret,
@@ -40,6 +41,7 @@ from vm.net import (
 )
 from vm.net.audit import Audit, AuditEvent
 from vm.net.config import parse_secret
+from vm.net.guest_trust import install_ca
 from vm.net.http import HttpInterceptor
 from vm.net.namespace import Egress
 from vm.net.policy import Decider, RawGrant
@@ -88,7 +90,7 @@ class Rig:
         return event
 
     async def exchange(self, grant: HttpGrant, *requests: bytes, sni: str = "tls.test",
-                       tls: bool = True) -> bytes:  # fmt: skip
+                       tls: bool = True, trust: bytes | None = None) -> bytes:  # fmt: skip
         """Send ``requests`` on one connection from the guest's side; all it got back."""
         listener = trio.socket.socket()
         await listener.bind(("127.0.0.1", 0))
@@ -104,10 +106,13 @@ class Rig:
                 nursery.start_soon(self.interceptor.handle, flow, grant, "test grant")
                 stream: trio.abc.Stream = trio.SocketStream(client)
                 if tls:
-                    context = ssl.create_default_context(cadata=self.ca.certificate_pem.decode())
+                    trusted = trust or self.ca.certificate_pem
+                    context = ssl.create_default_context(cadata=trusted.decode())
                     context.set_alpn_protocols(["h2", "http/1.1"])
                     stream = trio.SSLStream(stream, context, server_hostname=sni)
                 try:
+                    if tls:
+                        await stream.do_handshake()  # type: ignore[attr-defined]
                     for request in requests:
                         await stream.send_all(request)
                     while chunk := await stream.receive_some(65536):
@@ -373,3 +378,75 @@ async def test_secret_only_interception_lets_other_protocols_through_raw(
     assert rig.events == []
     a.close()
     b.close()
+
+
+async def test_request_bodies_go_upstream_whole(origin: tuple[int, str]) -> None:
+    rig = Rig(origin)
+    body = bytes(range(256)) * 1024
+    request = get("/headers", "tls.test", f"Content-Length: {len(body)}").replace(
+        b"GET", b"POST", 1
+    )
+    status, answer = status_and_body(await rig.exchange(HttpGrant(("tls.test",)), request + body))
+    assert status == 200
+    assert json.loads(answer)["body"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    assert rig.events[0].bytes_up == len(body) and rig.events[0].detail["method"] == "POST"
+
+
+class GuestTree:
+    """A guest's files as a dict, for the CA installation's choices (the real guest is in
+    tests/test_t9_vm_net_http.py); ``fail``: the path whose write fails."""
+
+    def __init__(self, files: dict[str, bytes], fail: str | None = None, tool: int = 0) -> None:
+        self.files = files
+        self.fail = fail
+        self.tool = tool
+        self.ran: list[list[str]] = []
+
+    async def read(self, path: str) -> bytes:
+        return self.files[path]
+
+    async def write(self, path: str, data: bytes | str) -> int:
+        if path == self.fail:
+            raise PermissionError(13, "Read-only file system", path)
+        self.files[path] = data if isinstance(data, bytes) else data.encode()
+        return len(data)
+
+    async def exists(self, path: str) -> bool:
+        return any(p == path or p.startswith(path + "/") for p in self.files)
+
+    async def mkdir(self, path: str, *, parents: bool = False, mode: int = 0o755) -> None:
+        pass
+
+    async def run(self, argv: list[str]) -> int:
+        self.ran.append(argv)
+        return self.tool
+
+
+async def test_ca_installation_in_debian_and_bare_images() -> None:
+    ca = b"-----BEGIN CERTIFICATE-----\nsandbox\n-----END CERTIFICATE-----\n"
+    debian = GuestTree({
+        "/etc/ssl/certs/ca-certificates.crt": b"system roots",
+        "/usr/local/share/ca-certificates/.keep": b"",
+        "/usr/sbin/update-ca-certificates": b"",
+    })  # fmt: skip
+    await install_ca(debian, debian.run, ca)
+    assert debian.files["/etc/lanekit/sandbox-ca.crt"] == ca
+    assert debian.files["/etc/lanekit/ca-bundle.crt"] == b"system roots\n" + ca
+    assert debian.files["/usr/local/share/ca-certificates/lanekit-sandbox.crt"] == ca
+    assert debian.ran == [["update-ca-certificates"]]
+    bare = GuestTree({})
+    await install_ca(bare, bare.run, ca)
+    assert bare.files["/etc/lanekit/ca-bundle.crt"] == ca and bare.ran == []
+    with pytest.raises(NetworkSetupError, match="cannot install the sandbox CA"):
+        await install_ca(GuestTree({}, fail="/etc/lanekit/sandbox-ca.crt"), bare.run, ca)
+    broken = GuestTree(dict(debian.files), tool=1)
+    with pytest.raises(NetworkSetupError, match="update-ca-certificates failed"):
+        await install_ca(broken, broken.run, ca)
+
+
+async def test_a_guest_that_does_not_trust_the_ca_gets_nothing(origin: tuple[int, str]) -> None:
+    rig = Rig(origin)
+    other_ca = SandboxCA().certificate_pem
+    assert await rig.exchange(HttpGrant(("tls.test",)), get(), trust=other_ca) == b""
+    [event] = rig.events
+    assert event.verdict == "error" and "TLS handshake with the guest failed" in event.reason
