@@ -44,6 +44,9 @@ class Headers:
     def __len__(self) -> int:
         return len(self._items)
 
+    def replace_in_values(self, old: str, new: str) -> None:
+        self._items = [(n, v.replace(old, new)) for n, v in self._items]
+
     def apply(self, edits: HttpEdits) -> None:
         for name, value in edits.headers:
             if value is None:
@@ -121,8 +124,5 @@ class SecretBook:
             if found_in_target or not placeholder.secret.allowed_for(request.host):
                 misplaced.append(placeholder.secret.name)
                 continue
-            request.headers._items = [
-                (n, v.replace(placeholder.text, placeholder.secret.value))
-                for n, v in request.headers._items
-            ]
+            request.headers.replace_in_values(placeholder.text, placeholder.secret.value)
         return misplaced
