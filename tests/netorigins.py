@@ -7,6 +7,11 @@ else, so nothing sent through it can leave this machine. Its origins:
 - HTTP on 203.0.113.10:80: ``/hello`` (a fixed body) and ``/bytes/N`` (N pseudo-random bytes,
   the same for the same N);
 - a TCP echo on 198.51.100.20:7;
+- HTTPS on 203.0.113.30:443 (``tls.test``) and 203.0.113.31:443 (``other.test``), with a
+  certificate of the test internet's own CA (written to the path given after
+  ``--ca-file``): ``/headers`` answers the request's headers as JSON, ``authorization``
+  as the SHA-256 of its value (so a test can check a secret without the guest seeing it),
+  and for a POST the SHA-256 of the body as ``body``;
 - DNS on 203.0.113.53:53 (``origin.test``, ``echo.test``, ``rebind.test`` -> 10.1.2.3, and
   ``big.test``: an answer too big for UDP) and a second resolver on 198.51.100.53:53 that
   alone answers ``elsewhere.test`` (198.51.100.99).
@@ -17,27 +22,41 @@ It prints ``ready`` once everything listens and runs until stdin closes.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import http.server
+import json
 import os
 import random
 import socketserver
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from dnslib import QTYPE, RCODE, RR, A  # type: ignore[import-untyped]
 from dnslib.server import BaseResolver, DNSLogger, DNSServer  # type: ignore[import-untyped]
 
-ADDRESSES = ("203.0.113.10", "203.0.113.53", "198.51.100.20", "198.51.100.53", "198.51.100.99")
+ADDRESSES = (
+    "203.0.113.10", "203.0.113.30", "203.0.113.31", "203.0.113.53", "198.51.100.20",
+    "198.51.100.53", "198.51.100.99",
+)  # fmt: skip
+HTTPS_NAMES = {"tls.test": "203.0.113.30", "other.test": "203.0.113.31"}
 HELLO = b"hello from the test internet\n"
 MAIN_ZONE = {
     "origin.test": ["203.0.113.10"],
     "echo.test": ["198.51.100.20"],
     "rebind.test": ["10.1.2.3"],
     "big.test": [f"203.0.113.{i}" for i in range(100, 160)],
+    **{name: [ip] for name, ip in HTTPS_NAMES.items()},
 }
 OTHER_ZONE = {"elsewhere.test": ["198.51.100.99"]}
 
@@ -83,6 +102,76 @@ class Origin(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class HeaderEcho(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.do_GET(f"sha256:{hashlib.sha256(body).hexdigest()}")
+
+    def do_GET(self, body_digest: str | None = None) -> None:
+        if self.path.partition("?")[0] != "/headers":
+            self.send_error(404)
+            return
+        seen: dict[str, str] = {} if body_digest is None else {"body": body_digest}
+        for name, value in self.headers.items():
+            if name.lower() == "authorization":
+                value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+            seen[name.lower()] = value
+        body = json.dumps(seen).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def make_test_ca(names: list[str]) -> tuple[bytes, bytes]:
+    """A CA of its own and a server certificate for ``names``: (CA PEM, server chain+key PEM)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test internet CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    server = leaf.public_bytes(pem) + key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), server
+
+
+def https_server(address: tuple[str, int], server_pem: bytes) -> ThreadedHTTP:
+    """A header-echoing HTTPS server presenting ``server_pem`` (certificate chain and key)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(server_pem)
+        f.flush()
+        context.load_cert_chain(f.name)
+    server = ThreadedHTTP(address, HeaderEcho)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server
+
+
 class Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         while data := self.request.recv(65536):
@@ -103,6 +192,10 @@ def main() -> None:
     for ip in ADDRESSES:
         subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"], check=True)
     servers = [ThreadedHTTP(("203.0.113.10", 80), Origin), Threaded(("198.51.100.20", 7), Echo)]
+    ca_pem, server_pem = make_test_ca(list(HTTPS_NAMES))
+    if "--ca-file" in sys.argv:
+        Path(sys.argv[sys.argv.index("--ca-file") + 1]).write_bytes(ca_pem)
+    servers += [https_server((ip, 443), server_pem) for ip in HTTPS_NAMES.values()]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     for address, zone in (("203.0.113.53", MAIN_ZONE), ("198.51.100.53", OTHER_ZONE)):
@@ -114,10 +207,12 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def internet_namespace(cwd: str) -> Iterator[str]:
-    """Run the test internet; yields the path of its network namespace."""
+def internet_namespace(cwd: str, ca_file: str | None = None) -> Iterator[str]:
+    """Run the test internet; yields the path of its network namespace. ``ca_file``: where
+    its HTTPS origins' CA certificate is written."""
+    extra = ["--ca-file", ca_file] if ca_file else []
     proc = subprocess.Popen(
-        ["unshare", "-n", sys.executable, "-m", "tests.netorigins"],
+        ["unshare", "-n", sys.executable, "-m", "tests.netorigins", *extra],
         cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

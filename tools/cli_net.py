@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
 from vm.net import PRESETS, NetworkConfig, NetworkConfigError, parse_allow, parse_publish
+from vm.net.config import parse_secret
 
 NETWORK_HELP = """\
 network (default: none, no network device):
@@ -15,7 +17,12 @@ network (default: none, no network device):
   nothing else (other UDP, ICMP, IPv6) gets out. --allow rules come first, in order, then
   --policy, then the preset. Denied connections are reset; denied DNS queries are refused.
   lanekit vm run --image shell --allow example.com:80 -- wget -qO- http://example.com/
-  lanekit vm run --image shell --net public-only -- wget http://example.com/"""
+  lanekit vm run --image shell --net public-only -- wget http://example.com/
+  HTTPS to a --secret's hosts is intercepted: the guest trusts a CA of this sandbox (its
+  key stays here), its $ENV holds a placeholder, and the real value is put in the request
+  headers on this host, only for those hosts:
+  lanekit vm run --image python --allow api.example.com:443 \
+      --secret API_TOKEN@api.example.com -- python3 client.py"""
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +55,16 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
         "implies --net deny unless --net is given",
     )  # fmt: skip
     group.add_argument(
+        "--secret", action="append", metavar="ENV=VALUE@HOST[,HOST]",
+        help="the guest's $ENV holds a placeholder; in HTTPS requests to HOST (intercepted) "
+        "the proxy puts VALUE in its place in the headers, and refuses requests carrying it "
+        "anywhere else; ENV@HOST takes VALUE from this process's $ENV; repeatable",
+    )  # fmt: skip
+    group.add_argument(
+        "--upstream-ca", metavar="FILE",
+        help="also trust this PEM bundle for the real servers of intercepted HTTPS",
+    )  # fmt: skip
+    group.add_argument(
         "--egress-netns", metavar="PATH",
         help="make upstream connections from this network namespace (/run/netns/NAME, "
         "/proc/PID/ns/net); default: this process's",
@@ -75,16 +92,22 @@ def network_from_args(args: argparse.Namespace) -> NetworkConfig:
     rules = tuple(parse_allow(spec) for spec in args.allow or ())
     callback = load_policy(args.policy) if args.policy else None
     publish = tuple(parse_publish(spec) for spec in args.publish or ())
+    secrets = tuple(parse_secret(spec, os.environ) for spec in args.secret or ())
     preset = args.net or ("deny" if rules or callback or publish else "none")
-    if preset == "none" and (args.dns or args.egress_netns or args.net_log):
+    if preset == "none" and (
+        args.dns or args.egress_netns or args.net_log or secrets or args.upstream_ca
+    ):
         raise NetworkConfigError(
-            "--dns, --egress-netns and --net-log need a network: give --net or --allow"
+            "--dns, --egress-netns, --net-log, --secret and --upstream-ca need a network: "
+            "give --net or --allow"
         )
     return NetworkConfig(
         preset=preset,
         rules=rules,
         dns=tuple(args.dns or ()),
         publish=publish,
+        secrets=secrets,
+        upstream_ca_file=args.upstream_ca,
         egress_netns=args.egress_netns,
         log_path=args.net_log,
         callback=callback,

@@ -409,6 +409,8 @@ class Sandbox:
             await _wait_for_socket(runtime / "qmp.sock", qemu, "qemu", runtime / "qemu.log")
             await self.qemu_started(machine)
             await self._wait_for_agent(machine)
+            if network is not None:
+                await network.prepare_guest(machine.fs, machine.exit_code_of)
             if self.patches:
                 await apply_patches(await machine.session(), self.patches)
             yield machine

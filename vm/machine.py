@@ -187,6 +187,8 @@ class AgentMachine:
         if not where.startswith("/"):
             raise VMError(f"cwd {where!r} must be an absolute guest path")
         session = await self.session()
+        if self.network is not None:  # the sandbox CA, the secrets' placeholders
+            env = {**self.network.guest_env(), **(env or {})}
         return await session.spawn(
             list(argv), env=command_environment(env, tty), cwd=where, user=user, tty=tty,
             rows=rows, cols=cols, stdin=stdin, timeout=timeout,
@@ -220,6 +222,10 @@ class AgentMachine:
         if exit_event.timed_out:
             raise ExecTimeout(f"{argv[0]} ran past its {timeout} s timeout and was killed", result)
         return result
+
+    async def exit_code_of(self, argv: list[str]) -> int:
+        """Run a set-up command (before the sandbox is handed out) for its exit code."""
+        return (await self._run(argv, None, None, None, 120, None)).exit_code
 
     async def exec(
         self,

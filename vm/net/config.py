@@ -89,6 +89,9 @@ class Rule:
     destination: str = "*"
     protocol: str | None = None
     ports: str | None = None
+    http: Mapping[str, Any] | None = None
+    """Intercept HTTPS to this name: ``{"headers": {NAME: VALUE or None (remove)}}`` are
+    set on every request on its way upstream (see :class:`HttpEdits`)."""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -108,6 +111,18 @@ class Rule:
         else:
             dest = normalise_hostname(dest, "rule destination")
         object.__setattr__(self, "destination", dest)
+        if self.http is not None:
+            object.__setattr__(self, "http", HttpEdits.from_dict(self.http).to_dict())
+            if self.action != "allow" or self.kind not in ("domain", "suffix"):
+                raise NetworkConfigError(
+                    f"rule {self.describe()}: http= needs an allow rule for a name or a suffix"
+                )
+            if self.protocol == "dns":
+                raise NetworkConfigError(f"rule {self.describe()}: http= is for TCP, not DNS")
+
+    @property
+    def http_edits(self) -> HttpEdits | None:
+        return None if self.http is None else HttpEdits.from_dict(self.http)
 
     @property
     def kind(self) -> str:
@@ -127,6 +142,8 @@ class Rule:
             parts.append(self.protocol)
         if self.ports:
             parts.append(f"port {self.ports}")
+        if self.http is not None:
+            parts.append("http")
         return " ".join(parts)
 
     def matches_flow(self, ip: str, port: int, hostnames: Iterable[str]) -> bool:
@@ -170,6 +187,75 @@ class Rule:
         if self.kind in ("domain", "suffix"):
             return host_matches(self.destination, name)
         return self.protocol != "dns" and self._matches_address(ip)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def check_header(name: str, value: str | None) -> None:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise NetworkConfigError(f"HTTP header name {name!r} is not a valid token")
+    if value is not None and (not isinstance(value, str) or any(c in value for c in "\r\n\0")):
+        raise NetworkConfigError(f"HTTP header {name}: the value must be one line of text")
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpEdits:
+    """Header edits for intercepted requests: set each name to its value (replacing what
+    the guest sent), or remove it where the value is ``None``."""
+
+    headers: tuple[tuple[str, str | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, value in self.headers:
+            check_header(name, value)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HttpEdits:
+        if not isinstance(data, Mapping) or set(data) - {"headers"}:
+            raise NetworkConfigError('http= takes {"headers": {NAME: VALUE or None}}')
+        headers = data.get("headers") or {}
+        if not isinstance(headers, Mapping):
+            raise NetworkConfigError('http= takes {"headers": {NAME: VALUE or None}}')
+        return cls(tuple((str(k), v) for k, v in headers.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"headers": dict(self.headers)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Secret:
+    """A credential the guest never sees (after microsandbox's ``Secret.env``): the guest's
+    environment variable ``name`` holds a placeholder, and the proxy puts ``value`` in its
+    place in the headers of intercepted HTTPS requests to ``hosts`` (names, ``.suffix``
+    for the names under one), nowhere else."""
+
+    name: str
+    value: str
+    hosts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name or ""):
+            raise NetworkConfigError(f"secret {self.name!r}: give an environment variable name")
+        if not isinstance(self.value, str) or not self.value:
+            raise NetworkConfigError(f"secret {self.name}: the value must be a non-empty string")
+        check_header("secret", self.value)
+        hosts = (self.hosts,) if isinstance(self.hosts, str) else tuple(self.hosts)
+        if not hosts:
+            raise NetworkConfigError(f"secret {self.name}: name the hosts it is for")
+        normal = tuple(
+            "." + normalise_hostname(h[1:], "secret host")
+            if h.startswith(".")
+            else normalise_hostname(h, "secret host")
+            for h in hosts
+        )
+        object.__setattr__(self, "hosts", normal)
+
+    def allowed_for(self, host: str) -> bool:
+        return any(host_matches(pattern, host) for pattern in self.hosts)
+
+    def __repr__(self) -> str:
+        return f"Secret({self.name!r}, hosts={self.hosts!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +302,10 @@ class NetworkConfig:
     :class:`Publish` values). ``egress_netns``: the network namespace upstream
     connections are made from (a path like ``/run/netns/NAME``; default: the launcher's).
     ``log_path``: a JSON-lines audit log. ``max_connections``: concurrent TCP flows; more are
-    refused. ``callback_timeout``: seconds the callback may take before the flow is denied."""
+    refused. ``callback_timeout``: seconds the callback may take before the flow is denied.
+    ``secrets``: :class:`Secret` s (HTTPS to their hosts is intercepted to substitute them).
+    ``upstream_ca_file``: a PEM bundle trusted, besides the host's store, for the real
+    servers of intercepted HTTPS."""
 
     preset: str = "none"
     rules: tuple[Rule, ...] = ()
@@ -226,6 +315,8 @@ class NetworkConfig:
     dns_rebind_protection: bool | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     publish: tuple[Publish, ...] = ()
+    secrets: tuple[Secret, ...] = ()
+    upstream_ca_file: str | None = None
     egress_netns: str | None = None
     log_path: str | None = None
     callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
@@ -247,14 +338,18 @@ class NetworkConfig:
         if len({(p.address, p.host_port) for p in publish}) != len(publish):
             raise NetworkConfigError("a host port is published twice")
         object.__setattr__(self, "publish", publish)
+        secrets = tuple(s if isinstance(s, Secret) else Secret(**s) for s in self.secrets)
+        if len({s.name for s in secrets}) != len(secrets):
+            raise NetworkConfigError("two secrets have the same name")
+        object.__setattr__(self, "secrets", secrets)
         if not isinstance(self.max_connections, int) or not 1 <= self.max_connections <= 65536:
             raise NetworkConfigError("max_connections must be between 1 and 65536")
         if not self.callback_timeout > 0:
             raise NetworkConfigError("callback_timeout must be a positive number of seconds")
-        if self.preset == "none" and (self.rules or self.callback or self.publish):
+        if self.preset == "none" and (self.rules or self.callback or self.publish or self.secrets):
             raise NetworkConfigError(
-                "network preset none has no network device: rules, a policy and published "
-                "ports need another preset (deny, public-only, allow-all)"
+                "network preset none has no network device: rules, a policy, secrets and "
+                "published ports need another preset (deny, public-only, allow-all)"
             )
 
     @property
@@ -281,6 +376,11 @@ class NetworkConfig:
             rules.append((Rule("allow", "*"), "public-only: public internet"))
         return tuple(rules)
 
+    @property
+    def may_intercept(self) -> bool:
+        """Whether some flow may be intercepted (then the guest must trust the sandbox CA)."""
+        return bool(self.secrets or self.callback or any(r.http is not None for r in self.rules))
+
     def is_blocked(self, name: str) -> bool:
         return name in self.block_domains or any(
             host_matches("." + suffix, name) for suffix in self.block_domain_suffixes
@@ -299,7 +399,8 @@ class NetworkConfig:
         if unknown:
             raise NetworkConfigError(f"unknown network settings: {', '.join(sorted(unknown))}")
         values = dict(data)
-        for key in ("rules", "dns", "block_domains", "block_domain_suffixes", "publish"):
+        for key in ("rules", "dns", "block_domains", "block_domain_suffixes", "publish",
+                    "secrets"):  # fmt: skip
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -333,6 +434,23 @@ def parse_publish(spec: str) -> Publish:
     except ValueError:
         pass
     raise NetworkConfigError(f"--publish {spec!r}: use [ADDRESS:]HOSTPORT:GUESTPORT (8080:80)")
+
+
+def parse_secret(spec: str, environ: Mapping[str, str]) -> Secret:
+    """``ENV=VALUE@HOST[,HOST]``, or ``ENV@HOST[,HOST]`` for the value of this process's
+    ``$ENV`` (so the value need not be on a command line)."""
+    binding, sep, hosts = spec.rpartition("@")
+    name, has_value, value = binding.partition("=")
+    if not sep or not name or not hosts:
+        raise NetworkConfigError(f"--secret {spec.split('=')[0]}...: use ENV=VALUE@HOST[,HOST]")
+    if not has_value:
+        if name not in environ:
+            raise NetworkConfigError(f"--secret {name}@{hosts}: ${name} is not set here")
+        value = environ[name]
+    try:
+        return Secret(name, value, tuple(h for h in hosts.split(",") if h))
+    except NetworkConfigError as exc:
+        raise NetworkConfigError(f"--secret {name}: {exc}") from None
 
 
 def as_config(network: NetworkConfig | str | None) -> NetworkConfig:

@@ -27,11 +27,15 @@ from .audit import Audit, AuditStream
 from .config import NetworkConfig
 from .dns import DnsService
 from .errors import NetworkSetupError
+from .guest_trust import GuestFiles, GuestRunner, install_ca, trust_env
+from .http import HttpInterceptor
 from .namespace import Egress, SandboxNamespace
 from .pins import Pins
 from .policy import Decider
 from .ports import FORWARD_MARK, PublishedPort, free_ports
 from .proxy import RedirectedFlows, TcpProxy
+from .request import SecretBook
+from .tls import SandboxCA, upstream_context
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +100,29 @@ class Network:
         namespace: SandboxNamespace,
         audit: Audit,
         ports: list[PublishedPort],
+        ca: SandboxCA | None,
+        secrets: SecretBook,
     ) -> None:
         self.config = config
         self._namespace = namespace
         self._audit = audit
         self._ports = ports
         self.pins = Pins()
+        self.ca = ca
+        """The sandbox's CA, if HTTPS may be intercepted (its key stays in this process)."""
+        self._secrets = secrets
+
+    def guest_env(self) -> dict[str, str]:
+        """Environment for every command: the secrets' placeholders, and where the CA is."""
+        env = trust_env() if self.ca is not None else {}
+        env.update(self._secrets.guest_env())
+        return env
+
+    async def prepare_guest(self, fs: GuestFiles, run: GuestRunner) -> None:
+        """Once the agent answers: make the guest trust the sandbox CA (fails the boot if
+        it cannot, so no intercepted flow meets an untrusting guest unexplained)."""
+        if self.ca is not None:
+            await install_ca(fs, run, self.ca.certificate_pem)
 
     @property
     def namespace_inode(self) -> int:
@@ -163,11 +184,24 @@ async def open_network(
         for port in ports:
             await port.listen()
             stack.callback(port.close)
-        network = Network(config, namespace, audit, ports)
+        ca = await trio.to_thread.run_sync(SandboxCA) if config.may_intercept else None
+        secrets = SecretBook(config.secrets)
+        network = Network(config, namespace, audit, ports, ca, secrets)
         decider = Decider(config)
         resolvers = config.dns or host_resolvers()
         dns = DnsService(decider, network.pins, audit, egress, resolvers, GUEST_ADDRESS, GUEST_DNS)
-        proxy = TcpProxy(decider, network.pins, audit, egress)
+        interceptor = None
+        if ca is not None:
+            try:
+                upstream = await trio.to_thread.run_sync(upstream_context, config.upstream_ca_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise NetworkSetupError(
+                    f"upstream CA file {config.upstream_ca_file}: {exc}"
+                ) from None
+            interceptor = HttpInterceptor(
+                ca, upstream, egress, audit, secrets, config.callback_timeout
+            )
+        proxy = TcpProxy(decider, network.pins, audit, egress, interceptor)
         flows = RedirectedFlows(listener, GUEST_ADDRESS)
 
         written = trio.Event()

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from .addresses import Endpoint
-from .config import NetworkConfig, parse_ports, resolver_address
+from .config import HttpEdits, NetworkConfig, host_matches, parse_ports, resolver_address
 from .errors import NetworkConfigError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,25 @@ class DnsGrant:
     allow_private: bool = False
 
 
-Grant = RawGrant | DnsGrant
+RequestHook = Callable[[Any], Awaitable[None] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpGrant:
+    """The flow is HTTPS to ``names`` (patterns: a name, or ``.suffix``), intercepted: TLS
+    ends here with a leaf of the sandbox's CA, each request's Host must equal the SNI and
+    the SNI a name pinned to the address; ``edits`` and then ``on_request(request)`` change
+    the request on its way upstream (see :class:`vm.net.HttpRequest`)."""
+
+    names: tuple[str, ...]
+    edits: HttpEdits = dataclasses.field(default_factory=HttpEdits)
+    on_request: RequestHook | None = dataclasses.field(default=None, compare=False)
+    raw_fallback: bool = False
+    """A flow that turns out not to be TLS goes through raw (set where the interception is
+    only for secrets: other protocols to a secret's host keep working, unseen)."""
+
+
+Grant = RawGrant | DnsGrant | HttpGrant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +102,25 @@ class DnsMatch(_Match):
 class TcpMatch(_Match):
     def accept(self) -> Grant:
         return self._conn.accept()
+
+
+class HttpMatch(_Match):
+    def __init__(self, conn: Connection, names: tuple[str, ...]) -> None:
+        super().__init__(conn)
+        self._names = names
+
+    def accept(
+        self,
+        on_request: RequestHook | None = None,
+        *,
+        headers: dict[str, str | None] | None = None,
+    ) -> HttpGrant:
+        """Intercept the flow: ``headers`` are set (``None``: removed) on every request,
+        then ``on_request(request)`` (sync or async) may change or deny it."""
+        edits = HttpEdits(tuple((headers or {}).items()))
+        grant = HttpGrant(self._names, edits, on_request)
+        self._conn._grant(grant)
+        return grant
 
 
 def _resolver(spec: str) -> str:
@@ -171,6 +208,18 @@ class Connection:
             return None
         return TcpMatch(self)
 
+    def match_http(self, host: str | Callable[[str], bool]) -> HttpMatch | None:
+        """A TCP flow to an address this sandbox's DNS answered for ``host`` (a name, a
+        ``.suffix``, or a predicate on the pinned names)? ``accept()`` intercepts it."""
+        if self.dns is not None:
+            return None
+        if callable(host):
+            names = tuple(n for n in self.hostnames if host(n))
+        else:
+            pattern = host.strip().lower().removesuffix(".")
+            names = tuple(n for n in self.hostnames if host_matches(pattern, n))
+        return HttpMatch(self, names) if names else None
+
     def _seal(self) -> tuple[Grant | None, str | None]:
         with self._lock:
             self._sealed = True
@@ -206,13 +255,32 @@ class Decider:
         self._limiter = trio.CapacityLimiter(16)
 
     async def decide_flow(self, conn: Connection) -> Decision:
+        decision = await self._decide_flow(conn)
+        if isinstance(decision.grant, RawGrant):
+            # A flow to a secret's host is intercepted, so the secret can be put in.
+            names = tuple(
+                n for n in conn.hostnames if any(s.allowed_for(n) for s in self.config.secrets)
+            )
+            if names:
+                grant = HttpGrant(names, raw_fallback=True)
+                return Decision(grant, f"{decision.reason}; secrets")
+        return decision
+
+    async def _decide_flow(self, conn: Connection) -> Decision:
         for rule, where in self.rules:
             if rule.matches_flow(conn.dst.ip, conn.dst.port, conn.hostnames):
-                if rule.action == "allow":
+                if rule.action == "deny":
+                    return Decision(None, where)
+                edits = rule.http_edits
+                if edits is None:
                     return Decision(RawGrant(), where)
-                return Decision(None, where)
+                names = tuple(n for n in conn.hostnames if host_matches(rule.destination, n))
+                return Decision(HttpGrant(names, edits), where)
         if self.config.callback is not None:
-            return await self._ask(conn)
+            decision = await self._ask(conn)
+            if isinstance(decision.grant, DnsGrant):
+                return Decision(None, "the policy granted a TCP flow DNS")
+            return decision
         if self.config.default_action == "allow":
             return Decision(RawGrant(), "allow-all")
         return Decision(None, f"not allowed (preset {self.config.preset}, no rule matched)")

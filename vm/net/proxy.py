@@ -23,7 +23,7 @@ from .addresses import Endpoint
 from .audit import Audit
 from .namespace import Egress
 from .pins import Pins
-from .policy import Connection, Decider, RawGrant
+from .policy import Connection, Decider, HttpGrant, RawGrant
 
 SO_ORIGINAL_DST = 80
 CONNECT_TIMEOUT = 10.0
@@ -77,12 +77,26 @@ class RedirectedFlows:
                 nursery.start_soon(handler, Flow(trio.SocketStream(sock), self._guest, dst))
 
 
+class Interceptor(Protocol):
+    async def handle(self, flow: Flow, grant: HttpGrant, reason: str) -> bool:
+        """Serve an intercepted flow to its end (auditing each request); False, having
+        read nothing, if it is to go through raw instead."""
+
+
 class TcpProxy:
-    def __init__(self, decider: Decider, pins: Pins, audit: Audit, egress: Egress) -> None:
+    def __init__(
+        self,
+        decider: Decider,
+        pins: Pins,
+        audit: Audit,
+        egress: Egress,
+        interceptor: Interceptor | None = None,
+    ) -> None:
         self._decider = decider
         self._pins = pins
         self._audit = audit
         self._egress = egress
+        self._interceptor = interceptor
         self._slots = trio.Semaphore(decider.config.max_connections)
 
     async def handle(self, flow: Flow) -> None:
@@ -98,7 +112,14 @@ class TcpProxy:
         try:
             conn = Connection("tcp", flow.src, flow.dst, hostnames)
             decision = await self._decider.decide_flow(conn)
-            if not isinstance(decision.grant, RawGrant):
+            if isinstance(decision.grant, HttpGrant):
+                if self._interceptor is None:  # cannot happen: the config says it may
+                    flow.refuse()
+                    self._audit.record("tcp", src, dst, hostname, "deny", "no interception")
+                    return
+                if await self._interceptor.handle(flow, decision.grant, decision.reason):
+                    return
+            elif not isinstance(decision.grant, RawGrant):
                 flow.refuse()
                 self._audit.record("tcp", src, dst, hostname, "deny", decision.reason)
                 return
