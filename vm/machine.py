@@ -110,6 +110,9 @@ class AgentMachine:
         self._connect_timeout = connect_timeout
         self._agent: AgentSession | None = None
         self._connect_lock = trio.Lock()
+        self.network: Network | None = None
+        """The sandbox's network (``network.watch()``: its audit events live), if it has one
+        and it runs in this process."""
 
     def _check_running(self) -> None:
         """Raise if the guest is known to be gone."""
@@ -303,8 +306,6 @@ class Machine(AgentMachine):
         self.fenced = False
         """Another writer took the root disk over (the guest was stopped then)."""
         self.accel = "tcg"
-        self.network: Network | None = None
-        """The sandbox's network (``network.watch()``: its audit events live), if it has one."""
 
     @property
     def console_log(self) -> Path:
