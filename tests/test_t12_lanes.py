@@ -344,3 +344,38 @@ def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None
     stopped = b.lanekit("lane", "stop", "napper")
     assert stopped.returncode == 0, stopped.stderr
     assert b.lanekit("lane", "rm", "napper").returncode == 0
+
+
+def test_a_lane_keeps_its_network(two_hosts: tuple[Host, Host, str, str]) -> None:
+    """A lane's network rules are stored with it and applied at every start: the allowed
+    origin answers, everything else is refused; what cannot be stored is refused at create."""
+    from tests.netorigins import HELLO, internet_namespace
+
+    a, _, store, endpoint = two_hosts
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    for flag, why in (("--policy=os:getcwd", b"not a Python policy"),
+                      ("--secret=TOKEN=x@origin.test --net=deny", b"secrets are not")):  # fmt: skip
+        refused = a.lanekit("lane", "create", "leaky", "--image", "shell", *flag.split(), *s3)
+        assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+        assert b"Traceback" not in refused.stderr
+    with internet_namespace(str(Path(__file__).resolve().parent.parent)) as internet:
+        made = a.lanekit(
+            "lane", "create", "netted", "--image", "shell", "--memory", "256",
+            "--allow", "origin.test:80", "--dns", "203.0.113.53", "--egress-netns", internet,
+            *s3,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        try:
+            started = a.lanekit("lane", "start", "netted")
+            assert started.returncode == 0, started.stderr
+            got = a.lanekit(
+                "lane", "exec", "netted", "--", "wget", "-qO-", "http://origin.test/hello"
+            )
+            assert (got.returncode, got.stdout) == (0, HELLO), got.stderr
+            other = a.lanekit(
+                "lane", "exec", "netted", "--", "wget", "-qO-", "http://198.51.100.20:7/"
+            )
+            assert other.returncode != 0 and other.stdout == b"", other
+        finally:
+            a.lanekit("lane", "stop", "netted")
+        assert a.lanekit("lane", "rm", "netted").returncode == 0

@@ -13,6 +13,7 @@ import blockstore
 from vm import volumes as V
 from vm.lanes import Lane, LaneStatus, LaneVolume
 
+from .cli_net import add_network_arguments, network_from_args
 from .cli_vm import add_command_arguments, command_options
 from .config import parse_size
 from .vmrun import run_in_machine
@@ -64,7 +65,7 @@ def cmd_lane_create(args: argparse.Namespace) -> int:
         args.name, args.image, store=args.store, s3_endpoint=args.s3_endpoint,
         cpus=args.cpus, memory_mib=args.memory,
         disk_size=parse_size(args.disk_size) if args.disk_size else None, labels=labels,
-        volumes=volumes,
+        volumes=volumes, network=network_from_args(args),
     )  # fmt: skip
     print(f"lane {lane.name} created in {lane.store} (image {lane.definition.image.id})")
     return 0
@@ -136,6 +137,7 @@ def add_parsers(sub: Any) -> None:
         "--volume", action="append", metavar="NAME:GUEST_PATH[:ro]",
         help="a volume of the lane's store, mounted at every start; repeatable",
     )  # fmt: skip
+    add_network_arguments(c)
     c.set_defaults(func=cmd_lane_create)
 
     c = lanes.add_parser("ls", help="lanes this host knows (or a store's), read from the store")

@@ -29,6 +29,7 @@ from blockstore import ObjectStore
 from blockstore.identity import process_identity
 
 from ..machine import AgentMachine
+from ..net import NetworkConfig
 from ..registry import ImageEntry
 from ..state import lanekit_home, state_paths
 from ..volumes import check_guest_path, delete_disk, read_volume
@@ -118,15 +119,18 @@ class Lane:
         memory_mib: int = 512,
         disk_size: int | None = None,
         labels: Mapping[str, str] | None = None,
-        network: Mapping[str, Any] | None = None,
+        network: NetworkConfig | Mapping[str, Any] | None = None,
         volumes: Sequence[LaneVolume] = (),
         home: Path | None = None,
     ) -> Lane:
         """A new lane on an image built here (its digest goes into the definition; the
         image itself is copied into the store at the first start). ``volumes`` must exist
-        in the lane's store (:func:`vm.volumes.create_volume`)."""
+        in the lane's store (:func:`vm.volumes.create_volume`). ``network`` is stored with
+        the definition, so it is plain data: rules and presets, no Python callback and no
+        secrets (their values would sit in the store)."""
         home = home or lanekit_home()
         check_lane_name(name)
+        network = _storable_network(network)
         entry = image if isinstance(image, ImageEntry) else state_paths(home)[0].lookup(image)
         if entry.digest is None:
             raise LaneError(f"image {entry.id!r} is not built here: `lanekit image build`")
@@ -370,3 +374,20 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _storable_network(network: NetworkConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The network as the definition stores it (checked by making it a config first)."""
+    if network is None:
+        return {}
+    config = network if isinstance(network, NetworkConfig) else NetworkConfig.from_dict(network)
+    if config.callback is not None:
+        raise LaneError(
+            "a lane's network is stored with it: use rules (--allow), not a Python policy"
+        )
+    if config.secrets:
+        raise LaneError(
+            "a lane's network is stored in its store, and secrets are not: give them to "
+            "sandboxes you boot yourself (Sandbox(network=...)), not to a lane"
+        )
+    return config.to_dict() if config.enabled else {}

@@ -35,6 +35,7 @@ from blockstore.identity import process_identity
 
 from ..launcher import Sandbox
 from ..machine import Machine
+from ..net import NetworkConfig
 from ..snapshot import load_memory, save_memory
 from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
@@ -228,6 +229,7 @@ async def supervise(
                 definition.image, cpus=definition.cpus, memory_mib=definition.memory_mib,
                 disk=(objects, root_disk_name(name)), disk_size=definition.disk_size,
                 home=home, s3_endpoint=s3_endpoint, notice=say,
+                network=NetworkConfig.from_dict(definition.network) if definition.network else None,
                 volumes=[
                     VolumeAttachment(v.path, (objects, disk_name(v.name)), v.read_only, v.name)
                     for v in definition.volumes
