@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 import trio
 
 import blockstore
+from blockstore.lease import Lease
 from vm.lanes import Lane, LaneError
 from vm.lanes.definition import root_disk_name, runner
 from vm.launcher import Sandbox
@@ -190,6 +192,8 @@ def test_a_lane_runs_detached_stops_and_moves_to_another_host(
     assert stopped.returncode == 0 and b"stopped" in stopped.stdout, stopped.stderr
     wait_gone([supervisor_a, *qemu_a])
     assert not (run / "agent.sock").exists() and not (run / "control.sock").exists()
+    seen = json.loads(a.lanekit("lane", "ls", "--json").stdout)
+    assert [(s["state"], s["reason"]) for s in seen] == [("stopped", "stop requested")]
     objects = blockstore.open_store(store, s3_endpoint=endpoint)
     assert runner(objects, "journey") is None
     not_running = a.lanekit("lane", "exec", "journey", "--", "true")
@@ -211,7 +215,8 @@ def test_a_lane_runs_detached_stops_and_moves_to_another_host(
     os.kill(supervisor_b, signal.SIGKILL)
     wait_gone(qemu_b)
     seen = json.loads(b.lanekit("lane", "ls", "--json").stdout)
-    assert [s["state"] for s in seen] == ["stopped"]
+    assert [s["state"] for s in seen] == ["crashed"]  # its lease was never released
+    assert "died" in seen[0]["reason"] and seen[0]["pid"] == supervisor_b
     assert not (b.home / "lanes" / "journey" / "agent.sock").exists()
     restarted = b.lanekit("lane", "start", "journey")
     assert restarted.returncode == 0, restarted.stderr
@@ -247,7 +252,12 @@ def test_lane_errors_are_one_line(two_hosts: tuple[Host, Host, str, str]) -> Non
     a, b, store, endpoint = two_hosts
     s3 = ("--store", store, "--s3-endpoint", endpoint)
     for host, args, message in (
-        (b, ("lane", "start", "nowhere"), b"give its --store"),
+        (b, ("lane", "start", "nowhere"), b"give its --store (or set LANEKIT_STORE)"),
+        (b, ("lane", "create", "x", "--image", "shell"), b"give --store URL or set LANEKIT_STORE"),
+        (b, ("volume", "ls"), b"give --store URL or set LANEKIT_STORE"),
+        (a, ("lane", "create", "x", "--image", "shell", "--max-duration", "0", *s3), b"0"),
+        (a, ("lane", "create", "x", "--image", "shell", "--max-duration", "5y", *s3), b"5y"),
+        (b, ("lane", "logs", "nowhere", *s3), b"no lane named"),
         (b, ("lane", "start", "nowhere", *s3), b"no lane named 'nowhere'"),
         (a, ("lane", "create", "x", "--image", "no-such-image", *s3), b"no-such-image"),
         (a, ("lane", "create", "bad/name", "--image", "shell", *s3), b"invalid lane name"),
@@ -259,7 +269,32 @@ def test_lane_errors_are_one_line(two_hosts: tuple[Host, Host, str, str]) -> Non
 
     # Never started on A, so its image was never copied into the store: B cannot boot it,
     # and says why (with the supervisor's log) instead of hanging.
-    assert a.lanekit("lane", "create", "unborn", "--image", "shell", *s3).returncode == 0
+    made = a.lanekit(
+        "lane", "create", "unborn", "--image", "shell", "--label", "team=red", "--label", "k=1",
+        *s3,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert a.lanekit("lane", "create", "other", "--image", "shell", *s3).returncode == 0
+    # B has never seen either lane: LANEKIT_STORE is its --store.
+    b_env = Host(b.home, {**b.env, "LANEKIT_STORE": store})
+    listed = b_env.lanekit("lane", "ls")
+    rows = [line.split("\t") for line in listed.stdout.decode().splitlines()]
+    assert rows[0] == ["NAME", "STATUS", "HOST", "PID", "SINCE", "IMAGE", "STORE"], rows
+    assert [(r[0], r[1], r[5], r[6]) for r in rows[1:]] == [
+        ("other", "created", "shell", store), ("unborn", "created", "shell", store)
+    ]  # fmt: skip
+    for labels, names in (((), ["other", "unborn"]), (("team=red",), ["unborn"]),
+                          (("team=red", "k=1"), ["unborn"]), (("team=red", "k=2"), []),
+                          (("team=blue",), [])):  # fmt: skip
+        args = [x for label in labels for x in ("--label", label)]
+        seen = json.loads(b_env.lanekit("lane", "ls", "--json", *args).stdout)
+        assert [s["name"] for s in seen] == names, labels
+    info = json.loads(b_env.lanekit("lane", "info", "unborn").stdout)
+    assert info["definition"]["labels"] == {"team": "red", "k": "1"}
+    assert (info["status"]["state"], info["lease"], info["paused"]) == ("created", None, None)
+    no_logs = b_env.lanekit("lane", "logs", "unborn")
+    assert no_logs.returncode == 1 and b"never ran here" in no_logs.stderr
+    assert a.lanekit("lane", "rm", "other").returncode == 0
     failed = b.lanekit("lane", "start", "unborn", *s3)
     assert failed.returncode == 1 and b"did not start" in failed.stderr, failed.stderr
     assert b"not on this host" in failed.stderr or b"not built" in failed.stderr, failed.stderr
@@ -317,6 +352,9 @@ def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None
         "paused"
     ]
     assert b.lanekit("lane", "pause", "napper", *s3).returncode == 1  # not running
+    info = json.loads(b.lanekit("lane", "info", "napper").stdout)
+    assert info["status"]["state"] == "paused" and info["paused"]["chunks"] > 0
+    assert info["lease"]["state"] == "released" and info["paused"]["id"]
 
     objects = blockstore.open_store(store, s3_endpoint=endpoint)
     chunk = sorted(i.key for i in objects.list("lanes/napper/memory/"))[0]
@@ -379,3 +417,154 @@ def test_a_lane_keeps_its_network(two_hosts: tuple[Host, Host, str, str]) -> Non
         finally:
             a.lanekit("lane", "stop", "netted")
         assert a.lanekit("lane", "rm", "netted").returncode == 0
+
+
+def race_for(lease: Lease, outcomes: list[str], i: int) -> None:
+    try:
+        lease.acquire(0)
+        outcomes[i] = "won"
+    except blockstore.LeaseHeld as exc:
+        outcomes[i] = str(exc)
+
+
+def test_force_takeover_fencing_a_start_race_and_max_duration(
+    two_hosts: tuple[Host, Host, str, str],
+) -> None:
+    """kill -9 on A, B takes over with --force and sees A's synced writes; a cut-off B
+    (SIGSTOP) is taken over by A with --force and, woken, is fenced and stops; two hosts
+    starting a lane at once: one wins, the other fails at the lease before booting; a
+    lane with a max duration stops itself, and says so."""
+    a, b, store, endpoint = two_hosts
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    assert a.lanekit("volume", "create", "scratch", "--size", "32M", *s3).returncode == 0
+    made = a.lanekit(
+        "lane", "create", "mover", "--image", "shell", "--memory", "256",
+        "--volume", "scratch:/scratch", "--label", "team=blue", *s3,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert a.lanekit("lane", "start", "mover").returncode == 0
+    wrote = a.lanekit(
+        "lane",
+        "exec",
+        "mover",
+        "--",
+        "sh",
+        "-c",
+        "echo a1 > /root/note; echo s1 > /scratch/x; sync",
+    )
+    assert wrote.returncode == 0, wrote.stderr
+    supervisor_a = a.supervisor("mover")
+    info = json.loads(a.lanekit("lane", "info", "mover").stdout)
+    assert info["status"]["state"] == "running" and info["status"]["here"]
+    assert info["lease"]["holder"]["pid"] == supervisor_a and info["lease"]["epoch"] >= 1
+    assert info["definition"]["labels"] == {"team": "blue"} and info["paused"] is None
+    assert [(v["name"], v["path"], v["writer"]["pid"]) for v in info["volumes"]] == [
+        ("scratch", "/scratch", supervisor_a)
+    ]
+    logs = a.lanekit("lane", "logs", "mover")
+    assert b"==> supervisor" in logs.stdout and b"lane mover is running" in logs.stdout
+    assert b"==> console" in logs.stdout, logs.stdout[-2000:]
+    row = a.lanekit("lane", "ls").stdout.decode().splitlines()[1].split("\t")
+    assert row[:4] == ["mover", "running", f"{info['lease']['holder']['host']} (here)",
+                       str(supervisor_a)] and row[5:] == ["shell", store]  # fmt: skip
+
+    # kill -9 of A's supervisor: crashed; B takes over at once, with A's synced writes.
+    qemu_a = children_of(supervisor_a)
+    os.kill(supervisor_a, signal.SIGKILL)
+    wait_gone([supervisor_a, *qemu_a])
+    assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json", *s3).stdout)] == [
+        "crashed"
+    ]
+    taken = b.lanekit("lane", "start", "mover", "--force", *s3)
+    assert taken.returncode == 0 and b"running (here" in taken.stdout, taken.stderr
+    seen = b.lanekit(
+        "lane", "exec", "mover", "--", "sh", "-c",
+        "cat /root/note /scratch/x; echo b1 > /root/note; echo s2 > /scratch/x; sync",
+    )  # fmt: skip
+    assert seen.stdout == b"a1\ns1\n", seen.stderr
+
+    # B cut off (SIGSTOP): its lease is live, so A needs --force; woken, B is fenced.
+    supervisor_b = b.supervisor("mover")
+    qemu_b = children_of(supervisor_b)
+    os.kill(supervisor_b, signal.SIGSTOP)
+    try:
+        refused = a.lanekit("lane", "start", "mover")
+        assert refused.returncode == 1 and b"take it over with --force" in refused.stderr
+        forced = a.lanekit("lane", "start", "mover", "--force")
+        assert forced.returncode == 0, forced.stderr
+    finally:
+        os.kill(supervisor_b, signal.SIGCONT)
+    wait_gone([supervisor_b, *qemu_b], timeout=90)
+    log_b = (b.home / "lanes" / "mover" / "supervisor.log").read_text()
+    assert "fenced" in log_b and "never commits again" in log_b, log_b[-2000:]
+    supervisor_a = a.supervisor("mover")
+    seen = json.loads(b.lanekit("lane", "ls", "--json").stdout)
+    assert [(s["state"], s["here"], s["pid"]) for s in seen] == [("running", False, supervisor_a)]
+    after = a.lanekit(
+        "lane", "exec", "mover", "--", "sh", "-c", "cat /root/note /scratch/x; echo a2 > /root/n2"
+    )
+    assert after.stdout == b"b1\ns2\n", after.stderr
+    epoch_a = json.loads(a.lanekit("lane", "info", "mover").stdout)["lease"]["epoch"]
+    assert a.lanekit("lane", "stop", "mover").returncode == 0
+    # Nothing of B's landed after A took over: the head is still A's epoch.
+    assert blockstore.disk_info(objects, root_disk_name("mover"))["epoch"] == epoch_a
+    status = json.loads(b.lanekit("lane", "ls", "--json").stdout)[0]
+    assert (status["state"], status["reason"], status["epoch"]) == (
+        "stopped", "stop requested", epoch_a
+    )  # fmt: skip
+
+    # Both hosts start the lane at the same moment: one wins, the other fails at the lease
+    # (before its VM boots: its console log is untouched) with one line.
+    consoles = {id(h): os.lstat(h.home / "lanes" / "mover" / "console.log") for h in (a, b)}
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "lane", "start", "mover"],
+            env=host.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for host in (a, b)
+    ]
+    outputs = [p.communicate(timeout=300) for p in racers]
+    results = [(p.returncode, *out) for p, out in zip(racers, outputs, strict=True)]
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    winner, loser = (a, b) if results[0][0] == 0 else (b, a)
+    error = results[[a, b].index(loser)][2]
+    assert error.count(b"\n") == 1 and b"Traceback" not in error, error
+    assert b"lane 'mover' is" in error and b"--force" in error, error
+    before, now = consoles[id(loser)], os.lstat(loser.home / "lanes" / "mover" / "console.log")
+    assert (before.st_ino, before.st_mtime_ns) == (now.st_ino, now.st_mtime_ns)
+    assert winner.lanekit("lane", "stop", "mover").returncode == 0
+
+    # A lane with a max duration stops itself cleanly, and says so in its log and in ls.
+    made = a.lanekit("lane", "create", "brief", "--image", "shell", "--memory", "256",
+                     "--max-duration", "2s", *s3)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert a.lanekit("lane", "start", "brief").returncode == 0
+    wait_gone([a.supervisor("brief")], timeout=60)
+    log = (a.home / "lanes" / "brief" / "supervisor.log").read_text()
+    assert "max duration 2s reached: stopping cleanly" in log, log[-2000:]
+    assert "lane brief stopped (max duration 2s reached)" in log, log[-2000:]
+    row = b.lanekit("lane", "ls", *s3).stdout.decode().splitlines()[1].split("\t")
+    assert row[:2] == ["brief", "stopped (max duration 2s reached)"], row
+
+    # Ten more races, through the lease the supervisors take (no VM boots): one winner each.
+    disk = root_disk_name("brief")
+    for _ in range(10):
+        leases = [Lease(objects, disk), Lease(objects, disk)]
+        outcomes: list[str] = ["", ""]
+        threads = [
+            threading.Thread(target=race_for, args=(lease, outcomes, i))
+            for i, lease in enumerate(leases)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(outcomes)[1] == "won" and "is in use by host" in sorted(outcomes)[0]
+        leases[outcomes.index("won")].release()
+
+    for host, name in ((a, "mover"), (a, "brief")):
+        assert host.lanekit("lane", "rm", name).returncode == 0
+    assert a.lanekit("volume", "rm", "scratch", *s3).returncode == 0

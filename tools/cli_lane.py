@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from typing import Any
 
 import trio
@@ -29,13 +31,22 @@ a host that never saw it).
 Who runs a lane is its disk's lease in the store: `lane ls` is right after a crash."""
 
 
+STORE_VARIABLE = "LANEKIT_STORE"
+
+
 def _store_args(c: argparse.ArgumentParser, required: bool = False) -> None:
     c.add_argument(
-        "--store", required=required,
-        help="the lane's store: file:///DIR or s3://BUCKET/PREFIX"
-        + ("" if required else " (default: the store this host knows it from)"),
+        "--store", default=os.environ.get(STORE_VARIABLE) or None,
+        help=f"the store: file:///DIR or s3://BUCKET/PREFIX (default ${STORE_VARIABLE}"
+        + (")" if required else ", else the store this host knows the lane from)"),
     )  # fmt: skip
     c.add_argument("--s3-endpoint", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
+
+
+def _required_store(args: argparse.Namespace) -> str:
+    if not args.store:
+        raise ValueError(f"no store: give --store URL or set {STORE_VARIABLE}")
+    return str(args.store)
 
 
 def _lane(args: argparse.Namespace) -> Lane:
@@ -46,9 +57,31 @@ def _show(status: LaneStatus) -> str:
     if status.error is not None:
         return f"{status.name}\tunreadable: {status.error}\t{status.store}"
     if status.state != "running":
-        return f"{status.name}\t{status.state}\t{status.store}"
+        return f"{status.name}\t{_state(status)}\t{status.store}"
     where = "here" if status.here else f"host {status.host}"
     return f"{status.name}\trunning ({where}, pid {status.pid})\t{status.store}"
+
+
+def _state(status: LaneStatus) -> str:
+    return f"{status.state} ({status.reason})" if status.reason else status.state
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if not stamp else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+LS_COLUMNS = ("NAME", "STATUS", "HOST", "PID", "SINCE", "IMAGE", "STORE")
+
+
+def _row(status: LaneStatus) -> tuple[str, ...]:
+    if status.error is not None:
+        return (status.name, f"unreadable: {status.error}", "-", "-", "-", "-", status.store)
+    host = status.host or "-"
+    if status.here:
+        host += " (here)"
+    pid = "-" if status.pid is None else str(status.pid)
+    return (status.name, _state(status), host, pid, _when(status.since),
+            status.image or "-", status.store)  # fmt: skip
 
 
 def cmd_lane_create(args: argparse.Namespace) -> int:
@@ -62,8 +95,9 @@ def cmd_lane_create(args: argparse.Namespace) -> int:
             raise ValueError(f"--volume {spec!r}: use NAME:GUEST_PATH[:ro]")
         volumes.append(LaneVolume(name, path, read_only))
     lane = Lane.create(
-        args.name, args.image, store=args.store, s3_endpoint=args.s3_endpoint,
+        args.name, args.image, store=_required_store(args), s3_endpoint=args.s3_endpoint,
         cpus=args.cpus, memory_mib=args.memory,
+        max_duration=parse_duration(args.max_duration) if args.max_duration else None,
         disk_size=parse_size(args.disk_size) if args.disk_size else None, labels=labels,
         volumes=volumes, network=network_from_args(args),
     )  # fmt: skip
@@ -71,18 +105,52 @@ def cmd_lane_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``2h``: seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in "smh" else (text, "s")
+    try:
+        seconds = float(number) * {"s": 1, "m": 60, "h": 3600}[unit]
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"invalid duration {text!r}: use e.g. 90s, 10m or 2h")
+    return seconds
+
+
 def cmd_lane_ls(args: argparse.Namespace) -> int:
-    statuses = Lane.list(store=args.store, s3_endpoint=args.s3_endpoint)
+    statuses = Lane.list(store=args.store, s3_endpoint=args.s3_endpoint, labels=_labels(args.label))
     if args.json:
         print(json.dumps([s.to_json() for s in statuses], indent=2))
     else:
+        print("\t".join(LS_COLUMNS))
         for status in statuses:
-            print(_show(status))
+            print("\t".join(_row(status)))
     return 0
 
 
 def cmd_lane_start(args: argparse.Namespace) -> int:
-    print(_show(_lane(args).start(cold=args.cold)))
+    print(_show(_lane(args).start(cold=args.cold, force=args.force)))
+    return 0
+
+
+def cmd_lane_info(args: argparse.Namespace) -> int:
+    print(json.dumps(_lane(args).info(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_lane_logs(args: argparse.Namespace) -> int:
+    lane = _lane(args)
+    found = False
+    for what, path in lane.log_paths().items():
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        found = True
+        print(f"==> {what} ({path}) <==")
+        print(text, end="" if text.endswith("\n") or not text else "\n")
+    if not found:
+        raise ValueError(f"lane {lane.name!r} has no logs on this host: it never ran here")
     return 0
 
 
@@ -134,6 +202,10 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--disk-size", help="root disk size (default: the image's)")
     c.add_argument("--label", action="append", metavar="KEY=VALUE", help="repeatable")
     c.add_argument(
+        "--max-duration", metavar="DURATION",
+        help="each start runs at most this long (90s, 10m, 2h), then stops cleanly",
+    )  # fmt: skip
+    c.add_argument(
         "--volume", action="append", metavar="NAME:GUEST_PATH[:ro]",
         help="a volume of the lane's store, mounted at every start; repeatable",
     )  # fmt: skip
@@ -143,6 +215,10 @@ def add_parsers(sub: Any) -> None:
     c = lanes.add_parser("ls", help="lanes this host knows (or a store's), read from the store")
     _store_args(c)
     c.add_argument("--json", action="store_true")
+    c.add_argument(
+        "--label", action="append", metavar="KEY=VALUE",
+        help="only lanes with this label (repeatable: all must match)",
+    )  # fmt: skip
     c.set_defaults(func=cmd_lane_ls)
 
     for name, func, text in (
@@ -150,6 +226,8 @@ def add_parsers(sub: Any) -> None:
         ("pause", cmd_lane_pause, "save a lane's memory and disk state in its store, and end"),
         ("stop", cmd_lane_stop, "stop a lane cleanly (guest sync, disk flushed and released)"),
         ("rm", cmd_lane_rm, "delete a stopped lane (definition and root disk)"),
+        ("info", cmd_lane_info, "a lane's definition, state, lease, volumes and snapshot (JSON)"),
+        ("logs", cmd_lane_logs, "a lane's supervisor log and guest console on this host"),
     ):
         c = lanes.add_parser(name, help=text)
         c.add_argument("name")
@@ -158,6 +236,11 @@ def add_parsers(sub: Any) -> None:
             c.add_argument(
                 "--cold", action="store_true",
                 help="a paused lane: discard its memory snapshot and boot from its disk",
+            )  # fmt: skip
+            c.add_argument(
+                "--force", action="store_true",
+                help="take the lane over at once from a holder on another host that died or "
+                "is cut off (it is fenced: it can never write the lane's disks again)",
             )  # fmt: skip
         c.set_defaults(func=func)
 
@@ -186,7 +269,7 @@ def _labels(items: Any) -> dict[str, str]:
 
 
 def _volume_store(args: argparse.Namespace) -> blockstore.ObjectStore:
-    return blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
+    return blockstore.open_store(_required_store(args), s3_endpoint=args.s3_endpoint)
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:

@@ -77,6 +77,8 @@ class LaneDefinition:
     network: dict[str, Any] = dataclasses.field(default_factory=dict)
     created: float = 0.0
     volumes: tuple[LaneVolume, ...] = ()
+    max_duration: float | None = None
+    """Seconds a start may run before its supervisor stops it cleanly (None: no limit)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +91,7 @@ class LaneDefinition:
             "network": dict(self.network),
             "created": self.created,
             "volumes": [dataclasses.asdict(v) for v in self.volumes],
+            "max_duration": self.max_duration,
         }
 
     @classmethod
@@ -108,6 +111,7 @@ class LaneDefinition:
                 LaneVolume(str(v["name"]), str(v["path"]), bool(v.get("read_only", False)))
                 for v in data.get("volumes") or ()
             ),
+            max_duration=None if data.get("max_duration") is None else float(data["max_duration"]),
         )
 
 
@@ -159,3 +163,35 @@ def runner(objects: ObjectStore, name: str) -> dict[str, Any] | None:
     if lease is None or not lease_is_live(lease):
         return None
     return {**lease["holder"], "epoch": lease["epoch"], "since": lease["since"]}
+
+
+def root_lease(objects: ObjectStore, name: str) -> dict[str, Any] | None:
+    """The lease on the lane's root disk as stored (None if it never ran), with ``live``:
+    a held lease that is not live is a crashed run's (its holder died or lost the store)."""
+    lease, _ = read_lease(objects, root_disk_name(name))
+    if lease is None:
+        return None
+    return {**lease, "live": lease_is_live(lease)}
+
+
+def _ended_key(name: str) -> str:
+    return f"{PREFIX}{name}/ended"
+
+
+def write_ended(objects: ObjectStore, name: str, epoch: int, reason: str) -> None:
+    """Why the run with lease ``epoch`` ended cleanly (shown by ``lane ls`` while the lease
+    still carries that epoch, so a newer run never shows an older run's reason)."""
+    body = {"epoch": epoch, "reason": reason, "at": time.time()}
+    objects.put(_ended_key(name), json.dumps(body, sort_keys=True).encode())
+
+
+def read_ended(objects: ObjectStore, name: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(objects.get(_ended_key(name)).data)
+    except (blockstore.ObjectNotFound, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("reason"), str) else None
+
+
+def delete_ended(objects: ObjectStore, name: str) -> None:
+    objects.delete(_ended_key(name))

@@ -28,11 +28,12 @@ import blockstore
 from blockstore import ObjectStore
 from blockstore.identity import process_identity
 
+from ..errors import VMError
 from ..machine import AgentMachine
 from ..net import NetworkConfig
 from ..registry import ImageEntry
 from ..state import lanekit_home, state_paths
-from ..volumes import check_guest_path, delete_disk, read_volume
+from ..volumes import check_guest_path, delete_disk, read_volume, volume_info
 from .cache import LaneCache
 from .definition import (
     LaneDefinition,
@@ -41,14 +42,16 @@ from .definition import (
     LaneVolume,
     check_lane_name,
     delete_definition,
+    delete_ended,
     list_lane_names,
     read_definition,
+    read_ended,
     root_disk_name,
-    runner,
+    root_lease,
     write_definition,
 )
 from .paused import discard, read_paused
-from .supervisor import run_dir
+from .supervisor import BUSY, CONSOLE, run_dir
 
 START_TIMEOUT = 600.0
 STOP_TIMEOUT = 120.0
@@ -61,8 +64,10 @@ class LaneStatus:
     name: str
     store: str
     state: str
-    """``running`` (somewhere: see ``host``/``here``), ``paused`` (its memory in the
-    store: a start resumes it) or ``stopped``."""
+    """``created`` (never started), ``starting`` (its supervisor here has not got the
+    lease yet), ``running`` (somewhere: see ``host``/``here``), ``paused`` (its memory in
+    the store: a start resumes it), ``stopped``, or ``crashed`` (its last run's holder
+    died or lost the store without releasing the lease: the next start takes over)."""
     here: bool
     """Run by a supervisor on this host (this ``$LANEKIT_HOME``)."""
     host: str | None = None
@@ -70,6 +75,12 @@ class LaneStatus:
     epoch: int | None = None
     error: str | None = None
     """Why the lane's state cannot be read (state ``unreadable``)."""
+    since: float | None = None
+    """When it entered this state (Unix time), as far as the store tells."""
+    image: str | None = None
+    reason: str | None = None
+    """Why its last run ended (a clean stop's reason, or a crash's)."""
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +88,10 @@ class LaneStatus:
 
 def _cache(home: Path) -> LaneCache:
     return LaneCache(home / "lanes.db")
+
+
+class LaneBusy(LaneError):
+    """Another host holds the lane (it won a start at the same moment, or runs it)."""
 
 
 class Lane:
@@ -121,29 +136,33 @@ class Lane:
         labels: Mapping[str, str] | None = None,
         network: NetworkConfig | Mapping[str, Any] | None = None,
         volumes: Sequence[LaneVolume] = (),
+        max_duration: float | None = None,
         home: Path | None = None,
     ) -> Lane:
         """A new lane on an image built here (its digest goes into the definition; the
         image itself is copied into the store at the first start). ``volumes`` must exist
         in the lane's store (:func:`vm.volumes.create_volume`). ``network`` is stored with
         the definition, so it is plain data: rules and presets, no Python callback and no
-        secrets (their values would sit in the store)."""
+        secrets (their values would sit in the store). ``max_duration`` (seconds): each
+        start runs at most this long, then its supervisor stops it cleanly."""
         home = home or lanekit_home()
         check_lane_name(name)
+        if max_duration is not None and not max_duration > 0:
+            raise LaneError(f"max duration {max_duration!r}: give a positive number of seconds")
         network = _storable_network(network)
         entry = image if isinstance(image, ImageEntry) else state_paths(home)[0].lookup(image)
         if entry.digest is None:
             raise LaneError(f"image {entry.id!r} is not built here: `lanekit image build`")
         definition = LaneDefinition(
             name, entry, cpus, memory_mib, disk_size, dict(labels or {}), dict(network or {}),
-            time.time(), tuple(volumes),
+            time.time(), tuple(volumes), max_duration,
         )  # fmt: skip
         objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
         for volume in volumes:
             check_guest_path(volume.path, "volume path")
             read_volume(objects, volume.name)
         write_definition(objects, definition)
-        _cache(home).put(name, store, s3_endpoint, "stopped")
+        _cache(home).put(name, store, s3_endpoint, "created")
         return cls(definition, objects, store, s3_endpoint, home)
 
     @classmethod
@@ -161,7 +180,9 @@ class Lane:
         cached = _cache(home).get(name)
         if store is None:
             if cached is None:
-                raise LaneError(f"this host knows no lane {name!r}: give its --store")
+                raise LaneError(
+                    f"this host knows no lane {name!r}: give its --store (or set LANEKIT_STORE)"
+                )
             store, s3_endpoint = cached.store, s3_endpoint or cached.s3_endpoint
         elif cached is not None and cached.store != store:
             raise LaneError(f"this host knows a lane {name!r} in another store ({cached.store})")
@@ -173,10 +194,17 @@ class Lane:
 
     @classmethod
     def list(
-        cls, *, store: str | None = None, s3_endpoint: str | None = None, home: Path | None = None
+        cls,
+        *,
+        store: str | None = None,
+        s3_endpoint: str | None = None,
+        home: Path | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> list[LaneStatus]:
         """Every lane of ``store``, or every lane this host knows, with its state read from
-        the store now (and the cache brought up to date)."""
+        the store now (and the cache brought up to date); with ``labels``, only the lanes
+        that carry all of them (an unreadable lane carries none)."""
+        wanted = dict(labels or {})
         home = home or lanekit_home()
         if store is not None:
             objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
@@ -192,9 +220,13 @@ class Lane:
                     _cache(home).forget(name)
                 continue
             except LaneError as exc:
-                statuses.append(LaneStatus(name, lane_store, "unreadable", False, error=str(exc)))
+                if not wanted:
+                    statuses.append(
+                        LaneStatus(name, lane_store, "unreadable", False, error=str(exc))
+                    )
                 continue
-            statuses.append(lane.status())
+            if wanted.items() <= lane.definition.labels.items():
+                statuses.append(lane.status())
         return statuses
 
     # ------------------------------------------------------------ state
@@ -216,37 +248,105 @@ class Lane:
         return None
 
     def status(self) -> LaneStatus:
-        holder = runner(self.objects, self.name)
+        lease = root_lease(self.objects, self.name)
         local = self._supervisor_pid()
-        if holder is None:
-            try:
-                state = "paused" if read_paused(self.objects, self.name) else "stopped"
-            except LaneError:  # a snapshot, unreadable: a start says so, --cold discards it
-                state = "paused"
-            status = LaneStatus(self.name, self.store, state, False)
-        else:
-            here = local is not None and holder.get("pid") == local
-            state = "running"
+        holder: dict[str, Any] = lease["holder"] if lease else {}
+        if lease is not None and lease["live"]:
             status = LaneStatus(
-                self.name, self.store, state, here, holder.get("host"), holder.get("pid"),
-                holder.get("epoch"),
+                self.name, self.store, "running", local is not None and holder.get("pid") == local,
+                holder.get("host"), holder.get("pid"), lease["epoch"], since=lease["since"]
             )  # fmt: skip
+        elif local is not None:
+            status = LaneStatus(self.name, self.store, "starting", True, pid=local)
+        else:
+            status = self._status_at_rest(lease)
         _cache(self.home).put(
-            self.name, self.store, self.s3_endpoint, state, status.host, status.pid
+            self.name, self.store, self.s3_endpoint, status.state, status.host, status.pid
         )
-        return status
+        return dataclasses.replace(
+            status, image=self.definition.image.id, labels=dict(self.definition.labels)
+        )
+
+    def _status_at_rest(self, lease: dict[str, Any] | None) -> LaneStatus:
+        """Nobody runs it: paused, crashed (a held lease nobody renews), stopped or created."""
+        try:
+            record = read_paused(self.objects, self.name)
+        except LaneError:  # a snapshot, unreadable: a start says so, --cold discards it
+            record = {}
+        if record is not None:
+            return LaneStatus(self.name, self.store, "paused", False, since=record.get("saved"))
+        if lease is None:
+            return LaneStatus(
+                self.name, self.store, "created", False, since=self.definition.created
+            )
+        holder = lease["holder"]
+        if lease.get("state") == "held":
+            return LaneStatus(
+                self.name, self.store, "crashed", False, holder.get("host"), holder.get("pid"),
+                lease["epoch"], since=lease["renewed"],
+                reason=f"its supervisor (host {holder.get('host')}, pid {holder.get('pid')}) "
+                "died or lost the store without stopping it"
+            )  # fmt: skip
+        ended = read_ended(self.objects, self.name)
+        reason = ended["reason"] if ended and ended.get("epoch") == lease["epoch"] else None
+        return LaneStatus(
+            self.name, self.store, "stopped", False, holder.get("host"), holder.get("pid"),
+            lease["epoch"], since=lease["renewed"], reason=reason
+        )  # fmt: skip
+
+    def info(self) -> dict[str, Any]:
+        """Everything known about the lane (JSON-ready): definition, state, its root disk's
+        lease (holder, epoch), its volumes (with their writers), its memory snapshot."""
+        status = self.status()
+        lease = root_lease(self.objects, self.name)
+        try:
+            record = read_paused(self.objects, self.name)
+            paused: dict[str, Any] | None = None
+            if record is not None:
+                paused = {
+                    "id": record.get("id"), "saved": record.get("saved"),
+                    "qemu": record.get("qemu"), "chunks": len(record["chunks"]),
+                }  # fmt: skip
+        except LaneError as exc:
+            paused = {"error": str(exc)}
+        volumes = []
+        for volume in self.definition.volumes:
+            entry: dict[str, Any] = dataclasses.asdict(volume)
+            try:
+                entry.update(volume_info(self.objects, volume.name))
+            except (VMError, blockstore.BlockStoreError) as exc:
+                entry["error"] = str(exc)
+            volumes.append(entry)
+        return {
+            "definition": self.definition.to_json(),
+            "status": status.to_json(),
+            "lease": lease,
+            "volumes": volumes,
+            "paused": paused,
+            "logs": {name: str(path) for name, path in self.log_paths().items()},
+        }
+
+    def log_paths(self) -> dict[str, Path]:
+        """This host's logs of the lane: its supervisor's, and the guest console of its
+        current (or last) run here."""
+        return {"supervisor": self.run_dir / "supervisor.log", "console": self.run_dir / CONSOLE}
 
     # ------------------------------------------------------------ running
 
-    def start(self, timeout: float = START_TIMEOUT, *, cold: bool = False) -> LaneStatus:
+    def start(
+        self, timeout: float = START_TIMEOUT, *, cold: bool = False, force: bool = False
+    ) -> LaneStatus:
         """Start the lane's supervisor here; returns once the guest runs. A paused lane
         resumes where it was, unless ``cold`` (its memory snapshot is discarded and it boots
-        from its disk). LaneError if it runs already (here or elsewhere) or does not come up
-        (with the supervisor's log)."""
+        from its disk). ``force`` takes the lane over at once from a holder on another host
+        that is dead or cut off (it is fenced: it can never commit again). LaneError if it
+        runs already, here or (without ``force``) elsewhere, or does not come up (with the
+        supervisor's log); LaneBusy if another host won the start."""
         status = self.status()
-        if status.state == "running":
+        if status.state in ("running", "starting") and (status.here or not force):
             where = "here" if status.here else f"on host {status.host} (pid {status.pid})"
-            raise LaneError(f"lane {self.name!r} is running {where}")
+            hint = "" if status.here else ": stop it there, or take it over with --force"
+            raise LaneError(f"lane {self.name!r} is {status.state} {where}{hint}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.run_dir / "supervisor.log"
         argv = [sys.executable, "-m", "vm.lanes.supervisor", self.name, self.store]
@@ -254,6 +354,8 @@ class Lane:
             argv += ["--s3-endpoint", self.s3_endpoint]
         if cold:
             argv.append("--cold")
+        if force:
+            argv.append("--force")
         read_end, write_end = os.pipe()
         try:
             with open(log_path, "ab") as log:
@@ -268,6 +370,8 @@ class Lane:
             os.close(read_end)
             with contextlib.suppress(OSError):
                 os.close(write_end)
+        if answer.startswith(BUSY):
+            raise LaneBusy(answer.removeprefix(BUSY))
         if answer != "ready":
             tail = _tail(log_path)
             raise LaneError(
@@ -347,9 +451,10 @@ class Lane:
 
     def remove(self) -> None:
         """Delete a stopped lane: its definition and root disk (blocks go at ``disk gc``)."""
-        if self.status().state == "running":
+        if self.status().state in ("running", "starting"):
             raise LaneError(f"lane {self.name!r} is running: stop it first")
         discard(self.objects, self.name, read_paused(self.objects, self.name))
+        delete_ended(self.objects, self.name)
         delete_definition(self.objects, self.name)
         delete_disk(self.objects, root_disk_name(self.name))
         _cache(self.home).forget(self.name)

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -40,10 +41,13 @@ from ..snapshot import load_memory, save_memory
 from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
 from . import paused
-from .definition import LaneDefinition, read_definition, root_disk_name
+from .definition import LaneDefinition, read_definition, root_disk_name, write_ended
 from .relay import bind_unix, serve_relay
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+BUSY = "busy: "
+"""How the supervisor tells ``Lane.start`` that another holder has the lane's disks."""
+CONSOLE = "console.log"
 
 
 def run_dir(home: Path, name: str) -> Path:
@@ -64,10 +68,13 @@ class _Supervisor:
         self.objects: blockstore.ObjectStore | None = None
         self.definition: LaneDefinition | None = None
         self.pausing = False
+        self.reason = ""
+        """Why the run ends (the first stop request's reason)."""
 
     def request_stop(self, why: str) -> None:
         self.stops += 1
         if self.stops == 1:
+            self.reason = why
             say(f"{why}: stopping cleanly (guest sync and poweroff; again: kill the guest)")
             self.stop.set()
         else:
@@ -157,8 +164,43 @@ class _Supervisor:
     async def watch_guest(self, machine: Machine) -> None:
         code = await machine.qemu.wait()
         if not self.stop.is_set() and not self.pausing:
-            say(f"the guest stopped by itself (qemu exit {code})")
+            self.reason = "fenced" if machine.fenced else f"the guest stopped (qemu exit {code})"
+            say(f"{self.reason}: the lane stops")
             self.stop.set()
+
+    async def limit_duration(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        if not self.stop.is_set() and not self.pausing:
+            self.request_stop(f"max duration {_duration(seconds)} reached")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:g}s"
+
+
+async def _keep_console(machine: Machine, run: Path) -> None:
+    """Make the run's console readable as ``run/console.log`` while it runs (a link into
+    the boot's runtime directory) and after (a copy, before the runtime directory goes)."""
+    link = run / CONSOLE
+
+    def swap(make: Any) -> None:
+        tmp = run / f"{CONSOLE}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        make(tmp)
+        tmp.rename(link)
+
+    await trio.to_thread.run_sync(swap, lambda tmp: tmp.symlink_to(machine.console_log))
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(
+                swap, lambda tmp: shutil.copyfile(machine.console_log, tmp)
+            )
 
 
 def _report(fd: int | None, line: str) -> None:
@@ -203,7 +245,12 @@ async def _set_clock(machine: Machine) -> None:
 
 
 async def supervise(
-    name: str, store: str, s3_endpoint: str | None, ready_fd: int | None, cold: bool = False
+    name: str,
+    store: str,
+    s3_endpoint: str | None,
+    ready_fd: int | None,
+    cold: bool = False,
+    force: bool = False,
 ) -> int:
     home = lanekit_home()
     run = run_dir(home, name)
@@ -228,7 +275,7 @@ async def supervise(
             sandbox = LaneSandbox(
                 definition.image, cpus=definition.cpus, memory_mib=definition.memory_mib,
                 disk=(objects, root_disk_name(name)), disk_size=definition.disk_size,
-                home=home, s3_endpoint=s3_endpoint, notice=say,
+                force=force, home=home, s3_endpoint=s3_endpoint, notice=say,
                 network=NetworkConfig.from_dict(definition.network) if definition.network else None,
                 volumes=[
                     VolumeAttachment(v.path, (objects, disk_name(v.name)), v.read_only, v.name)
@@ -239,6 +286,7 @@ async def supervise(
                 sandbox.resume_from = (memory, record["qemu"])
             async with sandbox.boot() as machine:
                 supervisor.machine = machine
+                epoch = _epoch(machine)
                 await machine.session()
                 if record is not None:
                     await _set_clock(machine)
@@ -248,12 +296,43 @@ async def supervise(
                     await servers.start(serve_relay, run / "agent.sock", machine.session)
                     await servers.start(supervisor.serve_control)
                     servers.start_soon(supervisor.watch_guest, machine)
+                    servers.start_soon(_keep_console, machine, run)
+                    if definition.max_duration is not None:
+                        servers.start_soon(supervisor.limit_duration, definition.max_duration)
                     _report(ready_fd, "ready")
                     reported = True
                     say(f"lane {name} is running (pid {os.getpid()})")
                     await supervisor.stop.wait()
                     servers.cancel_scope.cancel()
-            say(f"lane {name} {'paused' if supervisor.pausing else 'stopped'}")
+                fenced = machine.fenced
+            if fenced:
+                raise blockstore.Fenced("another host took the lane's disk over")
+            if supervisor.pausing:
+                say(f"lane {name} paused")
+            else:
+                say(f"lane {name} stopped ({supervisor.reason})")
+                if epoch is not None:
+                    await trio.to_thread.run_sync(
+                        write_ended, objects, name, epoch, supervisor.reason
+                    )
+        except blockstore.Fenced as exc:
+            say(
+                f"fenced: {exc}; this supervisor stops and never commits again "
+                "(what the guest wrote since is not on the disk)"
+            )
+            outer.cancel_scope.cancel()
+            return 1
+        except blockstore.LeaseHeld as exc:
+            holder = exc.holder
+            busy = (
+                f"lane {name!r} is in use by host {holder.get('host')} pid {holder.get('pid')} "
+                "(it runs there, or won this start): stop it there, or take it over with --force"
+            )
+            say(f"error: {busy} ({exc})")
+            if not reported:
+                _report(ready_fd, BUSY + busy)
+            outer.cancel_scope.cancel()
+            return 1
         except Exception as exc:
             say(f"error: {exc}")
             if not reported:
@@ -266,6 +345,11 @@ async def supervise(
                     (run / sock).unlink()
         outer.cancel_scope.cancel()
     return 0
+
+
+def _epoch(machine: Machine) -> int | None:
+    lease = getattr(machine.disk.store, "lease", None)
+    return None if lease is None else int(lease.epoch)
 
 
 def write_identity(run: Path) -> None:
@@ -283,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s3-endpoint")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--cold", action="store_true", help="discard a memory snapshot")
+    p.add_argument("--force", action="store_true", help="take the lane's leases over")
     args = p.parse_args(argv)
     run = run_dir(lanekit_home(), args.name)
     run.mkdir(parents=True, exist_ok=True)
     write_identity(run)
-    return trio.run(supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold)
+    return trio.run(
+        supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold, args.force
+    )
 
 
 if __name__ == "__main__":
