@@ -3,12 +3,14 @@
 Layout, next to the lane's disks and images in the same store::
 
     lanes/<name>/definition    JSON (written once, with If-None-Match)
+    lanes/<name>/ended         JSON: why the run with lease epoch N ended cleanly
     disks/lane.<name>/...      the lane's root disk: its lease says who runs the lane
 
 The lease on the root disk is the truth about where a lane runs: the supervisor that
 boots the lane holds it (taken and renewed by the block store, fenced, epoch-numbered).
 A holder that died on this host is recognised as dead (``blockstore.identity``), so a
-lane whose supervisor was killed shows as stopped at once, and the next start takes over.
+lane whose supervisor was killed shows as crashed at once (a held lease nobody renews),
+and the next start takes over.
 """
 
 from __future__ import annotations
