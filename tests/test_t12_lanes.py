@@ -542,7 +542,17 @@ def test_force_takeover_fencing_a_start_race_and_max_duration(
                      "--max-duration", "2s", *s3)  # fmt: skip
     assert made.returncode == 0, made.stderr
     assert a.lanekit("lane", "start", "brief").returncode == 0
-    wait_gone([a.supervisor("brief")], timeout=60)
+    following = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "lane", "logs", "brief", "--follow"],
+        env=a.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_gone([a.supervisor("brief")], timeout=60)
+        followed, _ = following.communicate(timeout=30)  # it ends with the lane
+    finally:
+        following.kill()
+        following.wait()
+    assert following.returncode == 0 and b"lane brief stopped (max duration" in followed
     log = (a.home / "lanes" / "brief" / "supervisor.log").read_text()
     assert "max duration 2s reached: stopping cleanly" in log, log[-2000:]
     assert "lane brief stopped (max duration 2s reached)" in log, log[-2000:]

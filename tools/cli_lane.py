@@ -140,6 +140,8 @@ def cmd_lane_info(args: argparse.Namespace) -> int:
 
 def cmd_lane_logs(args: argparse.Namespace) -> int:
     lane = _lane(args)
+    if args.follow:
+        return _follow(lane)
     found = False
     for what, path in lane.log_paths().items():
         try:
@@ -185,6 +187,20 @@ def cmd_lane_exec(args: argparse.Namespace) -> int:
     code: int = trio.run(main)
     sys.stdout.flush()
     return code
+
+
+def _follow(lane: Lane) -> int:
+    """The supervisor log as it grows, until no supervisor of the lane runs here."""
+    path = lane.log_paths()["supervisor"]
+    with open(path, "rb") as log:
+        while True:
+            running = lane.running_here()
+            while chunk := log.read(65536):
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            if not running:
+                return 0
+            time.sleep(0.5)
 
 
 def add_parsers(sub: Any) -> None:
@@ -241,6 +257,11 @@ def add_parsers(sub: Any) -> None:
                 "--force", action="store_true",
                 help="take the lane over at once from a holder on another host that died or "
                 "is cut off (it is fenced: it can never write the lane's disks again)",
+            )  # fmt: skip
+        if name == "logs":
+            c.add_argument(
+                "--follow", "-f", action="store_true",
+                help="print the supervisor log as it grows, until the lane stops here",
             )  # fmt: skip
         c.set_defaults(func=func)
 

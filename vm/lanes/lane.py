@@ -247,6 +247,10 @@ class Lane:
                 (self.run_dir / leftover).unlink()
         return None
 
+    def running_here(self) -> bool:
+        """Whether a supervisor of the lane runs on this host (no store access)."""
+        return self._supervisor_pid() is not None
+
     def status(self) -> LaneStatus:
         lease = root_lease(self.objects, self.name)
         local = self._supervisor_pid()
