@@ -2,6 +2,6 @@
 supervisor process, and start on any host that reaches their store."""
 
 from .definition import LaneDefinition, LaneError, LaneVolume
-from .lane import Lane, LaneStatus
+from .lane import Lane, LaneBusy, LaneStatus
 
-__all__ = ["Lane", "LaneDefinition", "LaneError", "LaneStatus", "LaneVolume"]
+__all__ = ["Lane", "LaneBusy", "LaneDefinition", "LaneError", "LaneStatus", "LaneVolume"]
