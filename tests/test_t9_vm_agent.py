@@ -182,7 +182,7 @@ def test_reattach_after_the_host_reconnects(machine: SyncMachine) -> None:
 def test_files_in_and_out(machine: SyncMachine, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:
-        for _ in range(300):
+        for _ in range(64):
             f.write(os.urandom(1 << 20))
     expected = hashlib.sha256(big.read_bytes()).hexdigest()
     machine.fs.copy_in(big, "/tmp/big.bin")
@@ -190,9 +190,16 @@ def test_files_in_and_out(machine: SyncMachine, tmp_path: Path) -> None:
     machine.fs.copy_out("/tmp/big.bin", tmp_path / "back.bin")
     assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).hexdigest() == expected
     machine.fs.remove("/tmp/big.bin")
-    with pytest.raises(OSError, match="No space left"):  # the root disk is 256 MiB
-        machine.fs.copy_in(big, "/root/big.bin")
-    machine.fs.remove("/root/big.bin")
+    # The root disk filled to its last 8 MiB (zeros: cheap to store): a copy that stops
+    # fitting midway fails with the guest's ENOSPC, not a truncated file reported as done.
+    free = "$(df -m /root | awk 'NR==2 {print $4}')"
+    fill = f"dd if=/dev/zero of=/root/fill bs=1M count=$(({free} - 8))"
+    assert machine.exec(["sh", "-c", f"{fill} 2>/dev/null && sync"]).exit_code == 0
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            machine.fs.copy_in(big, "/root/big.bin")
+    finally:
+        machine.exec(["rm", "-f", "/root/fill", "/root/big.bin"])
     machine.fs.mkdir("/root/tree/a/b", parents=True)
     machine.fs.write("/root/tree/a/b/f.txt", "hello", mode=0o640)
     machine.fs.symlink("a/b/f.txt", "/root/tree/link")
