@@ -86,7 +86,7 @@ def run(*, quick: bool = False) -> Report:
         _measure(report, Path(tmp), repeats)
     report.notes.append(
         "The floor includes loading the virtio modules; the sandbox adds mounting the root "
-        "over NBD, the guest init, qemu-guest-agent start-up and the healthcheck exec."
+        "over NBD, the guest init, the guest agent's start-up and the healthcheck exec."
     )
     return report
 
