@@ -98,13 +98,18 @@ def read_volume(objects: ObjectStore, name: str) -> dict[str, Any]:
     return definition
 
 
-def list_volumes(objects: ObjectStore) -> list[str]:
+def defined_names(objects: ObjectStore, prefix: str) -> list[str]:
+    """Names under ``prefix`` that have a ``NAME/definition`` object (volumes, lanes)."""
     names = set()
-    for info in objects.list(PREFIX):
-        name, _, rest = info.key[len(PREFIX) :].partition("/")
+    for info in objects.list(prefix):
+        name, _, rest = info.key[len(prefix) :].partition("/")
         if rest == "definition":
             names.add(name)
     return sorted(names)
+
+
+def list_volumes(objects: ObjectStore) -> list[str]:
+    return defined_names(objects, PREFIX)
 
 
 def volume_info(objects: ObjectStore, name: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from blockstore.objectstore import put_new
 
 from ..errors import VMError
 from ..registry import ImageEntry
+from ..volumes import defined_names
 
 PREFIX = "lanes/"
 MAX_NAME = 100
@@ -145,12 +146,7 @@ def read_definition(objects: ObjectStore, name: str) -> LaneDefinition:
 
 
 def list_lane_names(objects: ObjectStore) -> list[str]:
-    names = set()
-    for info in objects.list(PREFIX):
-        name, _, rest = info.key[len(PREFIX) :].partition("/")
-        if rest == "definition":
-            names.add(name)
-    return sorted(names)
+    return defined_names(objects, PREFIX)
 
 
 def delete_definition(objects: ObjectStore, name: str) -> None:
