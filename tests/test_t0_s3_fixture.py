@@ -129,3 +129,26 @@ def test_server_leaves_no_sockets_or_logs_in_tmp(tmp_path: Path) -> None:
         assert grpc <= litter()  # weed's own choice of place, which stop() cleans up
     assert litter() - before == set()
     assert (tmp_path / "s3" / "weed.INFO").exists()  # its logs stay with its data
+
+
+def test_the_server_has_room_for_every_bucket_a_suite_makes(s3: S3Endpoint) -> None:
+    """Each bucket takes a volume of its own; sized by free disk (1 GiB each) the server
+    ran out after ~70 buckets and failed the rest of a CI run with InternalError."""
+    import json
+    import urllib.request
+
+    from tools.s3server import MAX_VOLUMES
+
+    master = s3.server.ports[0]
+    with urllib.request.urlopen(f"http://127.0.0.1:{master}/dir/status", timeout=10) as r:
+        topology = json.load(r)["Topology"]
+    assert topology["Max"] == MAX_VOLUMES
+    before = topology["Free"]
+    client = s3.client()
+    for _ in range(3):
+        bucket = s3.new_bucket()
+        client.put_object(Bucket=bucket, Key="k", Body=b"v")
+    with urllib.request.urlopen(f"http://127.0.0.1:{master}/dir/status", timeout=10) as r:
+        after = json.load(r)["Topology"]["Free"]
+    assert before - after == 3
+    assert after > 1000

@@ -32,6 +32,8 @@ READY_BUCKET = "lanekit-ready"
 READY_KEY = "ready"
 GRPC_OFFSET = 10000
 # master, volume, filer, s3, admin
+VOLUME_SIZE_MB = 128
+MAX_VOLUMES = 4096
 ROLES = ("master", "volume", "filer", "s3", "admin")  # in port order
 PORT_COUNT = len(ROLES)
 
@@ -159,6 +161,11 @@ class S3Server:
                 f"-volume.port={volume}",
                 f"-filer.port={filer}",
                 f"-s3.port={s3}",
+                # One bucket is one collection and holds at least one volume; the default
+                # 1 GiB volumes, counted against free disk, ran out after ~70 buckets.
+                # Volumes grow as written, so many small ones cost nothing up front.
+                f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+                f"-volume.max={MAX_VOLUMES}",
                 f"-admin.port={admin}",
                 "-admin.ui=false",
                 "-webdav=false",
