@@ -13,7 +13,7 @@ import trio
 
 import blockstore
 from vm import volumes as V
-from vm.lanes import Lane, LaneStatus, LaneVolume
+from vm.lanes import Lane, LaneMount, LaneStatus, LaneVolume
 
 from .cli_net import add_network_arguments, network_from_args
 from .cli_vm import add_command_arguments, command_options
@@ -96,6 +96,7 @@ def cmd_lane_create(args: argparse.Namespace) -> int:
         volumes.append(LaneVolume(name, path, read_only))
     lane = Lane.create(
         args.name, args.image, store=_required_store(args), s3_endpoint=args.s3_endpoint,
+        env=_pairs(args.env, "--env"), mounts=[_mount(spec) for spec in args.mount or ()],
         cpus=args.cpus, memory_mib=args.memory,
         max_duration=parse_duration(args.max_duration) if args.max_duration else None,
         disk_size=parse_size(args.disk_size) if args.disk_size else None, labels=labels,
@@ -103,6 +104,21 @@ def cmd_lane_create(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"lane {lane.name} created in {lane.store} (image {lane.definition.image.id})")
     return 0
+
+
+def _mount(spec: str) -> LaneMount:
+    """``GUEST=HOSTDIR[:ro]``, as ``vm run --mount`` takes it."""
+    guest, sep, source = spec.partition("=")
+    read_only = source.endswith(":ro")
+    source = source.removesuffix(":ro").removesuffix(":rw")
+    if not sep or not guest or not source:
+        raise ValueError(f"--mount {spec!r}: use GUEST=HOSTDIR[:ro]")
+    if source == "memory":
+        raise ValueError(
+            f"--mount {spec!r}: a lane's mounts are host directories (its durable "
+            "storage is its root disk and volumes)"
+        )
+    return LaneMount(source, guest, read_only)
 
 
 def parse_duration(text: str) -> float:
@@ -129,7 +145,33 @@ def cmd_lane_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_lane_start(args: argparse.Namespace) -> int:
-    print(_show(_lane(args).start(cold=args.cold, force=args.force)))
+    lane = _lane(args)
+    if args.attach:
+        return lane.run(cold=args.cold, force=args.force)
+    print(_show(lane.start(cold=args.cold, force=args.force)))
+    return 0
+
+
+def cmd_lane_resume(args: argparse.Namespace) -> int:
+    print(_show(_lane(args).resume()))
+    return 0
+
+
+def cmd_lane_checkpoint(args: argparse.Namespace) -> int:
+    record = _lane(args).checkpoint(args.tag)
+    how = "running" if record["running"] else "stopped"
+    volumes = f" and {len(record['volumes'])} volume(s)" if record["volumes"] else ""
+    print(f"lane {args.name}: checkpoint {args.tag} of its root disk{volumes} ({how})")
+    return 0
+
+
+def cmd_lane_fork(args: argparse.Namespace) -> int:
+    name, sep, tag = args.source.partition("@")
+    if not sep or not name or not tag:
+        raise ValueError(f"{args.source!r}: fork a checkpoint, NAME@TAG")
+    args.name = name
+    fork = _lane(args).fork(tag, args.new_name)
+    print(f"lane {fork.name} forked from {name}@{tag} in {fork.store}")
     return 0
 
 
@@ -167,8 +209,9 @@ def cmd_lane_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_lane_rm(args: argparse.Namespace) -> int:
-    _lane(args).remove()
-    print(f"lane {args.name} removed")
+    forks = _lane(args).remove()
+    kept = f" (its forks {', '.join(forks)} keep everything they share with it)" if forks else ""
+    print(f"lane {args.name} removed{kept}")
     return 0
 
 
@@ -218,6 +261,15 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--disk-size", help="root disk size (default: the image's)")
     c.add_argument("--label", action="append", metavar="KEY=VALUE", help="repeatable")
     c.add_argument(
+        "--env", action="append", metavar="KEY=VALUE",
+        help="environment of every `lane exec` (its own --env wins); repeatable",
+    )  # fmt: skip
+    c.add_argument(
+        "--mount", action="append", metavar="GUEST=HOSTDIR[:ro]",
+        help="a host directory at a guest path (virtiofs) at every start, on whichever host "
+        "starts it (it must exist there); a lane with mounts cannot be paused; repeatable",
+    )  # fmt: skip
+    c.add_argument(
         "--max-duration", metavar="DURATION",
         help="each start runs at most this long (90s, 10m, 2h), then stops cleanly",
     )  # fmt: skip
@@ -239,6 +291,7 @@ def add_parsers(sub: Any) -> None:
 
     for name, func, text in (
         ("start", cmd_lane_start, "boot (or resume) a lane under a detached supervisor here"),
+        ("resume", cmd_lane_resume, "resume a paused lane here, its processes where they were"),
         ("pause", cmd_lane_pause, "save a lane's memory and disk state in its store, and end"),
         ("stop", cmd_lane_stop, "stop a lane cleanly (guest sync, disk flushed and released)"),
         ("rm", cmd_lane_rm, "delete a stopped lane (definition and root disk)"),
@@ -258,12 +311,32 @@ def add_parsers(sub: Any) -> None:
                 help="take the lane over at once from a holder on another host that died or "
                 "is cut off (it is fenced: it can never write the lane's disks again)",
             )  # fmt: skip
+            c.add_argument(
+                "--attach", action="store_true",
+                help="supervise it in the foreground, its log on stderr; Ctrl-C or SIGTERM "
+                "stops it cleanly (again: kill the guest); exit 0 after a clean stop, 130 "
+                "if the guest was killed, 1 if it failed",
+            )  # fmt: skip
         if name == "logs":
             c.add_argument(
                 "--follow", "-f", action="store_true",
                 help="print the supervisor log as it grows, until the lane stops here",
             )  # fmt: skip
         c.set_defaults(func=func)
+
+    c = lanes.add_parser(
+        "checkpoint", help="checkpoint a lane's root disk and volumes (running or stopped)"
+    )
+    c.add_argument("name")
+    c.add_argument("tag")
+    _store_args(c)
+    c.set_defaults(func=cmd_lane_checkpoint)
+
+    c = lanes.add_parser("fork", help="a new lane made of a checkpoint (its disks forked)")
+    c.add_argument("source", metavar="NAME@TAG")
+    c.add_argument("new_name", metavar="NEW")
+    _store_args(c)
+    c.set_defaults(func=cmd_lane_fork)
 
     options = argparse.ArgumentParser(prog="lanekit lane exec NAME", add_help=False)
     _store_args(options)
@@ -280,13 +353,17 @@ def add_parsers(sub: Any) -> None:
 
 
 def _labels(items: Any) -> dict[str, str]:
-    labels = {}
+    return _pairs(items, "--label")
+
+
+def _pairs(items: Any, option: str) -> dict[str, str]:
+    pairs = {}
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--label {item!r}: use KEY=VALUE")
-        labels[key] = value
-    return labels
+            raise ValueError(f"{option} {item!r}: use KEY=VALUE")
+        pairs[key] = value
+    return pairs
 
 
 def _volume_store(args: argparse.Namespace) -> blockstore.ObjectStore:

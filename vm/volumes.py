@@ -179,6 +179,31 @@ def _make_filesystem(image: Path, size: int, label: str) -> None:
     )  # fmt: skip
 
 
+def fork_volume(
+    objects: ObjectStore, source: dict[str, Any], tag: str, new_name: str
+) -> dict[str, Any]:
+    """A new volume ``new_name`` whose disk is a fork of the checkpoint ``tag`` of the volume
+    ``source`` (its definition as it was); nothing is copied. Blocking; VolumeError if the
+    name is taken. The definition is written last, as at creation."""
+    check_volume_name(new_name)
+    if _exists(objects, new_name):
+        raise VolumeError(f"a volume named {new_name!r} already exists in {objects.describe()}")
+    disk = disk_name(new_name)
+    try:
+        blockstore.fork_disk(objects, disk_name(str(source["name"])), tag, disk)
+    except blockstore.DiskExists:
+        raise VolumeError(f"a disk named {disk!r} already exists in {objects.describe()}") from None
+    definition = {
+        **source, "name": new_name, "created": time.time(),
+        "forked_from": {"volume": source["name"], "checkpoint": tag},
+    }  # fmt: skip
+    body = json.dumps(definition, sort_keys=True).encode()
+    if not put_new(objects, _definition_key(new_name), body):
+        delete_disk(objects, disk)
+        raise VolumeError(f"a volume named {new_name!r} was created meanwhile by someone else")
+    return definition
+
+
 def remove_volume(objects: ObjectStore, name: str) -> None:
     """Delete a volume no sandbox writes (its blocks go at the store's next ``disk gc``)."""
     read_volume(objects, name)

@@ -67,6 +67,16 @@ class LaneVolume:
 
 
 @dataclasses.dataclass(frozen=True)
+class LaneMount:
+    """A directory of the host that starts the lane, at ``path`` in the guest (virtiofs).
+    It is the host's, not the store's: it must exist wherever the lane starts."""
+
+    host_path: str
+    path: str
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class LaneDefinition:
     """What a lane is, the same on every host: its image (by digest), its size, labels, and
     the network it gets (a plain dict handed to the sandbox once networking lands)."""
@@ -82,6 +92,11 @@ class LaneDefinition:
     volumes: tuple[LaneVolume, ...] = ()
     max_duration: float | None = None
     """Seconds a start may run before its supervisor stops it cleanly (None: no limit)."""
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Environment of every command run in the lane (a command's own variables win)."""
+    mounts: tuple[LaneMount, ...] = ()
+    forked_from: dict[str, str] | None = None
+    """``{"lane": NAME, "checkpoint": TAG}`` for a lane made by a fork."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +110,9 @@ class LaneDefinition:
             "created": self.created,
             "volumes": [dataclasses.asdict(v) for v in self.volumes],
             "max_duration": self.max_duration,
+            "env": dict(self.env),
+            "mounts": [dataclasses.asdict(m) for m in self.mounts],
+            "forked_from": None if self.forked_from is None else dict(self.forked_from),
         }
 
     @classmethod
@@ -115,6 +133,16 @@ class LaneDefinition:
                 for v in data.get("volumes") or ()
             ),
             max_duration=None if data.get("max_duration") is None else float(data["max_duration"]),
+            env={str(k): str(v) for k, v in (data.get("env") or {}).items()},
+            mounts=tuple(
+                LaneMount(str(m["host_path"]), str(m["path"]), bool(m.get("read_only", False)))
+                for m in data.get("mounts") or ()
+            ),
+            forked_from=(
+                None
+                if data.get("forked_from") is None
+                else {str(k): str(v) for k, v in data["forked_from"].items()}
+            ),
         )
 
 

@@ -9,6 +9,7 @@ with everything the guest wrote, is in the store, and so is its base image.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -34,10 +35,13 @@ from ..net import NetworkConfig
 from ..registry import ImageEntry
 from ..state import lanekit_home, state_paths
 from ..volumes import check_guest_path, delete_disk, read_volume, volume_info
+from . import checkpoints as checkpointing
+from . import runlock
 from .cache import LaneCache
 from .definition import (
     LaneDefinition,
     LaneError,
+    LaneMount,
     LaneNotFound,
     LaneVolume,
     check_lane_name,
@@ -137,6 +141,8 @@ class Lane:
         network: NetworkConfig | Mapping[str, Any] | None = None,
         volumes: Sequence[LaneVolume] = (),
         max_duration: float | None = None,
+        env: Mapping[str, str] | None = None,
+        mounts: Sequence[LaneMount] = (),
         home: Path | None = None,
     ) -> Lane:
         """A new lane on an image built here (its digest goes into the definition; the
@@ -144,9 +150,21 @@ class Lane:
         in the lane's store (:func:`vm.volumes.create_volume`). ``network`` is stored with
         the definition, so it is plain data: rules and presets, no Python callback and no
         secrets (their values would sit in the store). ``max_duration`` (seconds): each
-        start runs at most this long, then its supervisor stops it cleanly."""
+        start runs at most this long, then its supervisor stops it cleanly. ``env``: the
+        environment of every command run in it (a command's own variables win). ``mounts``:
+        host directories at guest paths (virtiofs) wherever it starts; a lane with mounts
+        cannot be paused (qemu cannot migrate virtiofs)."""
         home = home or lanekit_home()
         check_lane_name(name)
+        for key in env or {}:
+            if not key or "=" in key or "\0" in key:
+                raise LaneError(f"invalid environment variable {key!r}")
+        mounts = [dataclasses.replace(m, host_path=os.path.abspath(m.host_path)) for m in mounts]
+        for mount in mounts:
+            check_guest_path(mount.path, "mount point")
+        paths = [m.path for m in mounts] + [v.path for v in volumes]
+        if len(set(paths)) != len(paths):
+            raise LaneError("two mounts or volumes at the same guest path")
         if max_duration is not None and not max_duration > 0:
             raise LaneError(f"max duration {max_duration!r}: give a positive number of seconds")
         network = _storable_network(network)
@@ -155,7 +173,7 @@ class Lane:
             raise LaneError(f"image {entry.id!r} is not built here: `lanekit image build`")
         definition = LaneDefinition(
             name, entry, cpus, memory_mib, disk_size, dict(labels or {}), dict(network or {}),
-            time.time(), tuple(volumes), max_duration,
+            time.time(), tuple(volumes), max_duration, dict(env or {}), tuple(mounts),
         )  # fmt: skip
         objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
         for volume in volumes:
@@ -242,9 +260,11 @@ class Lane:
             pid, alive = 0, False
         if alive:
             return pid
-        for leftover in ("agent.sock", "control.sock", "supervisor.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.run_dir / leftover).unlink()
+        with runlock.if_free(self.run_dir) as free:
+            if free:  # a dead supervisor's leftovers, not a starting one's files
+                for leftover in ("agent.sock", "control.sock", "supervisor.json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.run_dir / leftover).unlink()
         return None
 
     def running_here(self) -> bool:
@@ -327,6 +347,7 @@ class Lane:
             "lease": lease,
             "volumes": volumes,
             "paused": paused,
+            "checkpoints": self.checkpoints(),
             "logs": {name: str(path) for name, path in self.log_paths().items()},
         }
 
@@ -345,21 +366,9 @@ class Lane:
         from its disk). ``force`` takes the lane over at once from a holder on another host
         that is dead or cut off (it is fenced: it can never commit again). LaneError if it
         runs already, here or (without ``force``) elsewhere, or does not come up (with the
-        supervisor's log); LaneBusy if another host won the start."""
-        status = self.status()
-        if status.state in ("running", "starting") and (status.here or not force):
-            where = "here" if status.here else f"on host {status.host} (pid {status.pid})"
-            hint = "" if status.here else ": stop it there, or take it over with --force"
-            raise LaneError(f"lane {self.name!r} is {status.state} {where}{hint}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        supervisor's log); LaneBusy if another host (or start here) won the start."""
+        argv = [sys.executable, "-m", "vm.lanes.supervisor", *self._supervisor_args(cold, force)]
         log_path = self.run_dir / "supervisor.log"
-        argv = [sys.executable, "-m", "vm.lanes.supervisor", self.name, self.store]
-        if self.s3_endpoint:
-            argv += ["--s3-endpoint", self.s3_endpoint]
-        if cold:
-            argv.append("--cold")
-        if force:
-            argv.append("--force")
         read_end, write_end = os.pipe()
         try:
             with open(log_path, "ab") as log:
@@ -383,7 +392,98 @@ class Lane:
             )
         return self.status()
 
-    def _control(self, op: str, timeout: float) -> tuple[dict[str, Any], Any]:
+    def _supervisor_args(self, cold: bool, force: bool) -> builtins.list[str]:
+        """Check that the lane may start here; the supervisor's arguments."""
+        status = self.status()
+        if status.state in ("running", "starting") and (status.here or not force):
+            where = "here" if status.here else f"on host {status.host} (pid {status.pid})"
+            hint = "" if status.here else ": stop it there, or take it over with --force"
+            raise LaneError(f"lane {self.name!r} is {status.state} {where}{hint}")
+        for mount in self.definition.mounts:
+            if not os.path.isdir(mount.host_path):
+                raise LaneError(
+                    f"lane {self.name!r} mounts {mount.host_path} at {mount.path}, and this "
+                    "host has no such directory"
+                )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        args = [self.name, self.store]
+        if self.s3_endpoint:
+            args += ["--s3-endpoint", self.s3_endpoint]
+        return args + ["--cold"] * cold + ["--force"] * force
+
+    def run(self, *, cold: bool = False, force: bool = False) -> int:
+        """Be the lane's supervisor in this process (``lane start --attach``) until the lane
+        stops: its log goes to stderr (and to the log file). The first SIGINT/SIGTERM stops
+        it cleanly, a second kills the guest (the disk is still flushed and released).
+        Returns 0 after a clean stop, 130 if the guest was killed, 1 if it failed or was
+        fenced. Call it from the main thread (it handles the signals)."""
+        from .supervisor import main
+
+        args = self._supervisor_args(cold, force)
+        with open(self.run_dir / "supervisor.log", "a") as log:
+            terminal = sys.stderr
+            sys.stderr = _Tee(terminal, log)
+            try:
+                return main(args)
+            finally:
+                sys.stderr = terminal
+
+    def resume(self, timeout: float = START_TIMEOUT) -> LaneStatus:
+        """Resume a paused lane here (what :meth:`start` does with a paused lane); LaneError
+        if it is not paused."""
+        state = self.status().state
+        if state != "paused":
+            raise LaneError(
+                f"lane {self.name!r} is not paused (it is {state}): nothing to resume"
+                + (
+                    "; `lanekit lane start` boots it"
+                    if state in ("stopped", "created", "crashed")
+                    else ""
+                )
+            )
+        return self.start(timeout)
+
+    def checkpoint(self, tag: str, timeout: float = PAUSE_TIMEOUT) -> dict[str, Any]:
+        """Checkpoint the lane's root disk and volumes under ``tag``, with its definition as
+        it is: a stopped lane's disks directly, a running lane's through its supervisor
+        (the guest syncs first, so what it wrote is in). A fork (:meth:`fork`) makes a new
+        lane of it. LaneError if the tag is taken, or the lane is paused, starting, never
+        started, or runs on another host."""
+        checkpointing.check_tag(self.name, tag)
+        status = self.status()
+        if status.state == "running" and status.here:
+            reply, sock = self._control("checkpoint", timeout, tag=tag)
+            sock.close()
+            if "error" in reply:
+                raise LaneError(f"lane {self.name!r}: {reply['error']}")
+            return checkpointing.read_checkpoint(self.objects, self.name, tag)
+        if status.state == "running":
+            raise LaneError(
+                f"lane {self.name!r} runs on host {status.host} (pid {status.pid}): "
+                "checkpoint it there"
+            )
+        if status.state == "paused":
+            raise LaneError(
+                f"lane {self.name!r} is paused: its disks belong to its memory snapshot; "
+                "resume it, then checkpoint"
+            )
+        if status.state == "starting":
+            raise LaneError(f"lane {self.name!r} is starting: checkpoint it once it runs")
+        return checkpointing.take_stopped(self.objects, self.definition, tag)
+
+    def checkpoints(self) -> builtins.list[dict[str, Any]]:
+        """The lane's checkpoints: tag, when, whether it was running, volumes."""
+        return checkpointing.summaries(self.objects, self.name)
+
+    def fork(self, tag: str, new_name: str) -> Lane:
+        """A new lane ``new_name`` in this lane's store, made of its checkpoint ``tag``: the
+        definition as it was then, forks of its disks (nothing copied; its volume ``V``
+        becomes the volume ``NEW.V``). This lane is untouched."""
+        definition = checkpointing.fork(self.objects, self.name, tag, new_name)
+        _cache(self.home).put(new_name, self.store, self.s3_endpoint, "stopped")
+        return Lane(definition, self.objects, self.store, self.s3_endpoint, self.home)
+
+    def _control(self, op: str, timeout: float, **fields: Any) -> tuple[dict[str, Any], Any]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
         try:
@@ -392,7 +492,7 @@ class Lane:
         except OSError as exc:
             sock.close()
             raise LaneError(f"lane {self.name!r}: its supervisor does not answer ({exc})") from None
-        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+        sock.sendall(json.dumps({**fields, "op": op}).encode() + b"\n")
         reply = sock.makefile("rb").readline()
         try:
             return json.loads(reply), sock
@@ -445,7 +545,7 @@ class Lane:
         if await trio.to_thread.run_sync(self._supervisor_pid) is None or not socket_path.exists():
             raise LaneError(f"lane {self.name!r} is not running on this host")
         async with trio.open_nursery() as nursery:
-            machine = AgentMachine(socket_path, "/", nursery, CONNECT_TIMEOUT)
+            machine = _LaneMachine(self.definition.env, socket_path, "/", nursery, CONNECT_TIMEOUT)
             try:
                 await machine.session()
                 yield machine
@@ -453,15 +553,49 @@ class Lane:
                 await machine.close()
                 nursery.cancel_scope.cancel()
 
-    def remove(self) -> None:
-        """Delete a stopped lane: its definition and root disk (blocks go at ``disk gc``)."""
+    def remove(self) -> builtins.list[str]:
+        """Delete a stopped lane: its definition, root disk and checkpoints (blocks go at
+        ``disk gc``; its volumes stay). Returns the lanes forked from it: they lose nothing
+        (a fork's disks reference what they share with it, and ``disk gc`` keeps that)."""
         if self.status().state in ("running", "starting"):
             raise LaneError(f"lane {self.name!r} is running: stop it first")
+        forks = checkpointing.forks_of(self.objects, self.name, list_lane_names(self.objects))
         discard(self.objects, self.name, read_paused(self.objects, self.name))
+        checkpointing.remove_all(self.objects, self.definition)
         delete_ended(self.objects, self.name)
         delete_definition(self.objects, self.name)
         delete_disk(self.objects, root_disk_name(self.name))
         _cache(self.home).forget(self.name)
+        return forks
+
+
+class _LaneMachine(AgentMachine):
+    """A connection to a running lane: every command gets the lane's environment."""
+
+    def __init__(self, env: Mapping[str, str], *args: Any) -> None:
+        super().__init__(*args)
+        self.lane_env = dict(env)
+
+    async def _spawn(self, argv: Sequence[str], cwd: str | None,
+                     env: Mapping[str, str] | None, *rest: Any) -> Any:  # fmt: skip
+        return await super()._spawn(argv, cwd, {**self.lane_env, **(env or {})}, *rest)
+
+
+class _Tee:
+    """Text to several files (an attached supervisor's log: the terminal and the file)."""
+
+    def __init__(self, *files: Any) -> None:
+        self.files = files
+
+    def write(self, text: str) -> int:
+        for f in self.files:
+            f.write(text)
+            f.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for f in self.files:
+            f.flush()
 
 
 def _read_line(fd: int, timeout: float) -> str:

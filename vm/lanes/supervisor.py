@@ -34,13 +34,13 @@ import trio
 import blockstore
 from blockstore.identity import process_identity
 
-from ..launcher import Sandbox
+from ..launcher import Mount, Sandbox
 from ..machine import Machine
 from ..net import NetworkConfig
-from ..snapshot import load_memory, save_memory
+from ..snapshot import SnapshotError, check_pausable, load_memory, save_memory
 from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
-from . import paused
+from . import checkpoints, paused, runlock
 from .definition import LaneDefinition, read_definition, root_disk_name, write_ended
 from .relay import bind_unix, serve_relay
 
@@ -48,6 +48,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BUSY = "busy: "
 """How the supervisor tells ``Lane.start`` that another holder has the lane's disks."""
 CONSOLE = "console.log"
+GUEST_KILLED = 130
+"""Exit status of a run whose guest was killed by a second stop signal (disk still flushed)."""
 
 
 def run_dir(home: Path, name: str) -> Path:
@@ -70,6 +72,7 @@ class _Supervisor:
         self.pausing = False
         self.reason = ""
         """Why the run ends (the first stop request's reason)."""
+        self.exclusive = trio.Lock()
 
     def request_stop(self, why: str) -> None:
         self.stops += 1
@@ -104,7 +107,14 @@ class _Supervisor:
                 except (ValueError, KeyError, TypeError):
                     await stream.send_all(b'{"error": "not a control request"}\n')
                     return
-                answer = await self.pause() if op == "pause" else self.answer(op)
+                if op in ("pause", "checkpoint"):
+                    async with self.exclusive:  # never both at once
+                        if op == "pause":
+                            answer = await self.pause()
+                        else:
+                            answer = await self.checkpoint(request.get("tag"))
+                else:
+                    answer = self.answer(op)
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
                 if op in ("stop", "pause") and "ok" in answer:
                     await trio.sleep_forever()  # closed when the supervisor exits
@@ -128,6 +138,10 @@ class _Supervisor:
         assert machine is not None and self.objects is not None and self.definition is not None
         if self.pausing or self.stop.is_set():
             return {"error": "the lane is stopping or pausing already"}
+        try:
+            check_pausable(machine)
+        except SnapshotError as exc:
+            return {"error": str(exc)}
         if self.definition.volumes:
             return {
                 "error": "this lane has volumes: they would be free for other writers "
@@ -160,6 +174,23 @@ class _Supervisor:
         await machine.kill()
         self.stop.set()
         return {"ok": "paused"}
+
+    async def checkpoint(self, tag: Any) -> dict[str, Any]:
+        """Checkpoint the lane's disks as the running guest left them (see :mod:`.checkpoints`)."""
+        assert self.machine is not None and self.objects is not None and self.definition
+        if not isinstance(tag, str):
+            return {"error": "a checkpoint needs a tag"}
+        if self.pausing or self.stop.is_set():
+            return {"error": "the lane is stopping or pausing"}
+        try:
+            record = await checkpoints.take_running(
+                self.machine, self.objects, self.definition, tag
+            )
+        except Exception as exc:
+            say(f"checkpoint {tag} failed, the lane runs on: {exc}")
+            return {"error": f"could not checkpoint: {exc}"}
+        say(f"checkpoint {tag}: the root disk and {len(record['volumes'])} volume(s)")
+        return {"ok": {"tag": tag, "created": record["created"]}}
 
     async def watch_guest(self, machine: Machine) -> None:
         code = await machine.qemu.wait()
@@ -284,7 +315,8 @@ async def supervise(
             )  # fmt: skip
             if record is not None:
                 sandbox.resume_from = (memory, record["qemu"])
-            async with sandbox.boot() as machine:
+            mounts = [Mount(m.path, Path(m.host_path), m.read_only) for m in definition.mounts]
+            async with sandbox.boot(mounts) as machine:
                 supervisor.machine = machine
                 epoch = _epoch(machine)
                 await machine.session()
@@ -344,7 +376,7 @@ async def supervise(
                 with contextlib.suppress(FileNotFoundError):
                     (run / sock).unlink()
         outer.cancel_scope.cancel()
-    return 0
+    return GUEST_KILLED if supervisor.stops > 1 else 0
 
 
 def _epoch(machine: Machine) -> int | None:
@@ -371,10 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = run_dir(lanekit_home(), args.name)
     run.mkdir(parents=True, exist_ok=True)
-    write_identity(run)
-    return trio.run(
-        supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold, args.force
-    )
+    lock = runlock.take(run)
+    if lock is None:  # another start won: its identity and sockets are left alone
+        busy = f"lane {args.name!r} is starting or running on this host already"
+        say(f"error: {busy}")
+        _report(args.ready_fd, BUSY + busy)
+        return 1
+    try:
+        write_identity(run)
+        return trio.run(
+            supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold,
+            args.force,
+        )  # fmt: skip
+    finally:
+        os.close(lock)
 
 
 if __name__ == "__main__":

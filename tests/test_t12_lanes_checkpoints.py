@@ -1,0 +1,243 @@
+"""Lane checkpoints and forks, ``lane start --attach``, ``lane resume``, a lane's env and
+mounts, and one supervisor per lane per host: real boots on a real SeaweedFS.
+
+The first test is one journey on purpose (each step needs the state the one before left):
+a running lane is checkpointed, written on, forked; the fork boots attached and sees the
+checkpoint; the original is removed and the store collected; two starts of the fork race."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import blockstore
+from tests.test_t12_lanes import Host, children_of, wait_gone
+from tools.cli import main
+from vm.lanes import Lane, LaneError
+from vm.lanes.definition import root_disk_name
+from vm.launcher import Sandbox
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def host(vm_home: Path, s3: Any) -> Iterator[tuple[Host, str, str]]:
+    built = Sandbox("shell", home=vm_home)
+    built._local_image()
+    built.kernels.ensure(variant=built.runtime_variant)
+    store = f"s3://{s3.new_bucket()}/forks"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.env.items():
+            patch.setenv(key, value)
+        yield Host(vm_home, {**os.environ, **s3.env}), store, s3.endpoint
+    for identity in (vm_home / "lanes").glob("*/supervisor.json"):  # what a failure left
+        known = json.loads(identity.read_text())
+        if blockstore.process_identity(known["pid"]) == known["process"]:
+            os.kill(known["pid"], signal.SIGKILL)
+
+
+@pytest.fixture
+def cli(
+    capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch, vm_home: Path
+) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    """``lanekit ARGS`` in this process (a new interpreter costs a second or more); commands
+    that need a process of their own (exec, --attach, races) run as one."""
+    monkeypatch.setenv("LANEKIT_HOME", str(vm_home))
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        capfdbinary.readouterr()
+        code = main(list(args))
+        out, err = capfdbinary.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
+def one_line_error(done: subprocess.CompletedProcess[bytes], message: bytes) -> None:
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") == 1, done.stderr
+
+
+def wait_for(log: Path, line: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def test_checkpoint_a_running_lane_fork_it_and_remove_the_original(
+    host: tuple[Host, str, str], tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    a, store, endpoint = host
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello").write_text("from the host\n")
+    assert cli("volume", "create", "ckdata", "--size", "32M", *s3).returncode == 0
+    made = cli(
+        "lane", "create", "orig", "--image", "shell", "--memory", "256",
+        "--volume", "ckdata:/data", "--env", "GREETING=lane", "--env", "WHO=lane",
+        "--mount", f"/host={shared}:ro", *s3,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert cli("lane", "start", "orig").returncode == 0
+
+    # The lane's env reaches every exec, whose own -e wins; the mount is there, read-only.
+    first = a.lanekit("lane", "exec", "orig", "--env", "WHO=exec", "--", "sh", "-c",
+        "echo $GREETING $WHO; cat /host/hello; touch /host/x 2>/dev/null || echo ro; "
+        "echo one > /root/a; echo vone > /data/a",  # no sync: the checkpoint makes it durable
+    )  # fmt: skip
+    assert first.stdout == b"lane exec\nfrom the host\nro\n", first.stderr
+    one_line_error(cli("lane", "pause", "orig"), b"virtiofs mounts (/host)")
+
+    took = cli("lane", "checkpoint", "orig", "c1")
+    assert took.returncode == 0 and b"checkpoint c1" in took.stdout, took.stderr
+    assert b"(running)" in took.stdout and b"1 volume" in took.stdout
+    one_line_error(cli("lane", "checkpoint", "orig", "c1"), b"already has a checkpoint")
+    one_line_error(cli("lane", "checkpoint", "orig", "bad/tag"), b"invalid checkpoint tag")
+    later = a.lanekit(
+        "lane", "exec", "orig", "--", "sh", "-c", "echo two > /root/b; echo vtwo > /data/b; sync"
+    )
+    assert later.returncode == 0, later.stderr
+
+    forked = cli("lane", "fork", "orig@c1", "copy")
+    assert forked.returncode == 0, forked.stderr
+    one_line_error(cli("lane", "fork", "orig@nope", "other"), b"no checkpoint 'nope'")
+    one_line_error(cli("lane", "fork", "orig@c1", "copy"), b"exists")
+    one_line_error(cli("lane", "fork", "orig", "other"), b"NAME@TAG")
+    info = json.loads(cli("lane", "info", "orig").stdout)
+    assert [(c["tag"], c["running"], c["volumes"]) for c in info["checkpoints"]] == [
+        ("c1", True, ["ckdata"])
+    ]
+    copy_info = json.loads(cli("lane", "info", "copy").stdout)
+    assert copy_info["definition"]["forked_from"] == {"lane": "orig", "checkpoint": "c1"}
+    assert [v["name"] for v in copy_info["volumes"]] == ["copy.ckdata"]
+
+    # The fork, attached: its supervisor is the CLI process, its log on stderr.
+    log = tmp_path / "attached.log"
+    with open(log, "wb") as stderr:
+        attached = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "lane", "start", "copy", "--attach"],
+            env=a.env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    try:
+        wait_for(log, "lane copy is running")
+        copy = Lane.get("copy", home=a.home)
+        assert copy.status().state == "running"
+        assert a.supervisor("copy") == attached.pid
+        seen = a.lanekit("lane", "exec", "copy", "--", "sh", "-c",
+            "cat /root/a /data/a /host/hello; echo $GREETING; "
+            "test -e /root/b || test -e /data/b || echo 'nothing later'",
+        )  # fmt: skip
+        assert seen.stdout == b"one\nvone\nfrom the host\nlane\nnothing later\n", seen.stderr
+        both = a.lanekit(
+            "lane", "exec", "orig", "--", "cat", "/root/a", "/root/b", "/data/a", "/data/b"
+        )
+        assert both.stdout == b"one\ntwo\nvone\nvtwo\n", both.stderr
+        qemu = children_of(attached.pid)
+        attached.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
+        assert attached.wait(timeout=120) == 0
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.wait()
+    wait_gone(qemu)
+    text = log.read_text()
+    assert "lane copy is running" in text and "SIGINT: stopping cleanly" in text, text
+    assert "lane copy stopped" in text
+    assert "SIGINT: stopping cleanly" in (a.home / "lanes" / "copy" / "supervisor.log").read_text()
+    assert copy.status().state == "stopped"
+
+    # A stopped lane is checkpointed directly; resume wants a paused lane.
+    assert cli("lane", "stop", "orig").returncode == 0
+    orig = Lane.get("orig", home=a.home)
+    assert orig.checkpoint("c2")["running"] is False
+    assert [c["tag"] for c in orig.checkpoints()] == ["c1", "c2"]
+    one_line_error(cli("lane", "resume", "orig"), b"is not paused (it is stopped)")
+
+    # Removing the original keeps what the fork shares with it, even through a full GC.
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    removed = cli("lane", "rm", "orig")
+    assert removed.returncode == 0, removed.stderr
+    assert b"its forks copy keep everything they share" in removed.stdout
+    assert list(objects.list("lanes/orig/")) == []
+    assert blockstore.disk_info(objects, "volume.ckdata")["checkpoints"] == []
+    assert blockstore.collect_garbage(objects, grace=0).deleted
+
+    # Two starts of the same lane on this host at once: one wins, the other touches
+    # nothing of the winner's (identity, sockets).
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "lane", "start", "copy"],
+            env=a.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    results = sorted((p.wait(timeout=300), p.communicate()[1]) for p in racers)
+    assert [code for code, _ in results] == [0, 1], results
+    loser = results[1][1]
+    assert b"already" in loser or b"is starting here" in loser or b"running here" in loser, loser
+    assert loser.count(b"\n") == 1, loser
+    run = a.home / "lanes" / "copy"
+    before = {f: (run / f).stat().st_ino for f in ("supervisor.json", "agent.sock", "control.sock")}
+    late = subprocess.run(  # past the CLI's own check: the supervisor's lock decides
+        [sys.executable, "-m", "vm.lanes.supervisor", "copy", store, "--s3-endpoint", endpoint],
+        env=a.env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert late.returncode == 1 and b"starting or running on this host already" in late.stderr
+    assert {f: (run / f).stat().st_ino for f in before} == before
+    after_gc = a.lanekit("lane", "exec", "copy", "--", "cat", "/root/a", "/data/a")
+    assert after_gc.stdout == b"one\nvone\n", after_gc.stderr
+
+    assert cli("lane", "stop", "copy").returncode == 0
+    assert cli("lane", "rm", "copy").returncode == 0
+    for volume in ("copy.ckdata", "ckdata"):
+        assert cli("volume", "rm", volume, *s3).returncode == 0
+    assert [d for d in blockstore.list_disks(objects) if not d.startswith("image-")] == []
+
+
+def test_lane_env_mounts_and_verbs_refuse_bad_input(
+    host: tuple[Host, str, str], cli: Callable[..., Any]
+) -> None:
+    a, store, endpoint = host
+    s3 = ("--store", store, "--s3-endpoint", endpoint)
+    for args, message in (
+        (("--env", "NOEQUALS"), b"--env 'NOEQUALS': use KEY=VALUE"),
+        (("--mount", "/x"), b"use GUEST=HOSTDIR[:ro]"),
+        (("--mount", "/x=memory"), b"host directories"),
+        (("--mount", "relative=/tmp"), b"absolute guest path"),
+    ):
+        one_line_error(cli("lane", "create", "bad", "--image", "shell", *args, *s3), message)
+    made = cli("lane", "create", "away", "--image", "shell", "--mount", "/m=/no/such/dir", *s3)
+    assert made.returncode == 0, made.stderr
+    for start in (("start",), ("start", "--attach"), ("resume",)):
+        done = cli("lane", *start, "away")
+        message = b"is not paused (it is created)" if start == ("resume",) else b"/no/such/dir"
+        one_line_error(done, message)
+    one_line_error(cli("lane", "checkpoint", "away", "t"), b"has never started")
+    assert not (a.home / "lanes" / "away" / "supervisor.json").exists()
+
+    # A definition written before env and mounts existed still loads.
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    current = json.loads(objects.get("lanes/away/definition").data)
+    for key in ("env", "mounts", "forked_from"):
+        del current[key]
+    objects.put("lanes/away/definition", json.dumps(current).encode())
+    old = Lane.get("away", home=a.home).definition
+    assert (old.env, old.mounts, old.forked_from) == ({}, (), None)
+    with pytest.raises(LaneError, match="not paused"):
+        Lane.get("away", home=a.home).resume()
+    assert cli("lane", "rm", "away").returncode == 0
+    with pytest.raises(blockstore.DiskNotFound):
+        blockstore.disk_info(objects, root_disk_name("away"))
