@@ -366,7 +366,7 @@ def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None
     assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json").stdout)] == ["paused"]
     objects.put(chunk, good)
 
-    resumed = b.lanekit("lane", "start", "napper")
+    resumed = b.lanekit("lane", "resume", "napper")  # start resumes too (above)
     assert resumed.returncode == 0, resumed.stderr
     asked = time.time()
     after = b.lanekit(
