@@ -334,9 +334,10 @@ def _decode_page(raw: bytes, packs: PackTable, block_size: int, blocks: int) -> 
     no_pack = local == NO_PACK
     if (local[~no_pack] >= npacks).any():
         raise ValueError("pack reference out of range")
-    packs_col = np.where(
-        no_pack, np.uint32(NO_PACK), mapping[np.minimum(local, max(npacks - 1, 0))]
-    )
+    if npacks:
+        packs_col = np.where(no_pack, np.uint32(NO_PACK), mapping[np.minimum(local, npacks - 1)])
+    else:  # a page of trims and zeroes only: there is nothing to map
+        packs_col = np.full(n, NO_PACK, np.uint32)
     page = Page(base, keys, packs_col.astype(np.uint32), offsets, metas, ext, digests)
     problem = page_problem(page, block_size)
     if problem:
