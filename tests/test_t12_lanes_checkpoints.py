@@ -22,6 +22,7 @@ import pytest
 import blockstore
 from tests.test_t12_lanes import Host, children_of, wait_gone
 from tools.cli import main
+from vm import volumes
 from vm.lanes import Lane, LaneError
 from vm.lanes.definition import root_disk_name
 from vm.launcher import Sandbox
@@ -92,6 +93,14 @@ def test_checkpoint_a_running_lane_fork_it_and_remove_the_original(
     assert first.stdout == b"lane exec\nfrom the host\nro\n", first.stderr
     one_line_error(cli("lane", "pause", "orig"), b"virtiofs mounts (/host)")
 
+    # A checkpoint that fails half-way (the volume has the tag already) takes back what it
+    # took and the lane runs on.
+    objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    blockstore.checkpoint_disk(objects, "volume.ckdata", "c0.lane.orig")
+    one_line_error(cli("lane", "checkpoint", "orig", "c0"), b"could not checkpoint")
+    assert "c0" not in blockstore.disk_info(objects, root_disk_name("orig"))["checkpoints"]
+    assert list(objects.list("lanes/orig/checkpoints/")) == []
+
     took = cli("lane", "checkpoint", "orig", "c1")
     assert took.returncode == 0 and b"checkpoint c1" in took.stdout, took.stderr
     assert b"(running)" in took.stdout and b"1 volume" in took.stdout
@@ -105,7 +114,12 @@ def test_checkpoint_a_running_lane_fork_it_and_remove_the_original(
     forked = cli("lane", "fork", "orig@c1", "copy")
     assert forked.returncode == 0, forked.stderr
     one_line_error(cli("lane", "fork", "orig@nope", "other"), b"no checkpoint 'nope'")
-    one_line_error(cli("lane", "fork", "orig@c1", "copy"), b"exists")
+    blockstore.create_disk(objects, "volume.half.ckdata", 1 << 20)  # in the way of the fork
+    one_line_error(cli("lane", "fork", "orig@c1", "half"), b"'volume.half.ckdata' already exists")
+    assert not {root_disk_name("half")} & set(blockstore.list_disks(objects))
+    assert "half" not in [s.name for s in Lane.list(store=store, s3_endpoint=endpoint)]
+    volumes.delete_disk(objects, "volume.half.ckdata")
+    one_line_error(cli("lane", "fork", "orig@c1", "copy"), b"a lane named 'copy' exists")
     one_line_error(cli("lane", "fork", "orig", "other"), b"NAME@TAG")
     info = json.loads(cli("lane", "info", "orig").stdout)
     assert [(c["tag"], c["running"], c["volumes"]) for c in info["checkpoints"]] == [
@@ -128,12 +142,13 @@ def test_checkpoint_a_running_lane_fork_it_and_remove_the_original(
     one_line_error(cli("lane", "resume", "orig"), b"is not paused (it is stopped)")
 
     # Removing the original keeps what the fork shares with it, even through a full GC.
-    objects = blockstore.open_store(store, s3_endpoint=endpoint)
     removed = cli("lane", "rm", "orig")
     assert removed.returncode == 0, removed.stderr
     assert b"its forks copy keep everything they share" in removed.stdout
     assert list(objects.list("lanes/orig/")) == []
-    assert blockstore.disk_info(objects, "volume.ckdata")["checkpoints"] == []
+    assert blockstore.disk_info(objects, "volume.ckdata")["checkpoints"] == [
+        "c0.lane.orig"
+    ]  # the test's own
     assert blockstore.collect_garbage(objects, grace=0).deleted
 
     # Two attached starts of the fork at once: one wins and supervises it in the

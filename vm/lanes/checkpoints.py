@@ -33,6 +33,7 @@ from .definition import (
     PREFIX,
     LaneDefinition,
     LaneError,
+    LaneNotFound,
     check_lane_name,
     read_definition,
     root_disk_name,
@@ -206,8 +207,11 @@ def fork(objects: ObjectStore, lane: str, tag: str, new_name: str) -> LaneDefini
     nothing is left behind if it fails."""
     check_lane_name(new_name)
     record = read_checkpoint(objects, lane, tag)
-    with contextlib.suppress(LaneError):
+    try:
         read_definition(objects, new_name)
+    except LaneNotFound:
+        pass
+    else:
         raise LaneError(f"a lane named {new_name!r} exists in {objects.describe()}")
     old = LaneDefinition.from_json(record["definition"])
     volumes = tuple(dataclasses.replace(v, name=f"{new_name}.{v.name}") for v in old.volumes)
@@ -223,7 +227,7 @@ def fork(objects: ObjectStore, lane: str, tag: str, new_name: str) -> LaneDefini
         except blockstore.DiskExists:
             raise LaneError(
                 f"a disk named {root_disk_name(new_name)!r} exists in {objects.describe()} "
-                "(left by a lane of that name?): `lanekit disk ls` shows it"
+                "(left by a lane of that name?): `lanekit disk info` shows it"
             ) from None
         made = True
         for source, forked in zip(old.volumes, volumes, strict=True):
@@ -234,7 +238,8 @@ def fork(objects: ObjectStore, lane: str, tag: str, new_name: str) -> LaneDefini
     except BaseException:
         for name in volume_definitions:
             remove_volume(objects, name)
-        delete_disk(objects, root_disk_name(new_name)) if made else None
+        if made:
+            delete_disk(objects, root_disk_name(new_name))
         raise
     return definition
 
