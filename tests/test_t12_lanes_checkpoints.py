@@ -229,8 +229,12 @@ def test_lane_env_mounts_and_verbs_refuse_bad_input(
     one_line_error(cli("lane", "checkpoint", "away", "t"), b"has never started")
     assert not (a.home / "lanes" / "away" / "supervisor.json").exists()
 
-    # A definition written before env and mounts existed still loads.
     objects = blockstore.open_store(store, s3_endpoint=endpoint)
+    objects.put("lanes/away/paused", json.dumps({"id": "x", "chunks": []}).encode())
+    one_line_error(cli("lane", "checkpoint", "away", "t"), b"is paused")
+    objects.delete("lanes/away/paused")
+
+    # A definition written before env and mounts existed still loads.
     current = json.loads(objects.get("lanes/away/definition").data)
     for key in ("env", "mounts", "forked_from"):
         del current[key]

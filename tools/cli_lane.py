@@ -27,7 +27,8 @@ outlives the command; `lane exec` runs commands in it; `lane stop` powers it off
 releases its disk; `lane pause` saves its memory into the store too, and the next start
 resumes its processes where they were. Any host that reaches the store can start a
 stopped or paused lane, with everything its guest wrote (`lane start NAME --store URL` on
-a host that never saw it).
+a host that never saw it). `lane checkpoint` names the state of its root disk and volumes
+(running or stopped), and `lane fork NAME@TAG NEW` makes a new lane of a checkpoint.
 Who runs a lane is its disk's lease in the store: `lane ls` is right after a crash."""
 
 
