@@ -63,6 +63,28 @@ def cli(
     return run
 
 
+def attach(host: Host, name: str, log: Path) -> subprocess.Popen[bytes]:
+    """``lane start NAME --attach``: the supervisor in the foreground, its log to ``log``."""
+    with open(log, "wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "lane", "start", name, "--attach"],
+            env=host.env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+
+
+def wait_running(name: str, logs: list[Path], runs: list[subprocess.Popen[bytes]]) -> int:
+    """Which of the attached starts runs the lane (once it does)."""
+    deadline = time.monotonic() + 300
+    while True:
+        for i, log in enumerate(logs):
+            if f"lane {name} is running" in log.read_text():
+                return i
+        assert time.monotonic() < deadline and any(p.poll() is None for p in runs), [
+            log.read_text() for log in logs
+        ]
+        time.sleep(0.2)
+
+
 def one_line_error(done: subprocess.CompletedProcess[bytes], message: bytes) -> None:
     assert done.returncode == 1 and message in done.stderr, done.stderr
     assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") == 1, done.stderr
@@ -83,7 +105,9 @@ def test_checkpoint_a_running_lane_fork_it_and_remove_the_original(
         "--mount", f"/host={shared}:ro", *s3,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
-    assert cli("lane", "start", "orig").returncode == 0
+    orig_log = tmp_path / "orig.log"
+    orig_run = attach(a, "orig", orig_log)  # the fixture kills it if the test fails
+    wait_running("orig", [orig_log], [orig_run])
 
     # The lane's env reaches every exec, whose own -e wins; the mount is there, read-only.
     first = a.lanekit("lane", "exec", "orig", "--env", "WHO=exec", "--", "sh", "-c",
@@ -134,8 +158,18 @@ def test_checkpoint_a_running_lane_fork_it_and_remove_the_original(
     )  # fmt: skip
     assert both.stdout == b"one\ntwo\nvone\nvtwo\n", both.stderr  # the original: untouched
 
+    # A second stop signal to an attached lane kills the guest: exit 130, and its disk is
+    # still flushed and released (what the guest synced is kept).
+    qemu = children_of(orig_run.pid)
+    orig_run.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    orig_run.send_signal(signal.SIGTERM)
+    assert orig_run.wait(timeout=120) == 130
+    wait_gone(qemu)
+    assert "SIGTERM again: killing the guest now" in orig_log.read_text()
+    assert blockstore.disk_info(objects, root_disk_name("orig"))["lease_holder"] is None
+
     # A stopped lane is checkpointed directly; resume wants a paused lane.
-    assert cli("lane", "stop", "orig").returncode == 0
     orig = Lane.get("orig", home=a.home)
     assert orig.checkpoint("c2")["running"] is False
     assert [c["tag"] for c in orig.checkpoints()] == ["c1", "c2"]
@@ -154,19 +188,9 @@ def test_checkpoint_a_running_lane_fork_it_and_remove_the_original(
     # Two attached starts of the fork at once: one wins and supervises it in the
     # foreground (its log on stderr); the other touches nothing of the winner's.
     logs = [tmp_path / f"attached-{i}.log" for i in range(2)]
-    racers = []
-    for log in logs:
-        with open(log, "wb") as stderr:
-            racers.append(subprocess.Popen(
-                [sys.executable, "-m", "tools.cli", "lane", "start", "copy", "--attach"],
-                env=a.env, stdout=subprocess.DEVNULL, stderr=stderr,
-            ))  # fmt: skip
+    racers = [attach(a, "copy", log) for log in logs]
     try:
-        deadline = time.monotonic() + 300
-        while not any("lane copy is running" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline and all(p.poll() in (None, 1) for p in racers)
-            time.sleep(0.2)
-        won = next(i for i, log in enumerate(logs) if "lane copy is running" in log.read_text())
+        won = wait_running("copy", logs, racers)
         attached, loser = racers[won], racers[1 - won]
         assert loser.wait(timeout=60) == 1
         lost = logs[1 - won].read_bytes()
