@@ -11,6 +11,12 @@ A ``pause`` request saves the guest's memory through qemu's migration stream int
 store (see :mod:`.paused`) and ends; the next start, on any host with the same qemu, resumes
 the guest where it was.
 
+A supervisor that cannot renew its leases for longer than their TTL (the store cut off) is
+fenced: the block store never commits for it again, even when the store answers again
+(another host may have taken the lane over meanwhile). It says so in its log, in
+``fenced.json`` of the run directory (what ``lane ls``/``info``/``exec`` here report), and
+ends. ``LANEKIT_LEASE_TTL`` (seconds) sets the TTL of the leases it takes.
+
 Signals follow ``tools/stopping.py``: the first SIGTERM/SIGINT (or a ``stop`` request) is
 a clean stop (the guest syncs and powers off, the disk is flushed and its lease released);
 a second one kills the guest at once and still flushes and releases the disk.
@@ -48,10 +54,50 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BUSY = "busy: "
 """How the supervisor tells ``Lane.start`` that another holder has the lane's disks."""
 CONSOLE = "console.log"
+FENCED = "fenced.json"
+"""Why this host's last run of the lane was fenced (epoch, reason)."""
+LEASE_TTL_ENV = "LANEKIT_LEASE_TTL"
 
 
 def run_dir(home: Path, name: str) -> Path:
     return home / "lanes" / name
+
+
+def lease_ttl() -> float | None:
+    """The TTL of the leases a supervisor takes (``LANEKIT_LEASE_TTL``), None: the default."""
+    value = os.environ.get(LEASE_TTL_ENV)
+    if not value:
+        return None
+    try:
+        ttl = float(value)
+    except ValueError:
+        ttl = 0.0
+    if not 1.0 <= ttl <= 3600.0:
+        raise ValueError(f"{LEASE_TTL_ENV}={value!r}: give seconds between 1 and 3600")
+    return ttl
+
+
+def read_fenced(run: Path) -> dict[str, Any] | None:
+    """This host's record of its last run of the lane being fenced, if there is one."""
+    try:
+        record = json.loads((run / FENCED).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("reason"), str) else None
+
+
+def fence_reason(machine: Machine) -> str:
+    """Why the machine's disks were fenced, as its leases tell."""
+    stores = [machine.disk.store, *(d.store for d in machine.volumes.values())]
+    for store in stores:
+        lease = getattr(store, "lease", None)
+        if getattr(store, "fenced", False) and lease is not None and lease.expired:
+            return (
+                f"fenced: the store was unreachable for longer than the lease TTL "
+                f"({lease.ttl:g} s); this host never commits to the lane's disks again "
+                "(what the guest wrote since its last durable flush is lost)"
+            )
+    return "fenced: another host took the lane's disk over"
 
 
 def say(line: str) -> None:
@@ -164,9 +210,23 @@ class _Supervisor:
     async def watch_guest(self, machine: Machine) -> None:
         code = await machine.qemu.wait()
         if not self.stop.is_set() and not self.pausing:
-            self.reason = "fenced" if machine.fenced else f"the guest stopped (qemu exit {code})"
+            if machine.fenced:
+                self.reason = fence_reason(machine)
+                await trio.to_thread.run_sync(self.record_fenced, machine)
+            else:
+                self.reason = f"the guest stopped (qemu exit {code})"
             say(f"{self.reason}: the lane stops")
             self.stop.set()
+
+    def record_fenced(self, machine: Machine) -> None:
+        """Tell this host's lane commands at once (they cannot ask the store when it is
+        the store that is gone): no agent socket any more, and why."""
+        record = {"epoch": _epoch(machine), "reason": self.reason, "at": time.time()}
+        tmp = self.run / f"{FENCED}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.rename(self.run / FENCED)
+        with contextlib.suppress(FileNotFoundError):
+            (self.run / "agent.sock").unlink()
 
     async def limit_duration(self, seconds: float) -> None:
         await trio.sleep(seconds)
@@ -275,7 +335,7 @@ async def supervise(
             sandbox = LaneSandbox(
                 definition.image, cpus=definition.cpus, memory_mib=definition.memory_mib,
                 disk=(objects, root_disk_name(name)), disk_size=definition.disk_size,
-                force=force, home=home, s3_endpoint=s3_endpoint, notice=say,
+                force=force, home=home, s3_endpoint=s3_endpoint, notice=say, lease_ttl=lease_ttl(),
                 network=NetworkConfig.from_dict(definition.network) if definition.network else None,
                 volumes=[
                     VolumeAttachment(v.path, (objects, disk_name(v.name)), v.read_only, v.name)
@@ -306,7 +366,7 @@ async def supervise(
                     servers.cancel_scope.cancel()
                 fenced = machine.fenced
             if fenced:
-                raise blockstore.Fenced("another host took the lane's disk over")
+                raise blockstore.Fenced(supervisor.reason.removeprefix("fenced: "))
             if supervisor.pausing:
                 say(f"lane {name} paused")
             else:
@@ -371,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = run_dir(lanekit_home(), args.name)
     run.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (run / FENCED).unlink()
     write_identity(run)
     return trio.run(
         supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold, args.force
