@@ -356,14 +356,19 @@ def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None
     assert info["lease"]["state"] == "released" and info["paused"]["id"]
 
     objects = blockstore.open_store(store, s3_endpoint=endpoint)
-    chunk = sorted(i.key for i in objects.list("lanes/napper/memory/"))[0]
-    good = objects.get(chunk).data
-    objects.put(chunk, good[:-1] + bytes([good[-1] ^ 1]))
+    chunks = sorted(i.key for i in objects.list("lanes/napper/memory/"))
+    assert len(chunks) == info["paused"]["chunks"]
+    first_chunk, last_chunk = objects.get(chunks[0]).data, objects.get(chunks[-1]).data
+    objects.put(chunks[0], first_chunk[:-1] + bytes([first_chunk[-1] ^ 1]))
     corrupted = b.lanekit("lane", "start", "napper", *s3)
     assert corrupted.returncode == 1 and b"memory snapshot is corrupted" in corrupted.stderr
-    assert b"stays paused" in corrupted.stderr
+    assert b"chunk 0 does not match" in corrupted.stderr and b"stays paused" in corrupted.stderr
     assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json").stdout)] == ["paused"]
-    objects.put(chunk, good)
+    objects.put(chunks[0], first_chunk)
+    objects.delete(chunks[-1])  # truncated: the stream's end is gone
+    truncated = b.lanekit("lane", "start", "napper")
+    assert truncated.returncode == 1 and b"is missing" in truncated.stderr, truncated.stderr
+    objects.put(chunks[-1], last_chunk)
 
     resumed = b.lanekit("lane", "start", "napper")
     assert resumed.returncode == 0, resumed.stderr

@@ -38,12 +38,13 @@ from typing import Any
 import trio
 
 import blockstore
+from blockstore.concurrency import first_failure
 from blockstore.identity import process_identity
 
 from ..launcher import Sandbox
 from ..machine import Machine
 from ..net import NetworkConfig
-from ..snapshot import load_memory, save_memory
+from ..snapshot import load_memory, stream_memory
 from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
 from . import paused
@@ -161,7 +162,8 @@ class _Supervisor:
 
     def answer(self, op: str) -> dict[str, Any]:
         if op == "status":
-            return {"ok": {"name": self.name, "pid": os.getpid()}}
+            read = getattr(self.objects, "bytes_read", None)
+            return {"ok": {"name": self.name, "pid": os.getpid(), "store_bytes_read": read}}
         if op == "stop":
             self.request_stop("stop requested")
             return {"ok": "stopping"}
@@ -181,27 +183,35 @@ class _Supervisor:
             }
         self.pausing = True
         snapshot = paused.new_snapshot_id()
-        memory = self.run / "memory.bin"
+        objects = self.objects
+        stored: list[tuple[list[str], int]] = []
+
+        async def into_store(stream: trio.abc.ReceiveStream) -> None:
+            """The memory into the store as qemu writes it, the disk's checkpoint beside
+            it (the guest is stopped: its disk holds what that memory expects)."""
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(machine.disk.checkpoint, f"paused-{snapshot}")
+                stored.append(await paused.upload_stream(objects, self.name, snapshot, stream))
+
         try:
-            say(f"pausing: saving the guest's memory (snapshot {snapshot})")
-            version = await save_memory(machine, memory)
+            say(f"pausing: saving the guest's memory into the store (snapshot {snapshot})")
             try:
-                await machine.disk.checkpoint(f"paused-{snapshot}")
-                chunks = await paused.upload(self.objects, self.name, snapshot, memory)
-                record = {"id": snapshot, "chunks": chunks, "qemu": version, "saved": time.time()}
-                await trio.to_thread.run_sync(paused.write_record, self.objects, self.name, record)
+                version = await stream_memory(machine, into_store)
+                ((chunks, length),) = stored
+                record = {
+                    "id": snapshot, "chunks": chunks, "bytes": length, "qemu": version,
+                    "saved": time.time(),
+                }  # fmt: skip
+                await trio.to_thread.run_sync(paused.write_record, objects, self.name, record)
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(paused.discard, self.objects, self.name, {})
+                    await trio.to_thread.run_sync(paused.discard, objects, self.name, {})
                     await _resume_after_failed_save(machine)
                 raise
         except Exception as exc:
             self.pausing = False
-            say(f"pause failed, the lane runs on: {exc}")
-            return {"error": f"could not pause: {exc}"}
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                memory.unlink()
+            say(f"pause failed, the lane runs on: {first_cause(exc)}")
+            return {"error": f"could not pause: {first_cause(exc)}"}
         say(f"paused: memory and disk state are in the store (snapshot {snapshot})")
         await machine.kill()
         self.stop.set()
@@ -232,6 +242,11 @@ class _Supervisor:
         await trio.sleep(seconds)
         if not self.stop.is_set() and not self.pausing:
             self.request_stop(f"max duration {_duration(seconds)} reached")
+
+
+def first_cause(exc: BaseException) -> BaseException:
+    """The real error inside a nursery's exception group (the error itself otherwise)."""
+    return first_failure(exc) if isinstance(exc, BaseExceptionGroup) else exc
 
 
 def _duration(seconds: float) -> str:
