@@ -1,10 +1,11 @@
 """A paused lane's memory snapshot in its store::
 
     lanes/<name>/memory/<id>/<n>    the migration stream in chunks
-    lanes/<name>/paused             JSON: id, chunk digests, length, qemu version (last)
+    lanes/<name>/paused             JSON: id, chunk digests, length, encoding, qemu version
 
-The stream goes to the store as qemu writes it, several chunks in flight; the record is
-written only once every chunk is stored, so a pause that answers success is durable.
+The stream goes to the store as qemu writes it, several chunks (lz4-compressed) in flight;
+the record is written last, once every chunk is stored, so a pause that answers success is
+durable.
 
 The root disk at pause time is the disk's checkpoint ``paused-<id>``; nobody writes the
 disk while the lane is paused (a start resumes it), so the head is that state too. Every
@@ -23,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import lz4.block
 import trio
 
 import blockstore
@@ -33,6 +35,8 @@ from .definition import PREFIX, LaneError
 
 CHUNK = 8 << 20
 PARALLEL = 6
+ENCODING = "lz4-block"
+"""How chunks are stored (records without ``encoding`` hold raw chunks)."""
 """Chunk puts in flight while the stream comes (their buffers: PARALLEL x CHUNK)."""
 
 
@@ -108,9 +112,11 @@ async def _read_chunk(stream: trio.abc.ReceiveStream) -> bytearray:
 
 
 def _store_chunk(objects: ObjectStore, key: str, data: bytearray) -> str:
-    digest = _sha256(data)
-    objects.put(key, bytes(data))
-    return digest
+    """Compress (a guest's memory is about half page cache and code: lz4 halves what the
+    store must take) and put; the sha256 of what is stored."""
+    stored = lz4.block.compress(data, store_size=True)
+    objects.put(key, stored)
+    return _sha256(stored)
 
 
 def write_record(objects: ObjectStore, name: str, record: dict[str, Any]) -> None:
@@ -131,7 +137,10 @@ async def download(objects: ObjectStore, name: str, record: dict[str, Any], path
             if found is None or found[1] != expected[index]:
                 what = "is missing" if found is None else "does not match its sha256"
                 raise _corrupted(name, f"chunk {index} {what}")
-            await trio.to_thread.run_sync(_write_at, f, index * CHUNK, found[0])
+            data = found[0]
+            if record.get("encoding") == ENCODING:
+                data = await trio.to_thread.run_sync(_decompress, name, index, data)
+            await trio.to_thread.run_sync(_write_at, f, index * CHUNK, data)
         finally:
             slots.release()
 
@@ -155,6 +164,16 @@ def _corrupted(name: str, what: str) -> LaneError:
         f"`lanekit lane start {name} --cold` boots it from its disk instead (its running "
         "processes are lost)"
     )
+
+
+def _decompress(name: str, index: int, stored: bytes) -> bytes:
+    try:
+        data = lz4.block.decompress(stored)
+    except lz4.block.LZ4BlockError:
+        raise _corrupted(name, f"chunk {index} does not decompress") from None
+    if len(data) > CHUNK:
+        raise _corrupted(name, f"chunk {index} holds more than a chunk")
+    return bytes(data)
 
 
 def _fetch_chunk(objects: ObjectStore, key: str) -> tuple[bytes, str] | None:

@@ -162,7 +162,7 @@ class _Supervisor:
 
     def answer(self, op: str) -> dict[str, Any]:
         if op == "status":
-            read = getattr(self.objects, "bytes_read", None)
+            read = _bytes_read(self.objects)
             return {"ok": {"name": self.name, "pid": os.getpid(), "store_bytes_read": read}}
         if op == "stop":
             self.request_stop("stop requested")
@@ -195,12 +195,17 @@ class _Supervisor:
 
         try:
             say(f"pausing: saving the guest's memory into the store (snapshot {snapshot})")
+            began = time.monotonic()
             try:
                 version = await stream_memory(machine, into_store)
                 ((chunks, length),) = stored
+                say(
+                    f"memory: {length / (1 << 20):.0f} MiB streamed into the store in "
+                    f"{time.monotonic() - began:.2f} s (the disk's checkpoint beside it)"
+                )
                 record = {
                     "id": snapshot, "chunks": chunks, "bytes": length, "qemu": version,
-                    "saved": time.time(),
+                    "encoding": paused.ENCODING, "saved": time.time(),
                 }  # fmt: skip
                 await trio.to_thread.run_sync(paused.write_record, objects, self.name, record)
             except BaseException:
@@ -242,6 +247,14 @@ class _Supervisor:
         await trio.sleep(seconds)
         if not self.stop.is_set() and not self.pausing:
             self.request_stop(f"max duration {_duration(seconds)} reached")
+
+
+def _bytes_read(objects: object) -> int | None:
+    """What this process has read from the store (S3 stores count it; wrappers hold the
+    store as ``inner``)."""
+    while objects is not None and not hasattr(objects, "bytes_read"):
+        objects = getattr(objects, "inner", None)
+    return None if objects is None else int(objects.bytes_read)
 
 
 def first_cause(exc: BaseException) -> BaseException:
