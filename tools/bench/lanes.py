@@ -122,7 +122,13 @@ def run(*, quick: bool = False) -> Report:
         "both hosts are one machine: kill -9 leaves a lease whose holder is known dead here, "
         "so the takeover does not wait for it with or without --force",
         "share of the image: fetched bytes / the image's size (its raw size on the host "
-        "that built it)",
+        "that built it); the other host shares the first one's kernel cache (a kernel and "
+        "initramfs are the host's, not the lane's), so what it fetches is the image's and "
+        "the lane disk's blocks and metadata",
+        "pause: from the request to the supervisor's exit (memory streamed into S3, disk "
+        "checkpoint, disk flushed, lease released); per GiB = that time / the guest's RAM",
+        "the machine is shared (other engineers' tests and builds ran during this run): "
+        "times are noisy, sizes are not",
     ]
     return report
 
