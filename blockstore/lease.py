@@ -157,6 +157,9 @@ class Lease:
         self._uncertain = False
         """A write of ours may or may not have landed: read the lease before the next."""
         self.lost = False
+        self.expired = False
+        """Not confirmed for a whole TTL (the store unreachable): others may have taken the
+        lease, so it is never renewed again, even when the store answers."""
 
     @property
     def key(self) -> str:
@@ -257,8 +260,20 @@ class Lease:
             f"(now held by {who}); it can no longer commit"
         )
 
+    def expire(self) -> Fenced:
+        """Give the lease up for good after a whole TTL without confirmation."""
+        self.expired = True
+        return Fenced(
+            f"disk {self.disk!r}: this writer could not renew its lease (epoch {self.epoch}) "
+            f"for longer than its TTL ({self.ttl:g} s): the store was unreachable, so another "
+            "host may have taken the disk over; it never commits again"
+        )
+
     def renew(self) -> None:
-        """Extend the lease; raises Fenced if another writer took it."""
+        """Extend the lease; raises Fenced if another writer took it, or if it expired
+        before this renewal (see ``expired``)."""
+        if self.expired or self.expired_locally():
+            raise self.expire()
         if self.lost:
             raise self._fenced()
         if self._uncertain and not self._resolve():
@@ -294,7 +309,7 @@ class Lease:
 
     def release(self) -> None:
         """Mark the lease released so the next writer need not wait for the TTL."""
-        if self.lost:
+        if self.lost or self.expired:
             return
         if self._uncertain and not self._resolve():
             return

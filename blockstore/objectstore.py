@@ -426,6 +426,9 @@ class S3ObjectStore(ObjectStore):
                 "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
             )
         self.client = client
+        self.bytes_read = 0
+        """Body bytes of every GET so far: what this process fetched from the store."""
+        self._counting = threading.Lock()
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
@@ -495,9 +498,14 @@ class S3ObjectStore(ObjectStore):
             with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
                 self.client.create_bucket(Bucket=self.bucket)
 
+    def _count(self, data: bytes) -> bytes:
+        with self._counting:
+            self.bytes_read += len(data)
+        return data
+
     def get(self, key: str) -> StoredObject:
         r = self._call(key, self.client.get_object, Key=self._k(key))
-        return StoredObject(r["Body"].read(), r["ETag"])
+        return StoredObject(self._count(r["Body"].read()), r["ETag"])
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -508,7 +516,7 @@ class S3ObjectStore(ObjectStore):
             Key=self._k(key),
             Range=f"bytes={offset}-{offset + length - 1}",
         )
-        return b"" if r is None else bytes(r["Body"].read())
+        return b"" if r is None else self._count(bytes(r["Body"].read()))
 
     def put(
         self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None

@@ -606,7 +606,7 @@ class ObjectBlockStore:
         async with self._commit_lock:
             if not self._pending:
                 if self.fenced:
-                    raise Fenced(f"disk {self.head.disk!r}: this writer was fenced")
+                    raise self._fenced_error()
                 return
             await self._commit(self._prepare_flush, lambda: not self._pending, fencing=False)
 
@@ -614,7 +614,27 @@ class ObjectBlockStore:
         lease = self.lease
         if lease is not None:
             async with self._lease_lock:
-                await run_sync(lease.renew)
+                await self._renew(lease)
+
+    def _fenced_error(self) -> Fenced:
+        if self.lease is not None and self.lease.expired:
+            return self.lease.expire()
+        return Fenced(f"disk {self.head.disk!r}: this writer was fenced by a newer one")
+
+    async def _renew(self, lease: Lease) -> None:
+        """Renew, but give up when the lease expires: a store that does not answer (its
+        requests hang on their timeouts and retries) fences this writer at the TTL, not
+        minutes later. An abandoned renewal may still land: harmless, nothing commits."""
+        left = lease.renewed + lease.ttl - time.time()
+        try:
+            with trio.fail_after(max(left, 0.0)):
+                await trio.to_thread.run_sync(lease.renew, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            self.fenced = True
+            raise lease.expire() from None
+        except Fenced:
+            self.fenced = True
+            raise
 
     async def _confirm_lease(self) -> None:
         """No commit without a lease known to be ours and unexpired (see CONFIRM_FRACTION)."""
@@ -624,11 +644,7 @@ class ObjectBlockStore:
             return
         async with self._lease_lock:
             if lease.needs_confirmation():
-                try:
-                    await run_sync(lease.renew)
-                except Fenced:
-                    self.fenced = True
-                    raise
+                await self._renew(lease)
 
     async def _commit(
         self,
@@ -640,7 +656,7 @@ class ObjectBlockStore:
         """Put a head prepared by ``prepare`` (again, on the head then current, until it or
         an earlier attempt lands and ``done()`` says nothing is left)."""
         if self.fenced:
-            raise Fenced(f"disk {self.head.disk!r}: this writer was fenced by a newer one")
+            raise self._fenced_error()
         lease = self.lease
         assert lease is not None
         await self._confirm_lease()  # a takeover's retries may outlast a confirmation too

@@ -15,7 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import trio
 
 import blockstore
-from blockstore.lease import Lease
+import blockstore.lease
 from vm.lanes import Lane, LaneError
 from vm.lanes.definition import root_disk_name, runner
 from vm.launcher import Sandbox
@@ -357,14 +356,19 @@ def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None
     assert info["lease"]["state"] == "released" and info["paused"]["id"]
 
     objects = blockstore.open_store(store, s3_endpoint=endpoint)
-    chunk = sorted(i.key for i in objects.list("lanes/napper/memory/"))[0]
-    good = objects.get(chunk).data
-    objects.put(chunk, good[:-1] + bytes([good[-1] ^ 1]))
+    chunks = sorted(i.key for i in objects.list("lanes/napper/memory/"))
+    assert len(chunks) == info["paused"]["chunks"]
+    first_chunk, last_chunk = objects.get(chunks[0]).data, objects.get(chunks[-1]).data
+    objects.put(chunks[0], first_chunk[:-1] + bytes([first_chunk[-1] ^ 1]))
     corrupted = b.lanekit("lane", "start", "napper", *s3)
     assert corrupted.returncode == 1 and b"memory snapshot is corrupted" in corrupted.stderr
-    assert b"stays paused" in corrupted.stderr
+    assert b"chunk 0 does not match" in corrupted.stderr and b"stays paused" in corrupted.stderr
     assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json").stdout)] == ["paused"]
-    objects.put(chunk, good)
+    objects.put(chunks[0], first_chunk)
+    objects.delete(chunks[-1])  # truncated: the stream's end is gone
+    truncated = b.lanekit("lane", "start", "napper")
+    assert truncated.returncode == 1 and b"is missing" in truncated.stderr, truncated.stderr
+    objects.put(chunks[-1], last_chunk)
 
     resumed = b.lanekit("lane", "resume", "napper")  # start resumes too (above)
     assert resumed.returncode == 0, resumed.stderr
@@ -419,12 +423,45 @@ def test_a_lane_keeps_its_network(two_hosts: tuple[Host, Host, str, str]) -> Non
         assert a.lanekit("lane", "rm", "netted").returncode == 0
 
 
-def race_for(lease: Lease, outcomes: list[str], i: int) -> None:
+def race_start(a: Host, b: Host, name: str, objects: blockstore.ObjectStore) -> None:
+    """Two hosts run `lane start NAME` at once; the loser must fail at the lease with one
+    line and leave no process; the winner is the lease's holder (then killed with -9)."""
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "lane", "start", name],
+            env=host.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for host in (a, b)
+    ]
     try:
-        lease.acquire(0)
-        outcomes[i] = "won"
-    except blockstore.LeaseHeld as exc:
-        outcomes[i] = str(exc)
+        deadline = time.monotonic() + 120
+        while all(p.poll() is None for p in racers):
+            assert time.monotonic() < deadline, "neither start ended"
+            time.sleep(0.05)
+        first = 0 if racers[0].poll() is not None else 1
+        if racers[first].returncode == 0:  # the winner booted before the loser got going
+            first = 1 - first
+            racers[first].wait(120)
+        loser, winner = ((a, b)[first], racers[first]), ((a, b)[1 - first], racers[1 - first])
+        _, error = loser[1].communicate(timeout=30)
+        assert loser[1].returncode == 1, error
+        assert error.count(b"\n") == 1 and b"Traceback" not in error, error
+        assert f"lane {name!r} is".encode() in error and b"--force" in error, error
+        with contextlib.suppress(FileNotFoundError):  # refused before it had one
+            wait_gone([loser[0].supervisor(name)])
+        supervisor = winner[0].supervisor(name)
+        lease, _ = blockstore.lease.read_lease(objects, root_disk_name(name))
+        assert lease is not None and lease["state"] == "held", lease
+        assert lease["holder"]["pid"] == supervisor, (lease, supervisor)
+        children = children_of(supervisor)
+        os.kill(supervisor, signal.SIGKILL)
+        wait_gone([supervisor, *children])
+    finally:
+        for racer in racers:
+            racer.kill()
+            racer.communicate()
 
 
 def test_force_takeover_fencing_a_start_race_and_max_duration(
@@ -559,22 +596,11 @@ def test_force_takeover_fencing_a_start_race_and_max_duration(
     row = b.lanekit("lane", "ls", *s3).stdout.decode().splitlines()[1].split("\t")
     assert row[:2] == ["brief", "stopped (max duration 2s reached)"], row
 
-    # Ten more races, through the lease the supervisors take (no VM boots): one winner each.
-    disk = root_disk_name("brief")
+    # Ten more real races of two `lane start`s: one wins each, the other fails with one line
+    # and leaves nothing. Each winner is killed (-9) once the loser is out, before its guest
+    # boots: its lease, held by a dead process of this host, is free for the next race.
     for _ in range(10):
-        leases = [Lease(objects, disk), Lease(objects, disk)]
-        outcomes: list[str] = ["", ""]
-        threads = [
-            threading.Thread(target=race_for, args=(lease, outcomes, i))
-            for i, lease in enumerate(leases)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        assert sorted(outcomes)[1] == "won" and "is in use by host" in sorted(outcomes)[0]
-        leases[outcomes.index("won")].release()
-
+        race_start(a, b, "brief", objects)
     for host, name in ((a, "mover"), (a, "brief")):
         assert host.lanekit("lane", "rm", name).returncode == 0
     assert a.lanekit("volume", "rm", "scratch", *s3).returncode == 0

@@ -423,8 +423,9 @@ class Sandbox:
             await trio.sleep(0.5)
         machine.fenced = True
         self.notice(
-            "fenced: another host took this disk over; the sandbox stops, and what it "
-            "wrote since then is not on the disk"
+            "fenced: this host may no longer commit to the disk (another host took it over, "
+            "or the store was out of reach for longer than the lease TTL); the sandbox "
+            "stops, and what it wrote since then is not on the disk"
         )
         await machine.kill()
 

@@ -1,8 +1,10 @@
 """Memory snapshots of a running sandbox through qemu's migration stream.
 
-:func:`save_memory` stops the guest and has qemu write its memory and device state to a
-file (a non-live migration: the guest is stopped first, so the disks, flushed after it,
-hold exactly what that memory expects). :func:`load_memory` feeds such a file to a qemu
+:func:`stream_memory` stops the guest and has qemu write its memory and device state into
+a pipe (an ``fd:`` migration) that the caller reads as it comes, so the stream can go to
+the store while qemu still writes it. The migration is not live: the guest is stopped
+first (qemu drains and flushes its disks then), so the disks hold exactly what that memory
+expects. :func:`load_memory` feeds such a stream, from a file, to a qemu
 started with ``-incoming defer`` and the same hardware (``Sandbox._qemu_argv`` fixes
 machine type, CPU model and device order) and lets the guest run on.
 
@@ -13,7 +15,11 @@ qemu version, machine type and CPU model.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shlex
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,9 @@ from .qmp import QMP, QMPError
 MAX_BANDWIDTH = 8 << 30
 """bytes/s: qemu's default migration bandwidth (128 MiB/s) would make a save crawl."""
 MIGRATION_TIMEOUT = 600.0
+PIPE_SIZE = 1 << 20
+"""The migration pipe's buffer (Linux's default unprivileged maximum)."""
+PIPE_NAME = "lanekit-memory"
 
 
 class SnapshotError(VMError):
@@ -51,26 +60,70 @@ async def _wait_migration(qmp: QMP) -> dict[str, Any]:
     raise SnapshotError(f"qemu's migration did not finish within {MIGRATION_TIMEOUT:.0f} s")
 
 
-async def save_memory(machine: Machine, path: Path) -> dict[str, Any]:
-    """Stop the guest and write its memory and device state to ``path``; returns the qemu
-    version that wrote it. On failure the guest runs on (nothing lost)."""
+async def stream_memory(
+    machine: Machine, consume: Callable[[trio.abc.ReceiveStream], Awaitable[None]]
+) -> dict[str, Any]:
+    """Stop the guest and have qemu write its memory and device state into a pipe that
+    ``consume`` reads as it comes (to EOF, the end of the stream); returns the qemu version
+    that wrote it. If qemu or ``consume`` fails, the migration is cancelled and the guest
+    runs on (nothing lost)."""
     check_pausable(machine)
     qmp = await QMP.connect(machine.runtime / "qmp.sock")
     try:
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
         await qmp.execute("stop")
         try:
-            await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+            read_fd, write_fd = os.pipe()
+            stream = trio.lowlevel.FdStream(read_fd)
+            try:
+                with contextlib.suppress(OSError):  # a bigger pipe: fewer wake-ups
+                    fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                try:
+                    await qmp.send_fd(write_fd, PIPE_NAME)
+                finally:
+                    os.close(write_fd)  # qemu's copy is the only writer: EOF is the end
+                await qmp.execute("migrate", {"uri": f"fd:{PIPE_NAME}"})
+                try:
+                    await consume(stream)
+                except BaseException:
+                    with trio.CancelScope(shield=True), contextlib.suppress(QMPError):
+                        await stream.aclose()
+                        await qmp.execute("migrate_cancel")
+                    raise
+            finally:
+                await stream.aclose()
             status = await _wait_migration(qmp)
             if status.get("status") != "completed":
                 raise SnapshotError(f"qemu could not save the memory: {status.get('error-desc')}")
         except BaseException:
             with trio.CancelScope(shield=True):
+                await _wait_migration_end(qmp)
                 await qmp.execute("cont")
             raise
         return qmp.version
     finally:
         qmp.close()
+
+
+async def _wait_migration_end(qmp: QMP) -> None:
+    """A cancelled migration ends before the guest may run again."""
+    with trio.move_on_after(30), contextlib.suppress(QMPError):
+        while True:
+            status = (await qmp.execute("query-migrate") or {}).get("status")
+            if status not in ("setup", "active", "cancelling", "device", "pre-switchover"):
+                return
+            await trio.sleep(0.05)
+
+
+async def save_memory(machine: Machine, path: Path) -> dict[str, Any]:
+    """:func:`stream_memory` into a file."""
+
+    async def into_file(stream: trio.abc.ReceiveStream) -> None:
+        async with await trio.open_file(path, "wb") as f:
+            while data := await stream.receive_some(PIPE_SIZE):
+                await f.write(data)
+
+    return await stream_memory(machine, into_file)
 
 
 async def load_memory(machine: Machine, path: Path, saved_by: dict[str, Any]) -> None:

@@ -55,7 +55,7 @@ from .definition import (
     write_definition,
 )
 from .paused import discard, read_paused
-from .supervisor import BUSY, CONSOLE, run_dir
+from .supervisor import BUSY, CONSOLE, read_fenced, run_dir
 
 START_TIMEOUT = 600.0
 STOP_TIMEOUT = 120.0
@@ -305,11 +305,16 @@ class Lane:
             )
         holder = lease["holder"]
         if lease.get("state") == "held":
+            fenced = read_fenced(self.run_dir)
+            reason = (
+                fenced["reason"]
+                if fenced and fenced.get("epoch") == lease["epoch"]
+                else f"its supervisor (host {holder.get('host')}, pid {holder.get('pid')}) "
+                "died or lost the store without stopping it"
+            )
             return LaneStatus(
                 self.name, self.store, "crashed", False, holder.get("host"), holder.get("pid"),
-                lease["epoch"], since=lease["renewed"],
-                reason=f"its supervisor (host {holder.get('host')}, pid {holder.get('pid')}) "
-                "died or lost the store without stopping it"
+                lease["epoch"], since=lease["renewed"], reason=reason
             )  # fmt: skip
         ended = read_ended(self.objects, self.name)
         reason = ended["reason"] if ended and ended.get("epoch") == lease["epoch"] else None
@@ -543,7 +548,9 @@ class Lane:
         this host; the lane goes on running when this ends."""
         socket_path = self.run_dir / "agent.sock"
         if await trio.to_thread.run_sync(self._supervisor_pid) is None or not socket_path.exists():
-            raise LaneError(f"lane {self.name!r} is not running on this host")
+            fenced = await trio.to_thread.run_sync(read_fenced, self.run_dir)
+            why = f" (its last run here was {fenced['reason']})" if fenced else ""
+            raise LaneError(f"lane {self.name!r} is not running on this host{why}")
         async with trio.open_nursery() as nursery:
             machine = _LaneMachine(self.definition.env, socket_path, "/", nursery, CONNECT_TIMEOUT)
             try:

@@ -1,7 +1,11 @@
 """A paused lane's memory snapshot in its store::
 
     lanes/<name>/memory/<id>/<n>    the migration stream in chunks
-    lanes/<name>/paused             JSON: id, chunk digests, qemu version (written last)
+    lanes/<name>/paused             JSON: id, chunk digests, length, encoding, qemu version
+
+The stream goes to the store as qemu writes it, several chunks (lz4-compressed) in flight;
+the record is written last, once every chunk is stored, so a pause that answers success is
+durable.
 
 The root disk at pause time is the disk's checkpoint ``paused-<id>``; nobody writes the
 disk while the lane is paused (a start resumes it), so the head is that state too. Every
@@ -14,19 +18,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import lz4.block
 import trio
 
 import blockstore
 from blockstore import ObjectStore
+from blockstore.concurrency import first_failure
 
 from .definition import PREFIX, LaneError
 
 CHUNK = 8 << 20
+PARALLEL = 6
+ENCODING = "lz4-block"
+"""How chunks are stored (records without ``encoding`` hold raw chunks)."""
+"""Chunk puts in flight while the stream comes (their buffers: PARALLEL x CHUNK)."""
 
 
 def _record_key(name: str) -> str:
@@ -59,18 +70,53 @@ def read_paused(objects: ObjectStore, name: str) -> dict[str, Any] | None:
     return record
 
 
-async def upload(objects: ObjectStore, name: str, snapshot: str, path: Path) -> list[str]:
-    """Store the file's chunks; their sha256s."""
-    digests = []
-    with open(path, "rb") as f:  # noqa: ASYNC230  (reads go to a thread)
-        index = 0
-        while data := await trio.to_thread.run_sync(f.read, CHUNK):
-            digest = await trio.to_thread.run_sync(_sha256, data)
-            key = _chunk_key(name, snapshot, index)
-            await trio.to_thread.run_sync(objects.put, key, data)
-            digests.append(digest)
-            index += 1
-    return digests
+async def upload_stream(
+    objects: ObjectStore, name: str, snapshot: str, stream: trio.abc.ReceiveStream
+) -> tuple[list[str], int]:
+    """Store the stream's chunks as they arrive, ``PARALLEL`` puts at a time; their sha256s
+    and the stream's length, once every put has succeeded (the puts are then durable)."""
+    digests: list[str] = []
+    total = 0
+    slots = trio.Semaphore(PARALLEL)
+
+    async def put(index: int, data: bytearray) -> None:
+        key = _chunk_key(name, snapshot, index)
+        try:
+            digests[index] = await trio.to_thread.run_sync(_store_chunk, objects, key, data)
+        finally:
+            slots.release()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            index = 0
+            while data := await _read_chunk(stream):
+                total += len(data)
+                await slots.acquire()
+                digests.append("")
+                nursery.start_soon(put, index, data)
+                index += 1
+    except BaseExceptionGroup as group:
+        raise first_failure(group) from None
+    return digests, total
+
+
+async def _read_chunk(stream: trio.abc.ReceiveStream) -> bytearray:
+    """The next CHUNK bytes of the stream (fewer at its end, none after it)."""
+    data = bytearray()
+    while len(data) < CHUNK:
+        more = await stream.receive_some(CHUNK - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _store_chunk(objects: ObjectStore, key: str, data: bytearray) -> str:
+    """Compress (a guest's memory is about half page cache and code: lz4 halves what the
+    store must take) and put; the sha256 of what is stored."""
+    stored = lz4.block.compress(data, store_size=True)
+    objects.put(key, stored)
+    return _sha256(stored)
 
 
 def write_record(objects: ObjectStore, name: str, record: dict[str, Any]) -> None:
@@ -78,27 +124,71 @@ def write_record(objects: ObjectStore, name: str, record: dict[str, Any]) -> Non
 
 
 async def download(objects: ObjectStore, name: str, record: dict[str, Any], path: Path) -> None:
-    """Fetch and check every chunk into ``path``; LaneError naming the first bad one."""
+    """Fetch and check every chunk into ``path``, ``PARALLEL`` at a time; LaneError naming
+    the first bad one, or a stream shorter or longer than the record says."""
     snapshot = str(record["id"])
-    with open(path, "wb") as f:  # noqa: ASYNC230  (writes go to a thread)
-        for index, expected in enumerate(record["chunks"]):
+    expected = list(record["chunks"])
+    slots = trio.Semaphore(PARALLEL)
+
+    async def fetch(index: int, f: Any) -> None:
+        try:
             key = _chunk_key(name, snapshot, index)
-            try:
-                data = (await trio.to_thread.run_sync(objects.get, key)).data
-            except blockstore.ObjectNotFound:
-                data = None
-            digest = None if data is None else await trio.to_thread.run_sync(_sha256, data)
-            if data is None or digest != expected:
-                what = "is missing" if data is None else "does not match its sha256"
-                raise LaneError(
-                    f"lane {name!r}: its memory snapshot is corrupted (chunk {index} {what}); "
-                    f"the lane stays paused; `lanekit lane start {name} --cold` boots it "
-                    "from its disk instead (its running processes are lost)"
-                )
-            await trio.to_thread.run_sync(f.write, data)
+            found = await trio.to_thread.run_sync(_fetch_chunk, objects, key)
+            if found is None or found[1] != expected[index]:
+                what = "is missing" if found is None else "does not match its sha256"
+                raise _corrupted(name, f"chunk {index} {what}")
+            data = found[0]
+            if record.get("encoding") == ENCODING:
+                data = await trio.to_thread.run_sync(_decompress, name, index, data)
+            await trio.to_thread.run_sync(_write_at, f, index * CHUNK, data)
+        finally:
+            slots.release()
+
+    with open(path, "wb") as f:  # noqa: ASYNC230  (writes go to threads)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(len(expected)):
+                    await slots.acquire()
+                    nursery.start_soon(fetch, index, f)
+        except BaseExceptionGroup as group:
+            raise first_failure(group) from None
+        size = await trio.to_thread.run_sync(lambda: os.fstat(f.fileno()).st_size)
+    length = record.get("bytes")
+    if length is not None and size != length:
+        raise _corrupted(name, f"its chunks hold {size} bytes, not the {length} saved")
 
 
-def _sha256(data: bytes) -> str:
+def _corrupted(name: str, what: str) -> LaneError:
+    return LaneError(
+        f"lane {name!r}: its memory snapshot is corrupted ({what}); the lane stays paused; "
+        f"`lanekit lane start {name} --cold` boots it from its disk instead (its running "
+        "processes are lost)"
+    )
+
+
+def _decompress(name: str, index: int, stored: bytes) -> bytes:
+    try:
+        data = lz4.block.decompress(stored)
+    except lz4.block.LZ4BlockError:
+        raise _corrupted(name, f"chunk {index} does not decompress") from None
+    if len(data) > CHUNK:
+        raise _corrupted(name, f"chunk {index} holds more than a chunk")
+    return bytes(data)
+
+
+def _fetch_chunk(objects: ObjectStore, key: str) -> tuple[bytes, str] | None:
+    try:
+        data = objects.get(key).data
+    except blockstore.ObjectNotFound:
+        return None
+    return data, _sha256(data)
+
+
+def _write_at(f: Any, offset: int, data: bytes) -> None:
+    os.pwrite(f.fileno(), data, offset)
+
+
+def _sha256(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -11,6 +11,12 @@ A ``pause`` request saves the guest's memory through qemu's migration stream int
 store (see :mod:`.paused`) and ends; the next start, on any host with the same qemu, resumes
 the guest where it was.
 
+A supervisor that cannot renew its leases for longer than their TTL (the store cut off) is
+fenced: the block store never commits for it again, even when the store answers again
+(another host may have taken the lane over meanwhile). It says so in its log, in
+``fenced.json`` of the run directory (what ``lane ls``/``info``/``exec`` here report), and
+ends. ``LANEKIT_LEASE_TTL`` (seconds) sets the TTL of the leases it takes.
+
 Signals follow ``tools/stopping.py``: the first SIGTERM/SIGINT (or a ``stop`` request) is
 a clean stop (the guest syncs and powers off, the disk is flushed and its lease released);
 a second one kills the guest at once and still flushes and releases the disk.
@@ -32,12 +38,13 @@ from typing import Any
 import trio
 
 import blockstore
+from blockstore.concurrency import first_failure
 from blockstore.identity import process_identity
 
 from ..launcher import Mount, Sandbox
 from ..machine import Machine
 from ..net import NetworkConfig
-from ..snapshot import SnapshotError, check_pausable, load_memory, save_memory
+from ..snapshot import SnapshotError, check_pausable, load_memory, stream_memory
 from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
 from . import checkpoints, paused, runlock
@@ -50,10 +57,50 @@ BUSY = "busy: "
 CONSOLE = "console.log"
 GUEST_KILLED = 130
 """Exit status of a run whose guest was killed by a second stop signal (disk still flushed)."""
+FENCED = "fenced.json"
+"""Why this host's last run of the lane was fenced (epoch, reason)."""
+LEASE_TTL_ENV = "LANEKIT_LEASE_TTL"
 
 
 def run_dir(home: Path, name: str) -> Path:
     return home / "lanes" / name
+
+
+def lease_ttl() -> float | None:
+    """The TTL of the leases a supervisor takes (``LANEKIT_LEASE_TTL``), None: the default."""
+    value = os.environ.get(LEASE_TTL_ENV)
+    if not value:
+        return None
+    try:
+        ttl = float(value)
+    except ValueError:
+        ttl = 0.0
+    if not 1.0 <= ttl <= 3600.0:
+        raise ValueError(f"{LEASE_TTL_ENV}={value!r}: give seconds between 1 and 3600")
+    return ttl
+
+
+def read_fenced(run: Path) -> dict[str, Any] | None:
+    """This host's record of its last run of the lane being fenced, if there is one."""
+    try:
+        record = json.loads((run / FENCED).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("reason"), str) else None
+
+
+def fence_reason(machine: Machine) -> str:
+    """Why the machine's disks were fenced, as its leases tell."""
+    stores = [machine.disk.store, *(d.store for d in machine.volumes.values())]
+    for store in stores:
+        lease = getattr(store, "lease", None)
+        if getattr(store, "fenced", False) and lease is not None and lease.expired:
+            return (
+                f"fenced: the store was unreachable for longer than the lease TTL "
+                f"({lease.ttl:g} s); this host never commits to the lane's disks again "
+                "(what the guest wrote since its last durable flush is lost)"
+            )
+    return "fenced: another host took the lane's disk over"
 
 
 def say(line: str) -> None:
@@ -125,7 +172,8 @@ class _Supervisor:
 
     def answer(self, op: str) -> dict[str, Any]:
         if op == "status":
-            return {"ok": {"name": self.name, "pid": os.getpid()}}
+            read = _bytes_read(self.objects)
+            return {"ok": {"name": self.name, "pid": os.getpid(), "store_bytes_read": read}}
         if op == "stop":
             self.request_stop("stop requested")
             return {"ok": "stopping"}
@@ -149,27 +197,40 @@ class _Supervisor:
             }
         self.pausing = True
         snapshot = paused.new_snapshot_id()
-        memory = self.run / "memory.bin"
+        objects = self.objects
+        stored: list[tuple[list[str], int]] = []
+
+        async def into_store(stream: trio.abc.ReceiveStream) -> None:
+            """The memory into the store as qemu writes it, the disk's checkpoint beside
+            it (the guest is stopped: its disk holds what that memory expects)."""
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(machine.disk.checkpoint, f"paused-{snapshot}")
+                stored.append(await paused.upload_stream(objects, self.name, snapshot, stream))
+
         try:
-            say(f"pausing: saving the guest's memory (snapshot {snapshot})")
-            version = await save_memory(machine, memory)
+            say(f"pausing: saving the guest's memory into the store (snapshot {snapshot})")
+            began = time.monotonic()
             try:
-                await machine.disk.checkpoint(f"paused-{snapshot}")
-                chunks = await paused.upload(self.objects, self.name, snapshot, memory)
-                record = {"id": snapshot, "chunks": chunks, "qemu": version, "saved": time.time()}
-                await trio.to_thread.run_sync(paused.write_record, self.objects, self.name, record)
+                version = await stream_memory(machine, into_store)
+                ((chunks, length),) = stored
+                say(
+                    f"memory: {length / (1 << 20):.0f} MiB streamed into the store in "
+                    f"{time.monotonic() - began:.2f} s (the disk's checkpoint beside it)"
+                )
+                record = {
+                    "id": snapshot, "chunks": chunks, "bytes": length, "qemu": version,
+                    "encoding": paused.ENCODING, "saved": time.time(),
+                }  # fmt: skip
+                await trio.to_thread.run_sync(paused.write_record, objects, self.name, record)
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(paused.discard, self.objects, self.name, {})
+                    await trio.to_thread.run_sync(paused.discard, objects, self.name, {})
                     await _resume_after_failed_save(machine)
                 raise
         except Exception as exc:
             self.pausing = False
-            say(f"pause failed, the lane runs on: {exc}")
-            return {"error": f"could not pause: {exc}"}
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                memory.unlink()
+            say(f"pause failed, the lane runs on: {first_cause(exc)}")
+            return {"error": f"could not pause: {first_cause(exc)}"}
         say(f"paused: memory and disk state are in the store (snapshot {snapshot})")
         await machine.kill()
         self.stop.set()
@@ -195,14 +256,41 @@ class _Supervisor:
     async def watch_guest(self, machine: Machine) -> None:
         code = await machine.qemu.wait()
         if not self.stop.is_set() and not self.pausing:
-            self.reason = "fenced" if machine.fenced else f"the guest stopped (qemu exit {code})"
+            if machine.fenced:
+                self.reason = fence_reason(machine)
+                await trio.to_thread.run_sync(self.record_fenced, machine)
+            else:
+                self.reason = f"the guest stopped (qemu exit {code})"
             say(f"{self.reason}: the lane stops")
             self.stop.set()
+
+    def record_fenced(self, machine: Machine) -> None:
+        """Tell this host's lane commands at once (they cannot ask the store when it is
+        the store that is gone): no agent socket any more, and why."""
+        record = {"epoch": _epoch(machine), "reason": self.reason, "at": time.time()}
+        tmp = self.run / f"{FENCED}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.rename(self.run / FENCED)
+        with contextlib.suppress(FileNotFoundError):
+            (self.run / "agent.sock").unlink()
 
     async def limit_duration(self, seconds: float) -> None:
         await trio.sleep(seconds)
         if not self.stop.is_set() and not self.pausing:
             self.request_stop(f"max duration {_duration(seconds)} reached")
+
+
+def _bytes_read(objects: object) -> int | None:
+    """What this process has read from the store (S3 stores count it; wrappers hold the
+    store as ``inner``)."""
+    while objects is not None and not hasattr(objects, "bytes_read"):
+        objects = getattr(objects, "inner", None)
+    return None if objects is None else int(objects.bytes_read)
+
+
+def first_cause(exc: BaseException) -> BaseException:
+    """The real error inside a nursery's exception group (the error itself otherwise)."""
+    return first_failure(exc) if isinstance(exc, BaseExceptionGroup) else exc
 
 
 def _duration(seconds: float) -> str:
@@ -306,7 +394,7 @@ async def supervise(
             sandbox = LaneSandbox(
                 definition.image, cpus=definition.cpus, memory_mib=definition.memory_mib,
                 disk=(objects, root_disk_name(name)), disk_size=definition.disk_size,
-                force=force, home=home, s3_endpoint=s3_endpoint, notice=say,
+                force=force, home=home, s3_endpoint=s3_endpoint, notice=say, lease_ttl=lease_ttl(),
                 network=NetworkConfig.from_dict(definition.network) if definition.network else None,
                 volumes=[
                     VolumeAttachment(v.path, (objects, disk_name(v.name)), v.read_only, v.name)
@@ -338,7 +426,7 @@ async def supervise(
                     servers.cancel_scope.cancel()
                 fenced = machine.fenced
             if fenced:
-                raise blockstore.Fenced("another host took the lane's disk over")
+                raise blockstore.Fenced(supervisor.reason.removeprefix("fenced: "))
             if supervisor.pausing:
                 say(f"lane {name} paused")
             else:
@@ -410,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         _report(args.ready_fd, BUSY + busy)
         return 1
     try:
+        with contextlib.suppress(FileNotFoundError):
+            (run / FENCED).unlink()
         write_identity(run)
         return trio.run(
             supervise, args.name, args.store, args.s3_endpoint, args.ready_fd, args.cold,
