@@ -63,16 +63,16 @@ def test_wrong_credentials_are_refused(s3: S3Endpoint) -> None:
         boto3.client("s3", **kwargs).list_buckets()
 
 
-def _weed_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "weed"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def _weed_pids(data_dir: Path) -> set[int]:
+    """SeaweedFS processes serving ``data_dir`` (not another test worker's)."""
+    out = subprocess.run(["pgrep", "-f", f"weed.*{data_dir}"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
 
 
 @pytest.mark.slow
 def test_s3_serve_cli_runs_until_ctrl_c(tmp_path: Path) -> None:
     import boto3
 
-    before = _weed_pids()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "s3", "serve", "--dir", str(tmp_path / "s3")],
         stdout=subprocess.PIPE,
@@ -109,7 +109,7 @@ def test_s3_serve_cli_runs_until_ctrl_c(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert "stopped" in out
-        assert _weed_pids() - before == set()
+        assert _weed_pids(tmp_path / "s3") == set()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

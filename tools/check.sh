@@ -8,7 +8,8 @@ echo "== ruff format";       ruff format --check .
 echo "== mypy";              mypy
 echo "== pytest"
 set +e
-timeout --signal=TERM --kill-after=60 80m pytest -p no:cacheprovider "$@"
+# Two workers: the VM tests in one (see tests/conftest.py), the rest load-balanced.
+timeout --signal=TERM --kill-after=60 80m pytest -p no:cacheprovider -n 2 --dist loadgroup "$@"
 status=$?
 set -e
 # 5 = no tests collected: a suite that ran nothing has not passed.
