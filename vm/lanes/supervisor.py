@@ -5,7 +5,7 @@ what it starts (qemu, virtiofsd, the NBD server) is spawned by ``vm.proc`` insid
 all dies with it, kill -9 included. It boots the lane's sandbox, which leases the lane's
 root disk (the truth about who runs the lane), and serves two 0600 unix sockets in the
 lane's run directory: ``agent.sock`` (the agent relay, see :mod:`.relay`) and
-``control.sock`` (one JSON request per line: ``status``, ``stop``, ``pause``).
+``control.sock`` (one JSON request per line: ``status``, ``stop``, ``pause``, ``checkpoint``).
 
 A ``pause`` request saves the guest's memory through qemu's migration stream into the
 store (see :mod:`.paused`) and ends; the next start, on any host with the same qemu, resumes
