@@ -43,13 +43,19 @@ def our_mounts() -> list[str]:
 
 @pytest.fixture(autouse=True, scope="module")
 def nothing_left_behind() -> Iterator[None]:
+    """What this module's boots leave; a VM another module shares (booted before, still in
+    use) is not theirs."""
+    processes, mounts = set(our_processes()), set(our_mounts())
+
+    def left() -> tuple[set[str], set[str]]:
+        return set(our_processes()) - processes, set(our_mounts()) - mounts
+
     yield
     try:
-        wait_for(lambda: not our_processes() and not our_mounts(), timeout=10)
+        wait_for(lambda: left() == (set(), set()), timeout=10)
     except AssertionError:
         pass
-    assert our_processes() == []
-    assert our_mounts() == []
+    assert left() == (set(), set())
 
 
 @pytest.fixture(scope="module")
