@@ -111,6 +111,21 @@ class Network:
         self.ca = ca
         """The sandbox's CA, if HTTPS may be intercepted (its key stays in this process)."""
         self._secrets = secrets
+        self._terminated = trio.Event()
+        self.terminated: str | None = None
+        """Why the sandbox must end now (a block-and-terminate secret violation), if so."""
+
+    def terminate(self, reason: str) -> None:
+        """Ask for the sandbox to be killed (the launcher's watcher does it)."""
+        if self.terminated is None:
+            self.terminated = reason
+        self._terminated.set()
+
+    async def wait_terminated(self) -> str:
+        """Once :meth:`terminate` is called: its reason."""
+        await self._terminated.wait()
+        assert self.terminated is not None
+        return self.terminated
 
     def guest_env(self) -> dict[str, str]:
         """Environment for every command: the secrets' placeholders, and where the CA is."""
@@ -199,7 +214,7 @@ async def open_network(
                     f"upstream CA file {config.upstream_ca_file}: {exc}"
                 ) from None
             interceptor = HttpInterceptor(
-                ca, upstream, egress, audit, secrets, config.callback_timeout
+                ca, upstream, egress, audit, secrets, config.callback_timeout, network.terminate
             )
         proxy = TcpProxy(decider, network.pins, audit, egress, interceptor)
         flows = RedirectedFlows(listener, GUEST_ADDRESS)
