@@ -70,8 +70,8 @@ def payload_chunks(size: int) -> Iterator[bytes]:
         yield block[: size & ((1 << 20) - 1)]
 
 
-def payload_sha256(size: int) -> str:
-    digest = hashlib.sha256()
+def payload_digest(size: int, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
     for chunk in payload_chunks(size):
         digest.update(chunk)
     return digest.hexdigest()
