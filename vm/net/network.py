@@ -114,11 +114,14 @@ class Network:
         self._terminated = trio.Event()
         self.terminated: str | None = None
         """Why the sandbox must end now (a block-and-terminate secret violation), if so."""
+        self._stop_serving: Callable[[], None] = lambda: None
 
     def terminate(self, reason: str) -> None:
-        """Ask for the sandbox to be killed (the launcher's watcher does it)."""
+        """End every flow and stop answering at once; the launcher's watcher then kills the
+        sandbox (so the guest gets nothing more out in between)."""
         if self.terminated is None:
             self.terminated = reason
+        self._stop_serving()
         self._terminated.set()
 
     async def wait_terminated(self) -> str:
@@ -222,6 +225,7 @@ async def open_network(
         written = trio.Event()
         done = trio.Event()
         scope = trio.CancelScope()
+        network._stop_serving = scope.cancel
 
         async def write(task_status: trio.TaskStatus[None]) -> None:
             try:
