@@ -61,9 +61,20 @@ MAIN_ZONE = {
 OTHER_ZONE = {"elsewhere.test": ["198.51.100.99"]}
 
 
-def payload(size: int) -> bytes:
+def payload_chunks(size: int) -> Iterator[bytes]:
+    """``/bytes/N``'s body, 1 MiB at a time: pseudo-random, the same for the same N."""
     block = random.Random(size).randbytes(1 << 20)
-    return block * (size >> 20) + block[: size & ((1 << 20) - 1)]
+    for _ in range(size >> 20):
+        yield block
+    if size & ((1 << 20) - 1):
+        yield block[: size & ((1 << 20) - 1)]
+
+
+def payload_digest(size: int, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    for chunk in payload_chunks(size):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Zone(BaseResolver):  # type: ignore[misc]
@@ -86,17 +97,19 @@ class Origin(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/hello":
-            body = HELLO
+            size, chunks = len(HELLO), iter([HELLO])
         elif self.path.startswith("/bytes/"):
-            body = payload(int(self.path.removeprefix("/bytes/")))
+            size = int(self.path.removeprefix("/bytes/"))
+            chunks = payload_chunks(size)
         else:
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(size))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
-        self.wfile.write(body)
+        for chunk in chunks:
+            self.wfile.write(chunk)
 
     def log_message(self, format: str, *args: object) -> None:
         pass

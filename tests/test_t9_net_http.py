@@ -78,8 +78,9 @@ class Rig:
         self.audit = Audit("test", None)
         self.book = SecretBook(secrets)
         upstream = upstream_context(ca_file if upstream_ca == "origin" else upstream_ca)
+        self.terminated: list[str] = []
         self.interceptor = HttpInterceptor(
-            self.ca, upstream, Egress(None), self.audit, self.book, 1.0
+            self.ca, upstream, Egress(None), self.audit, self.book, 1.0, self.terminated.append
         )
         self.events: list[AuditEvent] = []
         self.audit.record = self._record  # type: ignore[method-assign]
@@ -257,6 +258,40 @@ async def test_secret_substituted_only_for_its_hosts(origin: tuple[int, str]) ->
     status, body = status_and_body(await rig.exchange(grant, get("/headers", "tls.test", other)))
     assert (status, body) == (403, b"secret OTHER_TOKEN may not be sent to tls.test\n")
     assert [(e.kind, e.verdict) for e in rig.events] == [("http", "allow"), ("secret", "deny")]
+    assert rig.terminated == []
+
+
+async def test_secret_violation_actions(origin: tuple[int, str]) -> None:
+    """block: an ordinary refused request; block-and-log: a ``secret`` violation too;
+    block-and-terminate: that, no answer, and the sandbox is asked to end. With several
+    secrets misplaced at once, the strictest action decides."""
+    hosts = (".elsewhere.example",)
+    secrets = tuple(
+        Secret(name, f"value-{name}", hosts=hosts, on_violation=action)
+        for name, action in (("QUIET", "block"), ("LOGGED", "block-and-log"),
+                             ("FATAL", "block-and-terminate"))
+    )  # fmt: skip
+    rig = Rig(origin, secrets)
+    env = rig.book.guest_env()
+    grant = HttpGrant(("tls.test",))
+
+    async def send(*names: str) -> bytes:
+        headers = [f"X-{n}: {env[n]}" for n in names]
+        return await rig.exchange(grant, get("/headers", "tls.test", *headers))
+
+    status, body = status_and_body(await send("QUIET"))
+    assert (status, body) == (403, b"secret QUIET may not be sent to tls.test\n")
+    assert (rig.events[-1].kind, rig.events[-1].verdict) == ("http", "deny")
+    status, body = status_and_body(await send("QUIET", "LOGGED"))
+    assert (status, body) == (403, b"secret QUIET, LOGGED may not be sent to tls.test\n")
+    assert (rig.events[-1].kind, rig.events[-1].verdict) == ("secret", "deny")
+    assert rig.terminated == []
+    assert await send("LOGGED", "FATAL") == b""  # not answered: the sandbox is going away
+    reason = "secret LOGGED, FATAL may not be sent to tls.test; the sandbox is terminated"
+    assert (rig.events[-1].kind, rig.events[-1].reason) == ("secret", reason)
+    assert rig.terminated == [reason]
+    with pytest.raises(NetworkConfigError, match="on_violation 'kill'"):
+        Secret("T", "x", hosts=["a.example"], on_violation="kill")
 
 
 async def test_upstream_must_be_trusted_and_guest_must_speak_tls(origin: tuple[int, str]) -> None:
@@ -274,7 +309,8 @@ def test_http_rules_and_secrets_are_plain_data() -> None:
         preset="deny",
         rules=(Rule("allow", "api.example", ports="443", http={"headers": {"X-Key": "v",
                                                                            "X-Drop": None}}),),
-        secrets=(Secret("TOKEN", "value", hosts=["api.example", ".corp.example"]),),
+        secrets=(Secret("TOKEN", "value", hosts=["api.example", ".corp.example"]),
+                 Secret("FATAL", "v", hosts=["api.example"], on_violation="block")),
         upstream_ca_file="/etc/extra.pem",
     )  # fmt: skip
     data = json.loads(json.dumps(config.to_dict()))
@@ -337,6 +373,9 @@ def test_cli_secret_and_upstream_ca_flags(tmp_path: Path) -> None:
     config = network_from_args(parser.parse_args(args))
     assert config.secrets == (Secret("API_TOKEN", "a=b@c", ("api.example", ".corp.example")),)
     assert config.upstream_ca_file == "/etc/extra.pem" and config.may_intercept
+    assert config.secrets[0].on_violation == "block-and-log"
+    strict = network_from_args(parser.parse_args([*args, "--on-secret-violation", "block"]))
+    assert strict.secrets[0].on_violation == "block"
     from_env = parse_secret("HOST_TOKEN@api.example", {"HOST_TOKEN": "from-env"})
     assert from_env.value == "from-env"
     for spec, message in (
@@ -359,6 +398,7 @@ def test_cli_secret_and_upstream_ca_flags(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert "--secret ENV=VALUE@HOST[,HOST]" in helptext and "--upstream-ca FILE" in helptext
+    assert "--on-secret-violation block|block-and-log|block-and-terminate" in helptext
 
 
 async def test_secret_only_interception_lets_other_protocols_through_raw(

@@ -1,20 +1,22 @@
 """HTTPS interception on a real boot: Python's own TLS client in the guest (the python
 image), the sandbox CA in the guest's trust, HTTPS origins in the test internet with a CA
-of their own (tests/netorigins.py). One sandbox is shared by the tests; none depends on
-another's traffic."""
+of their own (tests/netorigins.py); and a bulk download through the proxy. One sandbox is
+shared by the tests; none depends on another's traffic."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.netorigins import internet_namespace
+from tests.netorigins import internet_namespace, payload_digest
 from tests.test_t9_vm_net import assert_gone
 from vm.launcher import Sandbox
 from vm.machine import SyncMachine
@@ -63,26 +65,37 @@ def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def machine(vm_home: Path, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[SyncMachine]:  # fmt: skip
+def internet(ca_file: Path) -> Iterator[str]:
+    with internet_namespace(str(REPO), str(ca_file)) as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def machine(vm_home: Path, ca_file: Path, internet: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[SyncMachine]:  # fmt: skip
     log = tmp_path_factory.mktemp("net-http") / "audit.jsonl"
-    with internet_namespace(str(REPO), str(ca_file)) as internet:
-        config = NetworkConfig(
-            preset="deny",
-            rules=(Rule("allow", "other.test", ports="443", http={"headers": {"X-Rule": "rule"}}),),
-            dns=("203.0.113.53",),
-            egress_netns=internet,
-            log_path=str(log),
-            upstream_ca_file=str(ca_file),
-            secrets=(Secret("API_TOKEN", TOKEN, hosts=["tls.test"]),),
-            callback=decide,
-        )
-        with Sandbox("python", home=vm_home, memory_mib=768, network=config).run() as m:
-            assert m.network is not None
-            inode, qemu_pid = m.network.namespace_inode, m._machine.qemu.pid
-            m.write_file("/tmp/client.py", CLIENT)
-            yield m
-        assert_gone(inode, qemu_pid)
+    config = NetworkConfig(
+        preset="deny",
+        rules=(
+            Rule("allow", "other.test", ports="443", http={"headers": {"X-Rule": "rule"}}),
+            Rule("allow", "origin.test", ports="80"),
+        ),
+        dns=("203.0.113.53",),
+        egress_netns=internet,
+        log_path=str(log),
+        upstream_ca_file=str(ca_file),
+        secrets=(
+            Secret("API_TOKEN", TOKEN, hosts=["tls.test"]),
+            Secret("QUIET_TOKEN", "quiet-value", hosts=["tls.test"], on_violation="block"),
+        ),
+        callback=decide,
+    )
+    with Sandbox("python", home=vm_home, memory_mib=768, network=config).run() as m:
+        assert m.network is not None
+        inode, qemu_pid = m.network.namespace_inode, m._machine.qemu.pid
+        m.write_file("/tmp/client.py", CLIENT)
+        yield m
+    assert_gone(inode, qemu_pid)
 
 
 def fetch(machine: SyncMachine, *args: object) -> tuple[int, str]:
@@ -133,6 +146,7 @@ def test_headers_injected_by_the_policy_hook_and_by_a_rule(machine: SyncMachine)
 
 
 def test_secret_goes_only_to_its_host_and_the_guest_never_sees_it(machine: SyncMachine) -> None:
+    """API_TOKEN's action is the default, block-and-log: refused, and a ``secret`` violation."""
     placeholder = machine.exec_text(["sh", "-c", 'printf %s "$API_TOKEN"'])
     assert placeholder.startswith("lanekit-secret-API_TOKEN-") and TOKEN not in placeholder
     auth = f"Authorization: Bearer {placeholder}"
@@ -148,6 +162,90 @@ def test_secret_goes_only_to_its_host_and_the_guest_never_sees_it(machine: SyncM
     )
     leaked = machine.exec(["sh", "-c", f"grep -rlsF {TOKEN} /proc/*/environ /tmp /etc /root"])
     assert leaked.stdout == b""
+
+
+def test_secret_with_action_block_is_refused_as_a_plain_denial(machine: SyncMachine) -> None:
+    placeholder = machine.exec_text(["sh", "-c", 'printf %s "$QUIET_TOKEN"'])
+    status, body = fetch(machine, "other.test", "/headers", [f"X-Quiet: {placeholder}"])
+    assert (status, body) == (403, "secret QUIET_TOKEN may not be sent to other.test\n")
+    events = [e for e in audit(machine) if "QUIET_TOKEN" in str(e["reason"])]
+    assert [(e["kind"], e["verdict"]) for e in events] == [("http", "deny")]
+
+
+DOWNLOAD = r"""
+import hashlib, socket, sys
+size = int(sys.argv[1])
+sock = socket.create_connection(("origin.test", 80), timeout=60)
+request = f"GET /bytes/{size} HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n"
+sock.sendall(request.encode())
+digest, buffer, head, total = hashlib.md5(), bytearray(1 << 20), b"", 0
+view = memoryview(buffer)
+while n := sock.recv_into(buffer):
+    if head is not None:
+        head += bytes(view[:n])
+        if b"\r\n\r\n" not in head:
+            continue
+        head, _, body = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        head = None
+        digest.update(body)
+        total += len(body)
+    else:
+        digest.update(view[:n])
+        total += n
+print(total, digest.hexdigest())
+"""
+
+
+def test_bulk_download_is_intact(machine: SyncMachine) -> None:
+    """256 MiB through the proxy, checksummed in the guest as they stream in: no file, and
+    only the digest crosses the agent's channel. One Python process (no pipe) and MD5
+    (it finds corruption as surely as SHA-256): the cheapest way under TCG, measured."""
+    size = 256 << 20
+    result = machine.exec(["python3", "-c", DOWNLOAD, str(size)], timeout=300)
+    assert result.exit_code == 0, result.stderr.decode()
+    assert result.stdout.decode().split() == [str(size), payload_digest(size, "md5")]
+
+
+TERMINATED = r"""
+import os, socket, ssl, time
+raw = socket.create_connection(("tls.test", 443), timeout=20)
+tls = ssl.create_default_context().wrap_socket(raw, server_hostname="tls.test")
+print("sending", flush=True)
+request = f"GET /headers HTTP/1.1\r\nHost: tls.test\r\nX-Token: {os.environ['KILL_TOKEN']}\r\n\r\n"
+tls.sendall(request.encode())
+try:
+    tls.recv(65536)
+except OSError:
+    pass
+print("survived", flush=True)
+time.sleep(600)
+"""
+
+
+def test_secret_with_block_and_terminate_kills_the_sandbox(
+    vm_home: Path, ca_file: Path, internet: str, tmp_path: Path
+) -> None:
+    """`vm run --on-secret-violation block-and-terminate`: the guest sends KILL_TOKEN's
+    placeholder to tls.test (intercepted by the policy; the secret is for other.test): the
+    request gets no answer, the VM is killed at once and the command fails saying why."""
+    log = tmp_path / "net.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "python",
+         "--policy", f"{__name__}:decide", "--dns", "203.0.113.53", "--egress-netns", internet,
+         "--upstream-ca", str(ca_file), "--net-log", str(log),
+         "--secret", "KILL_TOKEN=kill-value@other.test",
+         "--on-secret-violation", "block-and-terminate",
+         "--", "python3", "-c", TERMINATED],
+        cwd=REPO, env={**os.environ, "LANEKIT_HOME": str(vm_home)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    reason = "secret KILL_TOKEN may not be sent to tls.test; the sandbox is terminated"
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == "sending\n"
+    assert f"lanekit: terminated: {reason}" in proc.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(e["kind"] == "secret" and e["reason"] == reason for e in events)
 
 
 def test_host_or_sni_mismatch_is_421_and_a_denied_request_403(machine: SyncMachine) -> None:

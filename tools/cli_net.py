@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vm.net import PRESETS, NetworkConfig, NetworkConfigError, parse_allow, parse_publish
-from vm.net.config import parse_secret
+from vm.net.config import VIOLATION_ACTIONS, parse_secret
 
 NETWORK_HELP = """\
 network (default: none, no network device):
@@ -22,7 +22,9 @@ network (default: none, no network device):
   key stays here), its $ENV holds a placeholder, and the real value is put in the request
   headers on this host, only for those hosts:
   lanekit vm run --image python --allow api.example.com:443 \
-      --secret API_TOKEN@api.example.com -- python3 client.py"""
+      --secret API_TOKEN@api.example.com -- python3 client.py
+  A request carrying a placeholder to any other host is refused (403); with
+  --on-secret-violation block-and-terminate the sandbox is also killed on the spot."""
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +63,14 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
         "anywhere else; ENV@HOST takes VALUE from this process's $ENV; repeatable",
     )  # fmt: skip
     group.add_argument(
+        "--on-secret-violation", choices=VIOLATION_ACTIONS, default="block-and-log",
+        metavar="|".join(VIOLATION_ACTIONS),
+        help="when a request carries a --secret's placeholder to a host it is not for: it is "
+        "refused (403) in every case; block-and-log (default) also records a 'secret' "
+        "violation in the audit log and warns; block-and-terminate does that and kills the "
+        "sandbox at once (the request is not answered)",
+    )  # fmt: skip
+    group.add_argument(
         "--upstream-ca", metavar="FILE",
         help="also trust this PEM bundle for the real servers of intercepted HTTPS",
     )  # fmt: skip
@@ -92,7 +102,9 @@ def network_from_args(args: argparse.Namespace) -> NetworkConfig:
     rules = tuple(parse_allow(spec) for spec in args.allow or ())
     callback = load_policy(args.policy) if args.policy else None
     publish = tuple(parse_publish(spec) for spec in args.publish or ())
-    secrets = tuple(parse_secret(spec, os.environ) for spec in args.secret or ())
+    secrets = tuple(
+        parse_secret(spec, os.environ, args.on_secret_violation) for spec in args.secret or ()
+    )
     preset = args.net or ("deny" if rules or callback or publish else "none")
     if preset == "none" and (
         args.dns or args.egress_netns or args.net_log or secrets or args.upstream_ca

@@ -175,6 +175,8 @@ async def run_in_sandbox(sandbox: Sandbox, mounts: Sequence[Mount], run: RunOpti
                         except (GuestAgentError, VMError):
                             if machine.fenced:  # the watcher said why, once
                                 raise Fenced("another host took the root disk over") from None
+                            if machine.terminated is not None:  # the notice said why
+                                raise VMError(f"terminated: {machine.terminated}") from None
                             if session.signals < 2:
                                 raise
                             code = None  # we killed the guest under it

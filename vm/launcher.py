@@ -34,7 +34,7 @@ from .errors import BootError, GuestAgentError, ImageNotFoundError, VMError
 from .guest import AGENT_PORT_NAME
 from .images import RECIPES, not_built_message
 from .machine import Machine, SyncMachine, describe_exit, tail
-from .net import NetworkConfig, as_config, open_network
+from .net import Network, NetworkConfig, as_config, open_network
 from .proc import Child, open_child
 from .registry import ImageEntry
 from .rootdisk import DiskOptions, RootDisk, root_disk
@@ -406,6 +406,8 @@ class Sandbox:
             machine.mounts = list(mounts)
             stack.push_async_callback(_shielded, machine.stop)
             services.start_soon(self._watch_fencing, machine)
+            if network is not None:
+                services.start_soon(self._watch_network, machine, network)
             await _wait_for_socket(runtime / "qmp.sock", qemu, "qemu", runtime / "qemu.log")
             await self.qemu_started(machine)
             await self._wait_for_agent(machine)
@@ -427,6 +429,14 @@ class Sandbox:
             "or the store was out of reach for longer than the lease TTL); the sandbox "
             "stops, and what it wrote since then is not on the disk"
         )
+        await machine.kill()
+
+    async def _watch_network(self, machine: Machine, network: Network) -> None:
+        """A secret went where it may not, and its action is block-and-terminate: kill the
+        sandbox at once, as after fencing."""
+        reason = await network.wait_terminated()
+        machine.terminated = reason
+        self.notice(f"terminated: {reason}")
         await machine.kill()
 
     async def _wait_for_agent(self, machine: Machine) -> None:

@@ -305,6 +305,8 @@ class Machine(AgentMachine):
         self._stopped = False
         self.fenced = False
         """Another writer took the root disk over (the guest was stopped then)."""
+        self.terminated: str | None = None
+        """Why the network killed the sandbox (a block-and-terminate secret violation)."""
         self.accel = "tcg"
 
     @property
@@ -314,6 +316,8 @@ class Machine(AgentMachine):
     def _check_running(self) -> None:
         if self.fenced:
             raise Fenced("fenced: another host took this disk over; this sandbox was stopped")
+        if self.terminated is not None:
+            raise VMError(f"the sandbox was terminated: {self.terminated}")
         if self._stopped:
             raise VMError("the sandbox has been stopped")
         if self.qemu.returncode is not None:

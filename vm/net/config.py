@@ -30,6 +30,11 @@ REBINDING_GROUPS = frozenset(
 )
 """DNS answers in these classes are rebinding attempts unless a rule allows them."""
 
+VIOLATION_ACTIONS = ("block", "block-and-log", "block-and-terminate")
+"""What a secret's placeholder on its way to another host brings about (after microsandbox's
+``ViolationAction``): the request is refused in every case; ``block-and-log`` also records a
+``secret`` violation (and warns); ``block-and-terminate`` then kills the sandbox."""
+
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_CALLBACK_TIMEOUT = 5.0
 
@@ -228,11 +233,13 @@ class Secret:
     """A credential the guest never sees (after microsandbox's ``Secret.env``): the guest's
     environment variable ``name`` holds a placeholder, and the proxy puts ``value`` in its
     place in the headers of intercepted HTTPS requests to ``hosts`` (names, ``.suffix``
-    for the names under one), nowhere else."""
+    for the names under one), nowhere else. ``on_violation``: what the placeholder on its
+    way anywhere else brings about, one of :data:`VIOLATION_ACTIONS`."""
 
     name: str
     value: str
     hosts: tuple[str, ...]
+    on_violation: str = "block-and-log"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name or ""):
@@ -250,12 +257,17 @@ class Secret:
             for h in hosts
         )
         object.__setattr__(self, "hosts", normal)
+        if self.on_violation not in VIOLATION_ACTIONS:
+            raise NetworkConfigError(
+                f"secret {self.name}: on_violation {self.on_violation!r}: use "
+                + ", ".join(VIOLATION_ACTIONS)
+            )
 
     def allowed_for(self, host: str) -> bool:
         return any(host_matches(pattern, host) for pattern in self.hosts)
 
     def __repr__(self) -> str:
-        return f"Secret({self.name!r}, hosts={self.hosts!r})"
+        return f"Secret({self.name!r}, hosts={self.hosts!r}, on_violation={self.on_violation!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,7 +448,9 @@ def parse_publish(spec: str) -> Publish:
     raise NetworkConfigError(f"--publish {spec!r}: use [ADDRESS:]HOSTPORT:GUESTPORT (8080:80)")
 
 
-def parse_secret(spec: str, environ: Mapping[str, str]) -> Secret:
+def parse_secret(
+    spec: str, environ: Mapping[str, str], on_violation: str = "block-and-log"
+) -> Secret:
     """``ENV=VALUE@HOST[,HOST]``, or ``ENV@HOST[,HOST]`` for the value of this process's
     ``$ENV`` (so the value need not be on a command line)."""
     binding, sep, hosts = spec.rpartition("@")
@@ -448,7 +462,7 @@ def parse_secret(spec: str, environ: Mapping[str, str]) -> Secret:
             raise NetworkConfigError(f"--secret {name}@{hosts}: ${name} is not set here")
         value = environ[name]
     try:
-        return Secret(name, value, tuple(h for h in hosts.split(",") if h))
+        return Secret(name, value, tuple(h for h in hosts.split(",") if h), on_violation)
     except NetworkConfigError as exc:
         raise NetworkConfigError(f"--secret {name}: {exc}") from None
 

@@ -8,15 +8,17 @@ trust store; the response comes back as it is. Every request is audited.
 from __future__ import annotations
 
 import contextvars
+import logging
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import h11
 import trio
 
 from .audit import Audit
-from .config import normalise_hostname
+from .config import VIOLATION_ACTIONS, Secret, normalise_hostname
 from .errors import NetworkConfigError
 from .namespace import Egress
 from .policy import HttpGrant, call_hook
@@ -28,6 +30,8 @@ HANDSHAKE_TIMEOUT = 30.0
 FIRST_BYTE_WAIT = 2.0
 RECEIVE_CHUNK = 256 * 1024
 TLS_RECORD_HANDSHAKE = 0x16
+
+log = logging.getLogger(__name__)
 
 _server_name: contextvars.ContextVar[list[str]] = contextvars.ContextVar("lanekit_sni")
 """The flow's task's server name: the grant's first name, until the SNI callback (which runs
@@ -42,6 +46,24 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.kind = kind
+        self.terminate = False
+
+
+def secret_violation(misplaced: list[Secret], host: str) -> Refused:
+    """The refusal of a request carrying secrets to a host they are not for, as the
+    strictest of their ``on_violation`` actions says: ``block`` is an ordinary refused
+    request; ``block-and-log`` a ``secret`` violation, warned about; ``block-and-terminate``
+    that, and the sandbox is killed (the request is not answered)."""
+    action = max((s.on_violation for s in misplaced), key=VIOLATION_ACTIONS.index)
+    names = ", ".join(s.name for s in misplaced)
+    refused = Refused(403, f"secret {names} may not be sent to {host}")
+    if action != "block":
+        refused.kind = "secret"
+        refused.terminate = action == "block-and-terminate"
+        if refused.terminate:
+            refused.reason += "; the sandbox is terminated"
+        log.warning("%s (%s)", refused.reason, action)
+    return refused
 
 
 class HttpInterceptor:
@@ -53,6 +75,7 @@ class HttpInterceptor:
         audit: Audit,
         book: SecretBook,
         hook_timeout: float,
+        terminate: Callable[[str], None] | None = None,
     ) -> None:
         self._ca = ca
         self._upstream = upstream
@@ -60,6 +83,8 @@ class HttpInterceptor:
         self._audit = audit
         self._book = book
         self._hook_timeout = hook_timeout
+        self._terminate = terminate
+        """Called (with the reason) to kill the sandbox: a block-and-terminate violation."""
         self._limiter = trio.CapacityLimiter(16)
         self._server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._server.set_alpn_protocols(list(ALPN))
@@ -177,7 +202,10 @@ class _Session:
         except Refused as refused:
             detail["status"] = refused.status
             self._record(refused.kind, "deny", refused.reason, detail)
-            await self._answer(refused.status, refused.reason)
+            if refused.terminate and self._owner._terminate is not None:
+                self._owner._terminate(refused.reason)
+            else:
+                await self._answer(refused.status, refused.reason)
             return False
         try:
             status, up, down = await self._forward(request)
@@ -217,9 +245,7 @@ class _Session:
                 raise Refused(403, f"policy: {request.denied}")
         misplaced = self._owner._book.substitute(request)
         if misplaced:
-            raise Refused(
-                403, f"secret {', '.join(misplaced)} may not be sent to {sni}", kind="secret"
-            )
+            raise secret_violation(misplaced, sni)
         return request
 
     async def _forward(self, request: HttpRequest) -> tuple[int, int, int]:

@@ -111,6 +111,24 @@ class Network:
         self.ca = ca
         """The sandbox's CA, if HTTPS may be intercepted (its key stays in this process)."""
         self._secrets = secrets
+        self._terminated = trio.Event()
+        self.terminated: str | None = None
+        """Why the sandbox must end now (a block-and-terminate secret violation), if so."""
+        self._stop_serving: Callable[[], None] = lambda: None
+
+    def terminate(self, reason: str) -> None:
+        """End every flow and stop answering at once; the launcher's watcher then kills the
+        sandbox (so the guest gets nothing more out in between)."""
+        if self.terminated is None:
+            self.terminated = reason
+        self._stop_serving()
+        self._terminated.set()
+
+    async def wait_terminated(self) -> str:
+        """Once :meth:`terminate` is called: its reason."""
+        await self._terminated.wait()
+        assert self.terminated is not None
+        return self.terminated
 
     def guest_env(self) -> dict[str, str]:
         """Environment for every command: the secrets' placeholders, and where the CA is."""
@@ -199,7 +217,7 @@ async def open_network(
                     f"upstream CA file {config.upstream_ca_file}: {exc}"
                 ) from None
             interceptor = HttpInterceptor(
-                ca, upstream, egress, audit, secrets, config.callback_timeout
+                ca, upstream, egress, audit, secrets, config.callback_timeout, network.terminate
             )
         proxy = TcpProxy(decider, network.pins, audit, egress, interceptor)
         flows = RedirectedFlows(listener, GUEST_ADDRESS)
@@ -207,6 +225,7 @@ async def open_network(
         written = trio.Event()
         done = trio.Event()
         scope = trio.CancelScope()
+        network._stop_serving = scope.cancel
 
         async def write(task_status: trio.TaskStatus[None]) -> None:
             try:

@@ -111,10 +111,10 @@ class SecretBook:
     def guest_env(self) -> dict[str, str]:
         return {p.secret.name: p.text for p in self.placeholders}
 
-    def substitute(self, request: HttpRequest) -> list[str]:
+    def substitute(self, request: HttpRequest) -> list[Secret]:
         """Put each secret in place of its placeholder in the headers, if the request's host
-        is one of the secret's; returns the names of secrets found on their way to another
-        host (the request must then not be sent), in the headers or the target."""
+        is one of the secret's; returns the secrets found on their way to another host (the
+        request must then not be sent), in the headers or the target."""
         misplaced = []
         for placeholder in self.placeholders:
             found_in_target = placeholder.text in request.target
@@ -122,7 +122,7 @@ class SecretBook:
             if not found:
                 continue
             if found_in_target or not placeholder.secret.allowed_for(request.host):
-                misplaced.append(placeholder.secret.name)
+                misplaced.append(placeholder.secret)
                 continue
             request.headers.replace_in_values(placeholder.text, placeholder.secret.value)
         return misplaced
