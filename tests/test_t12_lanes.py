@@ -369,6 +369,15 @@ def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None
     truncated = b.lanekit("lane", "start", "napper")
     assert truncated.returncode == 1 and b"is missing" in truncated.stderr, truncated.stderr
     objects.put(chunks[-1], last_chunk)
+    record = objects.get("lanes/napper/paused").data
+    other_qemu = json.loads(record)
+    other_qemu["qemu"]["qemu"]["minor"] += 1  # what a host with another qemu would have saved
+    objects.put("lanes/napper/paused", json.dumps(other_qemu).encode())
+    mismatched = b.lanekit("lane", "resume", "napper")
+    assert mismatched.returncode == 1 and b"cannot load it" in mismatched.stderr
+    assert b"Traceback" not in mismatched.stderr and len(mismatched.stderr.splitlines()) == 1
+    assert [s["state"] for s in json.loads(b.lanekit("lane", "ls", "--json").stdout)] == ["paused"]
+    objects.put("lanes/napper/paused", record)
 
     resumed = b.lanekit("lane", "resume", "napper")  # start resumes too (above)
     assert resumed.returncode == 0, resumed.stderr

@@ -390,6 +390,8 @@ class Lane:
                 os.close(write_end)
         if answer.startswith(BUSY):
             raise LaneBusy(answer.removeprefix(BUSY))
+        if answer.startswith("error: "):  # the supervisor said why: that is the whole story
+            raise LaneError(f"lane {self.name!r} did not start: {answer.removeprefix('error: ')}")
         if answer != "ready":
             tail = _tail(log_path)
             raise LaneError(
