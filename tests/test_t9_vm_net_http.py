@@ -244,6 +244,7 @@ def test_secret_with_block_and_terminate_kills_the_sandbox(
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == "sending\n"
     assert f"lanekit: terminated: {reason}" in proc.stderr
+    assert "error" not in proc.stderr and "Traceback" not in proc.stderr  # said once
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert any(e["kind"] == "secret" and e["reason"] == reason for e in events)
 

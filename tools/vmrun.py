@@ -26,6 +26,7 @@ from vm.errors import GuestAgentError, VMError
 from vm.launcher import Mount, Sandbox
 from vm.machine import AgentMachine, Machine
 
+from .config import EXIT_ERROR
 from .terminal import raw_terminal, read_some, stdin_fd, terminal_size, write_all
 
 COMMAND_GRACE = 10.0
@@ -175,11 +176,12 @@ async def run_in_sandbox(sandbox: Sandbox, mounts: Sequence[Mount], run: RunOpti
                         except (GuestAgentError, VMError):
                             if machine.fenced:  # the watcher said why, once
                                 raise Fenced("another host took the root disk over") from None
-                            if machine.terminated is not None:  # the notice said why
-                                raise VMError(f"terminated: {machine.terminated}") from None
-                            if session.signals < 2:
+                            if machine.terminated is not None:  # the notice said why, once
+                                code = EXIT_ERROR
+                            elif session.signals < 2:
                                 raise
-                            code = None  # we killed the guest under it
+                            else:
+                                code = None  # we killed the guest under it
                         finally:
                             _raw[0] = False
             nursery.cancel_scope.cancel()

@@ -127,8 +127,7 @@ def run(*, quick: bool = False) -> Report:
         "the lane disk's blocks and metadata",
         "pause: from the request to the supervisor's exit (memory streamed into S3, disk "
         "checkpoint, disk flushed, lease released); per GiB = that time / the guest's RAM",
-        "the machine is shared (other engineers' tests and builds ran during this run): "
-        "times are noisy, sizes are not",
+        "times on a 2-core machine are noisy (compare the ratios of one run); sizes are exact",
     ]
     return report
 
