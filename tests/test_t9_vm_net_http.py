@@ -242,7 +242,8 @@ def test_secret_with_block_and_terminate_kills_the_sandbox(
     )  # fmt: skip
     reason = "secret KILL_TOKEN may not be sent to tls.test; the sandbox is terminated"
     assert proc.returncode == 1, proc.stderr
-    assert proc.stdout == "sending\n"
+    # The kill races the agent's relay of "sending": what is certain is nothing after it.
+    assert proc.stdout in ("", "sending\n"), proc.stdout
     assert f"lanekit: terminated: {reason}" in proc.stderr
     assert "error" not in proc.stderr and "Traceback" not in proc.stderr  # said once
     events = [json.loads(line) for line in log.read_text().splitlines()]
