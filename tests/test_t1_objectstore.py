@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from blockstore import (
     S3ObjectStore,
     StoredObject,
     StoreRejected,
+    StoreUnavailable,
 )
 from tests.conftest import S3Endpoint
 from tools.s3server import S3Server
@@ -423,3 +425,64 @@ def test_wrong_credentials_are_one_clear_error(s3: S3Endpoint) -> None:
             call()
         assert caught.value.code == "SignatureDoesNotMatch"
         assert "check the credentials" in str(caught.value)
+
+
+def _cut_after_headers(upstream: tuple[str, int], ready: threading.Event) -> tuple[int, Any]:
+    """A loopback relay that passes each request's headers to ``upstream`` and then ends
+    both connections, as a writer killed between its headers and its body would."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        ready.set()
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with client, socket.create_connection(upstream) as server:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    part = client.recv(65536)
+                    if not part:
+                        break
+                    head += part
+                server.sendall(head.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+                time.sleep(0.2)  # the server has the headers; now the writer dies
+
+    threading.Thread(target=serve, daemon=True).start()
+    return port, listener
+
+
+def test_a_put_cut_before_its_body_changes_nothing(
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer killed between a PUT's headers and its body changes nothing. This matters:
+    SeaweedFS replaces an object with an empty one when a bare PUT's connection ends before
+    its first body byte (seen with a raw client, payload hash or not). Our client is safe
+    because botocore sends ``Expect: 100-continue`` (the server reads no body it was not
+    sent) and a signed payload hash; this test guards that."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = s3.new_bucket()
+    direct = S3ObjectStore(bucket, client=s3.client())
+    etag = direct.put("head", b"committed head")
+    ready = threading.Event()
+    host, _, port = s3.endpoint.removeprefix("http://").partition(":")
+    relay_port, listener = _cut_after_headers((host, int(port)), ready)
+    ready.wait(5)
+    cut = S3ObjectStore(
+        bucket, endpoint_url=f"http://127.0.0.1:{relay_port}", max_attempts=1, read_timeout=5
+    )
+    try:
+        with pytest.raises(StoreUnavailable):
+            cut.put("head", b"a new head that never arrives", if_match=etag)
+        assert direct.get("head").data == b"committed head"
+        with pytest.raises(StoreUnavailable):
+            cut.put("new", b"never arrives", if_none_match=True)
+        with pytest.raises(ObjectNotFound):
+            direct.get("new")
+    finally:
+        listener.close()
