@@ -178,17 +178,3 @@ def lanekit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state directory shared by the VM tests, so the kernel and images are built once."""
     return tmp_path_factory.mktemp("vm-home")
-
-
-VM_MODULES = ("test_t8_images", "test_t9_net_namespace", "test_t9_vm", "test_t11_", "test_t12_")
-"""Modules that boot VMs or build kernels and images under the session's ``vm_home``."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """With ``-n 2 --dist loadgroup`` (tools/check.sh), every VM test runs in one worker, so
-    the kernel, the images and the shared booted VMs are made once, and no VM's runtime
-    directory sweep meets another worker's VMs; the storage tests fill the other core."""
-    for item in items:
-        module = item.nodeid.rpartition("/")[2]
-        if module.startswith(VM_MODULES) or "vm_home" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("vm"))

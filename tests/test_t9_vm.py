@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -28,27 +29,39 @@ from .blockdev import sh, wait_for
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
-def our_processes() -> list[str]:
-    """qemu and virtiofsd of our boots. fusermount3's auto_unmount helper is left out: as
-    root, libfuse unmounts directly and the helper only exits with this process (then
-    finds nothing to unmount); the mounts themselves are checked."""
+RUNTIME_DIR = re.compile(r"/[^\s,=]*lanekit-vm-[^/\s,]+")
+
+
+def _lanekit_vm_lines() -> list[str]:
     out = subprocess.run(["pgrep", "-af", "lanekit-vm-"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line and "fusermount3" not in line]
 
 
-def our_mounts() -> list[str]:
+def our_processes(vm_home: Path) -> list[str]:
+    """qemu and virtiofsd of this session's boots (their qemu boots a kernel from
+    ``vm_home``; another test worker has a home of its own). fusermount3's auto_unmount
+    helper is left out: as root, libfuse unmounts directly and the helper only exits with
+    this process (then finds nothing to unmount); the mounts themselves are checked."""
+    lines = _lanekit_vm_lines()
+    dirs = {d for line in lines if str(vm_home) in line for d in RUNTIME_DIR.findall(line)}
+    return [line for line in lines if str(vm_home) in line or any(d in line for d in dirs)]
+
+
+def our_mounts(vm_home: Path) -> list[str]:
+    dirs = {d for line in _lanekit_vm_lines() if str(vm_home) in line
+            for d in RUNTIME_DIR.findall(line)}  # fmt: skip
     with open("/proc/mounts") as f:
-        return [line for line in f if "lanekit-vm-" in line]
+        return [line for line in f if any(d in line for d in dirs)]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def nothing_left_behind() -> Iterator[None]:
+def nothing_left_behind(vm_home: Path) -> Iterator[None]:
     """What this module's boots leave; a VM another module shares (booted before, still in
     use) is not theirs."""
-    processes, mounts = set(our_processes()), set(our_mounts())
+    processes, mounts = set(our_processes(vm_home)), set(our_mounts(vm_home))
 
     def left() -> tuple[set[str], set[str]]:
-        return set(our_processes()) - processes, set(our_mounts()) - mounts
+        return set(our_processes(vm_home)) - processes, set(our_mounts(vm_home)) - mounts
 
     yield
     try:
@@ -269,18 +282,21 @@ def runtime_dirs() -> set[Path]:
 @pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
 def test_ctrl_c_or_kill_cleans_up(vm_home: Path, how: str) -> None:
     env = {**os.environ, "LANEKIT_HOME": str(vm_home)}
-    before_procs, before_mounts = set(our_processes()), set(our_mounts())
-    before_dirs = runtime_dirs()
+    before_procs = set(our_processes(vm_home))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell", "--memory", "256",
          "--mount", "/w=memory", "--", "sh", "-c", "echo up > /w/flag; sleep 600"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    mine: set[Path] = set()  # this boot's runtime directory (other workers boot too)
     try:
-        wait_for(
-            lambda: any("qemu-system" in p for p in set(our_processes()) - before_procs),
-            timeout=120,
-        )
+
+        def booted() -> bool:
+            new = [p for p in set(our_processes(vm_home)) - before_procs if "qemu-system" in p]
+            mine.update(Path(d) for p in new for d in RUNTIME_DIR.findall(p))
+            return bool(new)
+
+        wait_for(booted, timeout=120)
         time.sleep(8)  # booted and running the command
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)
@@ -292,19 +308,22 @@ def test_ctrl_c_or_kill_cleans_up(vm_home: Path, how: str) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == (130 if how == "ctrl-c" else -signal.SIGKILL)
-    wait_for(
-        lambda: set(our_processes()) <= before_procs and set(our_mounts()) <= before_mounts,
-        timeout=30,
-    )
-    if how == "kill-9":  # its runtime dir is left: the next boot sweeps it away
-        left = runtime_dirs() - before_dirs
-        assert len(left) == 1
+    assert mine, "the boot's qemu named no runtime directory"
+
+    def gone() -> bool:
+        procs = [p for p in _lanekit_vm_lines() if any(str(d) in p for d in mine)]
+        with open("/proc/mounts") as f:
+            mounts = [line for line in f if any(str(d) in line for d in mine)]
+        return not procs and not mounts
+
+    wait_for(gone, timeout=30)
+    if how == "kill-9":  # its runtime dir may be left: the next boot sweeps it away
         fresh = launcher._runtime_dir()
         try:
-            assert not left & runtime_dirs()
+            assert not mine & runtime_dirs()
         finally:
             shutil.rmtree(fresh)
-    assert runtime_dirs() <= before_dirs
+    assert not mine & runtime_dirs()
 
 
 def test_cli_image_check(vm_home: Path) -> None:

@@ -152,7 +152,7 @@ def test_a_second_signal_stops_at_once(vm_home: Path, tmp_path: Path) -> None:
 def test_kill_minus_nine_leaves_no_vm(vm_home: Path) -> None:
     def ours() -> list[str]:
         out = subprocess.run(["pgrep", "-af", "lanekit-vm-"], capture_output=True, text=True)
-        return [p for p in out.stdout.splitlines() if "qemu-system" in p or "virtiofsd" in p]
+        return [p for p in out.stdout.splitlines() if "qemu-system" in p and str(vm_home) in p]
 
     before = set(ours())
     proc = background(vm_home, "vm", "run", "--image", "shell", "--memory", "256",
