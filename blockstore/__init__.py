@@ -6,18 +6,8 @@ Layers, bottom up: :class:`ObjectStore` (get/put with conditions/list), :class:`
 (byte offsets, base image, write-back cache).
 """
 
-from .api import create, open_disk, resolve
-from .disk import HOLE, ZERO_FLAG, BaseImage, Disk, sha256_file
-from .disks import (
-    DEFAULT_BLOCK_SIZE,
-    checkpoint_disk,
-    collect_garbage,
-    create_disk,
-    disk_info,
-    fork_disk,
-    list_checkpoints,
-    list_disks,
-)
+from typing import TYPE_CHECKING
+
 from .errors import (
     BaseMismatch,
     BlockStoreError,
@@ -36,21 +26,56 @@ from .errors import (
     StoreUnavailable,
 )
 from .identity import host_identity, process_identity
-from .layered import DiskBase
-from .lease import force_release
-from .objectstore import (
-    LocalObjectStore,
-    MemoryObjectStore,
-    ObjectInfo,
-    ObjectStore,
-    S3ObjectStore,
-    StoredObject,
-    StoreRejected,
-)
-from .probe import UnsafeStore, Verdict, check_conditional_writes
-from .protocol import BlockStore, BlockValue, Extent, ExtentBlockStore, Layered
-from .store import ObjectBlockStore
-from .url import DiskURL, open_store, parse_disk_url
+from .lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .api import create, open_disk, resolve
+    from .disk import HOLE, ZERO_FLAG, BaseImage, Disk
+    from .disks import (
+        DEFAULT_BLOCK_SIZE,
+        checkpoint_disk,
+        collect_garbage,
+        create_disk,
+        disk_info,
+        fork_disk,
+        list_checkpoints,
+        list_disks,
+    )
+    from .layered import DiskBase
+    from .lease import force_release
+    from .local import sha256_file
+    from .objectstore import (
+        LocalObjectStore,
+        MemoryObjectStore,
+        ObjectInfo,
+        ObjectStore,
+        S3ObjectStore,
+        StoredObject,
+        StoreRejected,
+    )
+    from .probe import UnsafeStore, Verdict, check_conditional_writes
+    from .protocol import BlockStore, BlockValue, Extent, ExtentBlockStore, Layered
+    from .store import ObjectBlockStore
+    from .url import DiskURL, open_store, parse_disk_url
+else:  # the rest on first use: the numpy block map and the store cost 0.2 s
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            ".api": "create open_disk resolve",
+            ".disk": "HOLE ZERO_FLAG BaseImage Disk",
+            ".disks": "DEFAULT_BLOCK_SIZE checkpoint_disk collect_garbage create_disk disk_info"
+            " fork_disk list_checkpoints list_disks",
+            ".layered": "DiskBase",
+            ".lease": "force_release",
+            ".local": "sha256_file",
+            ".objectstore": "LocalObjectStore MemoryObjectStore ObjectInfo ObjectStore"
+            " S3ObjectStore StoredObject StoreRejected",
+            ".probe": "UnsafeStore Verdict check_conditional_writes",
+            ".protocol": "BlockStore BlockValue Extent ExtentBlockStore Layered",
+            ".store": "ObjectBlockStore",
+            ".url": "DiskURL open_store parse_disk_url",
+        },
+    )
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

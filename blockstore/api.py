@@ -75,27 +75,34 @@ async def open_disk(
     """Open a disk (``URL@tag`` opens a checkpoint, read-only).
 
     Writable opens take the lease and fence any older writer; on exit the disk is flushed
-    (unless the block raised) and the lease released.
+    (unless the block raised) and the lease released. A :class:`BaseImage` passed in is
+    the disk's from then on: closed with it, or here if the open fails.
     """
-    objects, name, tag = resolve(target, s3_endpoint)
-    if tag is not None:
-        writable = False
-    if writable:
-        await run_sync(require_conditional_writes, objects)
-    store = await ObjectBlockStore.open(
-        objects,
-        name,
-        writable=writable,
-        force=force,
-        lease_ttl=lease_ttl,
-        checkpoint=tag,
-        pack_size=pack_size,
-        concurrency=concurrency,
-    )
-    image: BaseImage | None = None
+    image = base if isinstance(base, BaseImage) else None
+    try:
+        objects, name, tag = resolve(target, s3_endpoint)
+        if tag is not None:
+            writable = False
+        if writable:
+            await run_sync(require_conditional_writes, objects)
+        store = await ObjectBlockStore.open(
+            objects,
+            name,
+            writable=writable,
+            force=force,
+            lease_ttl=lease_ttl,
+            checkpoint=tag,
+            pack_size=pack_size,
+            concurrency=concurrency,
+        )
+    except BaseException:
+        if image is not None:
+            image.close()
+        raise
     try:
         if base is not None:
-            image = base if isinstance(base, BaseImage) else BaseImage(base)
+            if not isinstance(base, BaseImage):
+                image = BaseImage(base)
             await run_sync(lambda: image.digest if image else None)
         elif store.head.base_digest is not None:
             raise BaseMismatch(

@@ -21,7 +21,8 @@ import trio
 
 from .blockmap import Piece, Run, merge, plan
 from .concurrency import run_sync
-from .layout import SEGMENTS, SegmentRef
+from .errors import BlockStoreError
+from .layout import GC_GRACE, SEGMENTS, SegmentRef
 from .pieces import DATA, EXTENT, TOMB, ZERO
 from .segments import encode_segment
 
@@ -75,8 +76,6 @@ async def merge_step(store: ObjectBlockStore) -> bool:
         at = next((i for i, r in enumerate(runs) if r is inputs[0]), -1)
         if at < 0 or runs[at : at + len(inputs)] != inputs:
             raise _Moved
-        from .store import GC_GRACE, BlockStoreError
-
         if time.time() - uploaded > GC_GRACE / 2:
             raise BlockStoreError("a merge waited longer than half the GC grace; dropped")
         merged = runs[:at] + ([run] if run is not None else []) + runs[at + len(inputs) :]

@@ -16,12 +16,12 @@ from typing import Any
 from .errors import BlockStoreError, CorruptMetadata, DiskExists, ObjectNotFound
 from .layout import (
     DISKS,
+    GC_GRACE,
     PACKS,
     SEGMENTS,
     Head,
     SegmentRef,
     check_name,
-    checkpoint_key,
     checkpoint_prefix,
     decode_head,
     geometry_problem,
@@ -30,9 +30,8 @@ from .layout import (
     segment_packs,
 )
 from .lease import lease_is_live, read_lease
-from .manifest import paged_segment_objects, read_checkpoint, read_head
+from .manifest import paged_segment_objects, read_checkpoint, read_head, save_checkpoint
 from .objectstore import ObjectStore, put_new
-from .store import GC_GRACE
 
 DEFAULT_BLOCK_SIZE = 64 << 10
 
@@ -64,14 +63,6 @@ def create_disk(
     )
     if not put_new(objects, head_key(name), head.encode()):
         raise DiskExists(f"a disk named {name!r} already exists in {objects.describe()}")
-    return head
-
-
-def save_checkpoint(objects: ObjectStore, head: Head, tag: str) -> Head:
-    """Freeze a committed head under a tag; a tag never names two states (saving the same
-    committed state again under its tag is a no-op)."""
-    if not put_new(objects, checkpoint_key(head.disk, tag), head.encode()):
-        raise DiskExists(f"disk {head.disk!r} already has a checkpoint {tag!r}")
     return head
 
 

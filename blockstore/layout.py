@@ -58,6 +58,9 @@ STORED_PER_BLOCK = 64
 """Bound (in block sizes) of what one block may occupy in a format-3 head's accounting: its
 pieces with their headers and the extents over them that compaction has not folded yet."""
 
+GC_GRACE = 3600.0
+"""GC spares unreferenced objects younger than this; a flush whose uploads are older than
+half of it refuses to commit them (they may have been collected)."""
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 4 << 20
 MAX_DISK_SIZE = (1 << 63) - 512

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from .blockmap import BlockMap, Run
-from .errors import BlockStoreError, CorruptMetadata, DiskNotFound, ObjectNotFound
+from .errors import BlockStoreError, CorruptMetadata, DiskExists, DiskNotFound, ObjectNotFound
 from .layout import (
     Head,
     SegmentRef,
@@ -22,7 +22,7 @@ from .layout import (
     head_key,
     segment_sha256,
 )
-from .objectstore import ObjectStore
+from .objectstore import ObjectStore, put_new
 from .segments import (
     NO_PACK,
     PackTable,
@@ -188,3 +188,11 @@ def load_all_pages(objects: ObjectStore, head: Head, block_map: BlockMap) -> Non
         for ref in run.pages:
             if ref.page is None:
                 load_page(objects, ref, block_map.packs, head)
+
+
+def save_checkpoint(objects: ObjectStore, head: Head, tag: str) -> Head:
+    """Freeze a committed head under a tag; a tag never names two states (saving the same
+    committed state again under its tag is a no-op)."""
+    if not put_new(objects, checkpoint_key(head.disk, tag), head.encode()):
+        raise DiskExists(f"disk {head.disk!r} already has a checkpoint {tag!r}")
+    return head

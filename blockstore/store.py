@@ -46,16 +46,19 @@ import numpy as np
 import trio
 
 from .blockmap import FOLD_EXTENTS, BlockMap, Piece, Run
+from .compaction import fold_step, merge_step
 from .concurrency import parallel, run_sync
 from .errors import (
     BlockStoreError,
     CorruptBlock,
     Fenced,
     LeaseHeld,
+    ObjectNotFound,
     ReadOnly,
 )
 from .layout import (
     FORMAT_VERSION,
+    GC_GRACE,
     PACKS,
     SEGMENTS,
     STORED_PER_BLOCK,
@@ -67,7 +70,7 @@ from .layout import (
     new_lineage,
 )
 from .lease import DEFAULT_TTL, Lease, lease_is_live, read_lease
-from .manifest import load_checkpoint, load_current, load_page, read_head
+from .manifest import load_checkpoint, load_current, load_page, read_head, save_checkpoint
 from .objectstore import ObjectStore, PreconditionFailed, put_new
 from .pieces import (
     DATA,
@@ -86,9 +89,6 @@ from .segments import NO_PACK, Columns, PageRef, build_pages, encode_segment, ne
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-GC_GRACE = 3600.0
-"""GC spares unreferenced objects younger than this; a flush whose uploads are older than
-half of it refuses to commit them (they may have been collected)."""
 _COMMIT_ATTEMPTS = 3
 """Head puts per commit while the store answers reads but the put itself keeps failing."""
 FOLD_BATCH = 64
@@ -200,6 +200,8 @@ class ObjectBlockStore:
         self._map = block_map
         self._pending: dict[int, list[Piece]] = {}
         self._pending_since: float | None = None
+        self._unsent: dict[str, bytes] = {}
+        """Packs of pending pieces that wait for the flush to upload them (see _upload)."""
         self._unknown: list[_Attempt] = []
         """Head puts whose outcome is unknown, all made on the head we last saw."""
         self.lineage = bytes.fromhex(head.lineage) if head.lineage else new_lineage()
@@ -450,16 +452,16 @@ class ObjectBlockStore:
         key = packs.key(pack)
         start = group[0][1].offset
         end = max(p.offset + p.stored for _, p in group)
-        try:
-            data = self.objects.get_range(key, start, end - start)
-        except Exception as e:
-            from .errors import ObjectNotFound
-
-            if isinstance(e, ObjectNotFound):
+        unsent = self._unsent.get(key)  # a pack that waits for the flush
+        if unsent is not None:
+            data = unsent[start:end]
+        else:
+            try:
+                data = self.objects.get_range(key, start, end - start)
+            except ObjectNotFound:
                 raise CorruptBlock(key, group[0][0], "object is missing from the store") from None
-            raise
-        self.stats.gets += 1
-        self.stats.bytes_downloaded += len(data)
+            self.stats.gets += 1
+            self.stats.bytes_downloaded += len(data)
         out: dict[tuple[int, int], bytes] = {}
         view = memoryview(data)
         for block, p in group:
@@ -513,7 +515,7 @@ class ObjectBlockStore:
                 if len(value) != self.block_size:
                     raise ValueError(f"block {b}: {len(value)} bytes, expected {self.block_size}")
                 data.append((b, 0, value))
-        uploaded = await self._upload(data)
+        uploaded = await self._upload(data, defer=True)
         self._watch.difference_update(blocks)
         self._note_pending()
         for b, pieces in plain.items():
@@ -533,7 +535,7 @@ class ObjectBlockStore:
                     raise ValueError(f"block {b}: extent {start}+{n} outside the block")
                 if not isinstance(value, int):
                     data.append((b, start, value))
-        uploaded = iter(await self._upload(data))
+        uploaded = iter(await self._upload(data, defer=True))
         self._watch.difference_update(extents)
         self._note_pending()
         for b, parts in extents.items():
@@ -557,8 +559,20 @@ class ObjectBlockStore:
         self.stats.puts += 1
         self.stats.bytes_uploaded += len(body)
 
-    async def _upload(self, items: list[tuple[int, int, bytes | memoryview]]) -> list[Piece]:
-        """Pieces of (block, start, data), packed and uploaded in parallel, in order."""
+    async def _upload(
+        self, items: list[tuple[int, int, bytes | memoryview]], *, defer: bool = False
+    ) -> list[Piece]:
+        """Pieces of (block, start, data), packed and uploaded in parallel, in order.
+
+        With ``defer``, a write smaller than a pack is only encoded: the flush uploads it
+        beside the manifest segment that names it, so a durable flush of a few small writes
+        costs two round trips (pack and segment together, then the head), not three. At
+        most a pack's worth waits; reads of its pieces are answered from memory."""
+        total = sum(len(value) for _, _, value in items)
+        if defer and items and total + sum(map(len, self._unsent.values())) <= self.pack_size:
+            key, body, pieces = await run_sync(self._encode_pack, items, limiter=self.limiter)
+            self._unsent[key] = body
+            return pieces
         groups: list[tuple[int, int]] = []
         size = lo = 0
         for i, (_, _, value) in enumerate(items):
@@ -583,6 +597,13 @@ class ObjectBlockStore:
         return [p for part in out for p in part]
 
     def _upload_pack(self, group: list[tuple[int, int, bytes | memoryview]]) -> list[Piece]:
+        key, body, pieces = self._encode_pack(group)
+        self._create(key, body)
+        return pieces
+
+    def _encode_pack(
+        self, group: list[tuple[int, int, bytes | memoryview]]
+    ) -> tuple[str, bytes, list[Piece]]:
         pack_uuid = uuid.uuid4().bytes
         index = self._map.packs.add(pack_uuid, self.lineage)
         writer = PackWriter(self.lineage, pack_uuid)
@@ -594,8 +615,19 @@ class ObjectBlockStore:
                 pieces.append(Piece(DATA, index, offset, stored, flags, 0, 0))
             else:
                 pieces.append(Piece(EXTENT, index, offset, stored, flags, start, len(data)))
-        self._create(f"{PACKS}{pack_uuid.hex()}", writer.body())
-        return pieces
+        return f"{PACKS}{pack_uuid.hex()}", writer.body(), pieces
+
+    async def _send_unsent(self) -> None:
+        """Upload the packs that wait for this flush (concurrently)."""
+
+        def sender(key: str, body: bytes) -> Callable[[], Awaitable[None]]:
+            async def send() -> None:
+                await run_sync(self._create, key, body, limiter=self.limiter)
+                self._unsent.pop(key, None)
+
+            return send
+
+        await parallel([sender(k, b) for k, b in list(self._unsent.items())])
 
     # ------------------------------------------------------------ commits
 
@@ -659,22 +691,24 @@ class ObjectBlockStore:
             raise self._fenced_error()
         lease = self.lease
         assert lease is not None
-        await self._confirm_lease()  # a takeover's retries may outlast a confirmation too
         if self._pending_since and time.time() - self._pending_since > GC_GRACE / 2:
             self._pending.clear()
+            self._unsent.clear()
             self._pending_since = None
             raise BlockStoreError(
                 "uploads pending for longer than half the GC grace period may have been "
                 "collected; write the data again and flush"
             )
         error: Exception | None = None
+        confirmed = False
         for _attempt in range(_COMMIT_ATTEMPTS):
             if self._unknown:
                 # An earlier flush's put may have landed: look before writing on top.
                 seen = await run_sync(read_head, self.objects, self.head.disk)
                 if self._settle(seen) and (fencing or done()):
                     return
-            attempt = await prepare()
+            attempt = await self._prepare_confirmed(prepare, confirmed)
+            confirmed = True
             outcome = await run_sync(self._put_head, attempt)
             if outcome.etag is not None:
                 self._apply(attempt, outcome.etag)
@@ -702,6 +736,28 @@ class ObjectBlockStore:
             ) from None
         assert error is not None
         raise error
+
+    async def _prepare_confirmed(
+        self, prepare: Callable[[], Awaitable[_Attempt]], confirmed: bool
+    ) -> _Attempt:
+        """``prepare()``, after confirming the lease if not ``confirmed`` yet (a takeover's
+        retries may outlast a confirmation too). The two overlap: preparing uploads only
+        new objects, which commit nothing until the head that names them is put."""
+        if confirmed:
+            return await prepare()
+        prepared: list[_Attempt] = []
+        failed: list[Exception] = []
+
+        async def prepare_one() -> None:
+            try:
+                prepared.append(await prepare())
+            except Exception as e:  # not a reason to cut the confirmation short
+                failed.append(e)
+
+        await parallel([self._confirm_lease, prepare_one])
+        if failed:
+            raise failed[0]
+        return prepared[0]
 
     def _settle(self, current: tuple[Head, str]) -> bool:
         """If the head is one of our attempts whose outcome was unknown, it is ours: adopt it."""
@@ -768,8 +824,13 @@ class ObjectBlockStore:
                     self.fold_candidates.add(b)
         total_blocks = self.head.stored_blocks + int(held.sum()) - int(old_held.sum())
         total_bytes = self.head.stored_bytes + int(stored.sum()) - int(old_stored.sum())
-        runs.append(await self._new_run(cols, 0))
-        return self._attempt(runs, total_blocks, total_bytes, pending)
+        new: list[Run] = []
+
+        async def segment() -> None:
+            new.append(await self._new_run(cols, 0))
+
+        await parallel([segment, self._send_unsent])
+        return self._attempt(runs + new, total_blocks, total_bytes, pending)
 
     def _attempt(
         self, runs: list[Run], blocks: int, stored: int, pending: dict[int, list[Piece]]
@@ -835,7 +896,6 @@ class ObjectBlockStore:
         with many extents into whole blocks. False when there was nothing to do. Safe to
         run beside writes and flushes: each step commits through the head like a flush,
         holding the commit lock only for that."""
-        from .compaction import fold_step, merge_step
 
         if not self.writable or self.fenced:
             return False
@@ -856,8 +916,6 @@ class ObjectBlockStore:
 
     async def checkpoint(self, tag: str) -> Head:
         """Name the committed state (call after flush to include every write)."""
-        from .disks import save_checkpoint
-
         async with self._commit_lock:
             head = self.head
             return await run_sync(save_checkpoint, self.objects, head, tag)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+import blockstore
 from blockstore import (
     Disk,
     DiskExists,
@@ -294,3 +295,77 @@ def test_lost_reply_wrapper_really_applies_or_not(tmp_path: Path) -> None:
     with pytest.raises(PreconditionFailed):  # the late one lands first, then this one
         objects.put("k-late", b"second", if_none_match=True)
     assert inner.get("k-late").data == b"first"
+
+
+class Rendezvous(LocalObjectStore):
+    """Once armed, a pack put and a segment put wait for each other (a barrier of two,
+    so a flush that sent them one after the other fails); puts are logged in order, and
+    pack puts can be made to fail (the segment's then goes on alone)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.armed = False
+        self.fail_packs = False
+        self.barrier = threading.Barrier(2, timeout=30)
+        self.log: list[str] = []
+        self.range_gets = 0
+
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        kind = key.split("/")[0] if key.startswith(("packs/", "segments/")) else key
+        if not self.armed or kind not in ("packs", "segments", HEAD):  # leases renew any time
+            return super().put(key, data, if_none_match=if_none_match, if_match=if_match)
+        if kind == "packs" and self.fail_packs:
+            self.log.append("packs failed")
+            raise StoreUnavailable("injected: the pack put fails")
+        if kind != HEAD and not self.fail_packs:
+            self.log.append(f"{kind} started")
+            self.barrier.wait()
+        etag = super().put(key, data, if_none_match=if_none_match, if_match=if_match)
+        self.log.append(kind)
+        return etag
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        self.range_gets += 1
+        return super().get_range(key, offset, length)
+
+
+async def test_a_small_flush_puts_its_pack_beside_its_segment_then_the_head(
+    tmp_path: Path,
+) -> None:
+    """A durable flush of a few small writes costs two round trips: the pack waits for the
+    flush and goes up beside the segment naming it; the head follows both. Until then its
+    pieces are read from memory; a failed pack put fails the flush and loses nothing."""
+    objects = Rendezvous(tmp_path / "store")
+    create_disk(objects, "d", 64 * BS * 16, block_size=BS * 16)
+    async with open_disk((objects, "d")) as disk:
+        await disk.write(0, b"\x01" * (64 * BS * 16))
+        await disk.flush()
+    async with open_disk((objects, "d")) as disk:
+        store = disk.store
+        assert isinstance(store, blockstore.ObjectBlockStore)
+        objects.armed = True
+        await store.write_extents({3: [(100, b"new bytes")], 9: [(0, b"x" * 5000)]})
+        assert objects.log == [], "a small write waits for the flush"
+        gets = objects.range_gets
+        layers = await store.read_layers([3])
+        assert layers[3] == b"\x01" * 100 + b"new bytes" + b"\x01" * (BS * 16 - 109)
+        assert objects.range_gets == gets + 1, "the old block is fetched, the extent is not"
+
+        objects.fail_packs = True
+        with pytest.raises(StoreUnavailable):
+            await store.flush()
+        assert "segments" in objects.log and HEAD not in objects.log, objects.log
+        assert (await store.read_layers([9]))[9] == b"x" * 5000 + b"\x01" * (BS * 16 - 5000)
+        objects.log.clear()
+        objects.fail_packs = False
+        await store.flush()
+        assert set(objects.log[:2]) == {"packs started", "segments started"}, objects.log
+        assert objects.log[-1] == HEAD and objects.log.count(HEAD) == 1, objects.log
+    async with open_disk((objects, "d"), writable=False) as disk:
+        assert await disk.read(3 * BS * 16 + 100, 9) == b"new bytes"
+        assert await disk.read(9 * BS * 16, 5001) == b"x" * 5000 + b"\x01"
+
+
+HEAD = "disks/d/head"

@@ -211,10 +211,11 @@ _MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
 
 def is_dead_fuse_mount(path: str | os.PathLike[str]) -> bool:
     """Whether a FUSE mount whose server is gone sits at ``path``: its kernel connection
-    was aborted, so stat answers ENOTCONN (or ECONNABORTED for a request caught by the
-    abort)."""
+    was aborted, so requests answer ENOTCONN (or ECONNABORTED for one caught by the abort).
+    statfs, not stat: the kernel may answer a stat of the root from its attribute cache,
+    dead server or not, but always asks the server for statfs."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in DEAD_MOUNT_ERRNOS
     return False
