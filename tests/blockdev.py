@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -60,3 +62,11 @@ def wait_for(predicate: object, timeout: float = 30.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("timed out waiting")
+
+
+def readable(source: int | IO[bytes], timeout: float) -> bool:
+    """Whether ``source`` has input within ``timeout`` seconds. poll, not select: a pytest
+    worker may hold more than 1,024 descriptors, which select() refuses."""
+    poller = select.poll()
+    poller.register(source, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(timeout * 1000))

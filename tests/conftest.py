@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from blockstore import S3ObjectStore
+from tests.blockdev import readable
 from tools.s3server import S3Server
 
 
@@ -118,8 +118,7 @@ class MotoServer:
             )
         try:
             assert self.process.stdout is not None
-            ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-            line = self.process.stdout.readline() if ready else b""
+            line = self.process.stdout.readline() if readable(self.process.stdout, timeout) else b""
             if not line.strip().isdigit():
                 raise RuntimeError(f"moto's server did not start (log: {self.log_path})")
             self.port = int(line)

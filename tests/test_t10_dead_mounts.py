@@ -24,6 +24,7 @@ from blockstore.serve.fusefile import (
     is_dead_fuse_mount,
     set_own_fuse_readahead,
 )
+from vm import launcher
 
 from .blockdev import sh, wait_for
 
@@ -113,6 +114,40 @@ def test_vfs_mount_clears_a_dead_mount_and_mounts(where: Path) -> None:
     wait_for(lambda: not our_mounts(where), timeout=15)
 
 
+def test_a_dead_mount_whose_root_the_kernel_still_caches_is_seen_dead(where: Path) -> None:
+    """A server killed when fusermount3 cannot unmount (here its auto-unmount watcher is
+    killed first, as its race with the killed server does) leaves a dead mount whose root
+    attributes the kernel may still have cached: ``stat`` of it then succeeds. Seen dead
+    anyway, and cleared (a CI run caught the clean-up missing this)."""
+    with cli("vfs", "mount", "--memory", str(where)) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("mounted")
+        os.stat(where)  # the root's attributes are now in the kernel's cache
+        watchers = [
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and _cmdline(int(pid)).startswith("fusermount3")
+            and str(where) in _cmdline(int(pid))
+        ]  # fmt: skip
+        assert watchers, "no auto-unmount watcher found"
+        for pid in watchers:
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(30)
+    os.stat(where)  # answered from the cache: what made the old check miss it
+    assert is_dead_fuse_mount(where)
+    assert clear_dead_fuse_mount(where) is not None
+    assert not our_mounts(where)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_disk_mount_clears_a_dead_mount_and_mounts(where: Path, tmp_path: Path) -> None:
     url = f"file://{tmp_path}/store/d"
     sh(sys.executable, "-m", "tools.cli", "disk", "create", url, "--size", "8M")
@@ -130,6 +165,27 @@ def test_disk_mount_clears_a_dead_mount_and_mounts(where: Path, tmp_path: Path) 
     assert f"lanekit: cleared a dead FUSE mount at {where} (left by a server that died)" in notice
     assert not any("Traceback" in line for line in notice)
     wait_for(lambda: not our_mounts(where), timeout=15)
+
+
+def test_a_killed_launchers_dead_hub_mount_is_cleared_by_the_next_boots_sweep(
+    tmp_path: Path,
+) -> None:
+    """vm run killed in fusermount3's race leaves its hub mount dead in its runtime
+    directory; the next boot's sweep must clear it and remove the directory."""
+    os.chmod(tmp_path, 0o755)
+    runtime = tmp_path / f"{launcher.RUNTIME_PREFIX}dead"
+    hub = runtime / "hub"
+    hub.mkdir(parents=True)
+    done = subprocess.run(["sh", "-c", "cat /proc/$$/stat"], capture_output=True, text=True)
+    dead_pid, start = done.stdout.split()[0], done.stdout.rpartition(")")[2].split()[19]
+    (runtime / "owner").write_text(f"{dead_pid}:{start}")
+    try:
+        dead_mount_left_by_fusermount3(hub)
+        launcher._sweep_runtime_dirs(tmp_path)
+        assert not our_mounts(hub)
+        assert not runtime.exists()
+    finally:
+        unmount_all(hub)
 
 
 def test_stacked_dead_mounts_are_all_cleared(where: Path) -> None:

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from blockstore.identity import process_identity
 from vm import ExecTimeout, Healthcheck, HealthcheckFailed, ImageEntry, launcher
 from vm.launcher import Sandbox, SyncMachine
 
-from .blockdev import sh, wait_for
+from .blockdev import readable, sh, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -285,7 +284,7 @@ def test_ctrl_c_or_kill_cleans_up(vm_home: Path, how: str) -> None:
     before_procs = set(our_processes(vm_home))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "vm", "run", "--image", "shell", "--memory", "256",
-         "--mount", "/w=memory", "--", "sh", "-c", "echo up > /w/flag; sleep 600"],
+         "--mount", "/w=memory", "--", "sh", "-c", "echo up > /w/flag; echo up; sleep 600"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     mine: set[Path] = set()  # this boot's runtime directory (other workers boot too)
@@ -297,7 +296,10 @@ def test_ctrl_c_or_kill_cleans_up(vm_home: Path, how: str) -> None:
             return bool(new)
 
         wait_for(booted, timeout=120)
-        time.sleep(8)  # booted and running the command
+        assert proc.stdout is not None
+        ready = readable(proc.stdout, 180)  # the command runs (not a boot)
+        said = proc.stdout.readline() if ready else b""
+        assert said == b"up\n", proc.stderr.read() if proc.stderr else said
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)
         else:
@@ -307,7 +309,8 @@ def test_ctrl_c_or_kill_cleans_up(vm_home: Path, how: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == (130 if how == "ctrl-c" else -signal.SIGKILL)
+    stderr = proc.stderr.read() if proc.stderr else b""
+    assert proc.returncode == (130 if how == "ctrl-c" else -signal.SIGKILL), stderr
     assert mine, "the boot's qemu named no runtime directory"
 
     def gone() -> bool:

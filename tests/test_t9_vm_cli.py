@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .blockdev import wait_for
+from .blockdev import readable, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -79,8 +78,7 @@ def test_interactive_shell_under_a_real_terminal(vm_home: Path) -> None:
         deadline = time.monotonic() + timeout
         while marker not in seen:
             assert time.monotonic() < deadline, seen[-2000:]
-            ready, _, _ = select.select([fd], [], [], 1)
-            if ready:
+            if readable(fd, 1):
                 try:
                     seen += os.read(fd, 65536)
                 except OSError:
