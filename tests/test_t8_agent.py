@@ -166,6 +166,18 @@ async def test_a_peer_that_answers_garbage_is_a_clear_error(nursery: trio.Nurser
         theirs.close()
 
 
+async def test_a_socket_nobody_listens_on_is_an_error_not_a_wait_forever(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    left = tmp_path / "agent.sock"  # what a killed supervisor leaves: a socket file, no server
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(left))
+    sock.close()
+    for path in (left, tmp_path / "absent.sock"):
+        with pytest.raises(GuestAgentError, match="cannot connect to the guest agent"):
+            await AgentSession(str(path)).open(nursery, timeout=0.3)
+
+
 def test_version_mismatch_is_named(tmp_path: Path) -> None:
     """A host speaking another protocol version gets an answer that says so."""
     ours, proc = _agent_process(tmp_path)

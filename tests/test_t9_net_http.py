@@ -41,10 +41,10 @@ from vm.net import (
 )
 from vm.net.audit import Audit, AuditEvent
 from vm.net.config import parse_secret
+from vm.net.decide import Decider, RawGrant
 from vm.net.guest_trust import install_ca
 from vm.net.http import HttpInterceptor
 from vm.net.namespace import Egress
-from vm.net.policy import Decider, RawGrant
 from vm.net.proxy import Flow
 from vm.net.request import SecretBook
 from vm.net.tls import upstream_context

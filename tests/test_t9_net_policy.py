@@ -26,8 +26,8 @@ from vm.net import (
     policy,
 )
 from vm.net.config import parse_allow
+from vm.net.decide import Decider, DnsGrant, DnsQuestion, RawGrant
 from vm.net.pins import Pins
-from vm.net.policy import Decider, DnsGrant, DnsQuestion, RawGrant
 
 GUEST = Endpoint("10.0.2.15", 0)
 REPO = Path(__file__).resolve().parent.parent

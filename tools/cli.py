@@ -8,12 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import trio
-
-import blockstore
 from blockstore import BlockStoreError, Fenced, LeaseHeld
-from blockstore.concurrency import first_failure
-from vfs import FSError, MountError
 from vm import VMError
 
 from . import progress
@@ -28,6 +23,10 @@ from .config import EXIT_BUSY, EXIT_ERROR, CLIError, lanekit_home
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job, on the embedded local-directory store."""
+    import trio
+
+    import blockstore
+
     home = lanekit_home()
     store = home / "disks"
     store.mkdir(parents=True, exist_ok=True)
@@ -87,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _reported_errors() -> tuple[type[Exception], ...]:
+    """The errors a command reports in one line. A package the command never imported
+    raised none of them, so its error classes are looked at only if it is loaded: every
+    command need not pay for loading pyfuse3 (``lane exec`` runs once per command)."""
+    errors: list[type[Exception]] = [BlockStoreError, VMError, ValueError, OSError]
+    if "vfs" in sys.modules:
+        from vfs import FSError, MountError
+
+        errors += [FSError, MountError]
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -99,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code: int = args.func(args)
         except BaseExceptionGroup as group:  # an error from inside a trio nursery
+            from blockstore.concurrency import first_failure
+
             raise first_failure(group) from None
         return code
     except CLIError as e:
@@ -110,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Fenced as e:
         print(f"lanekit: fenced: another host took this disk over ({e})", file=sys.stderr)
         return EXIT_ERROR
-    except (BlockStoreError, VMError, FSError, MountError, ValueError, OSError) as e:
+    except Exception as e:
+        if not isinstance(e, _reported_errors()):
+            raise
         print(f"lanekit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -7,18 +7,20 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 import blockstore
-from vm import volumes as V
-from vm.lanes import Lane, LaneMount, LaneStatus, LaneVolume
+from vm import lanes
 
 from .cli_net import add_network_arguments, network_from_args
 from .cli_vm import add_command_arguments, command_options
 from .config import parse_size
 from .vmrun import run_in_machine
+
+if TYPE_CHECKING:
+    from vm.lanes import Lane, LaneMount, LaneStatus
 
 LANE_DESCRIPTION = """\
 A lane is a named sandbox whose definition and root disk live in an object store
@@ -51,7 +53,7 @@ def _required_store(args: argparse.Namespace) -> str:
 
 
 def _lane(args: argparse.Namespace) -> Lane:
-    return Lane.get(args.name, store=args.store, s3_endpoint=args.s3_endpoint)
+    return lanes.Lane.get(args.name, store=args.store, s3_endpoint=args.s3_endpoint)
 
 
 def _show(status: LaneStatus) -> str:
@@ -94,8 +96,8 @@ def cmd_lane_create(args: argparse.Namespace) -> int:
         path = path.removesuffix(":ro").removesuffix(":rw")
         if not sep or not name or not path:
             raise ValueError(f"--volume {spec!r}: use NAME:GUEST_PATH[:ro]")
-        volumes.append(LaneVolume(name, path, read_only))
-    lane = Lane.create(
+        volumes.append(lanes.LaneVolume(name, path, read_only))
+    lane = lanes.Lane.create(
         args.name, args.image, store=_required_store(args), s3_endpoint=args.s3_endpoint,
         env=_pairs(args.env, "--env"), mounts=[_mount(spec) for spec in args.mount or ()],
         cpus=args.cpus, memory_mib=args.memory,
@@ -119,7 +121,7 @@ def _mount(spec: str) -> LaneMount:
             f"--mount {spec!r}: a lane's mounts are host directories (its durable "
             "storage is its root disk and volumes)"
         )
-    return LaneMount(source, guest, read_only)
+    return lanes.LaneMount(source, guest, read_only)
 
 
 def parse_duration(text: str) -> float:
@@ -135,7 +137,9 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_lane_ls(args: argparse.Namespace) -> int:
-    statuses = Lane.list(store=args.store, s3_endpoint=args.s3_endpoint, labels=_labels(args.label))
+    statuses = lanes.Lane.list(
+        store=args.store, s3_endpoint=args.s3_endpoint, labels=_labels(args.label)
+    )
     if args.json:
         print(json.dumps([s.to_json() for s in statuses], indent=2))
     else:
@@ -222,10 +226,12 @@ def cmd_lane_exec(args: argparse.Namespace) -> int:
         args.exec_options.parse_args(args.cmd[:cut], namespace=args)
         args.cmd = args.cmd[cut:]
     run = command_options(args)
-    lane = _lane(args)
+    # A lane running here needs no store: no connection to it, and none of its code.
+    env = lanes.running_env(args.name, store=args.store)
+    connection = _lane(args).connect() if env is None else lanes.connect_running(args.name, env)
 
     async def main() -> int:
-        async with lane.connect() as machine:
+        async with connection as machine:
             return await run_in_machine(machine, run)
 
     code: int = trio.run(main)
@@ -248,12 +254,12 @@ def _follow(lane: Lane) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    lanes = sub.add_parser(
+    lane_commands = sub.add_parser(
         "lane", help="named durable sandboxes that run detached and move between hosts",
         description=LANE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     ).add_subparsers(dest="lane_command", required=True)  # fmt: skip
 
-    c = lanes.add_parser("create", help="define a lane in a store")
+    c = lane_commands.add_parser("create", help="define a lane in a store")
     c.add_argument("name")
     c.add_argument("--image", required=True, help="a registered image built on this host")
     _store_args(c, required=True)
@@ -281,7 +287,9 @@ def add_parsers(sub: Any) -> None:
     add_network_arguments(c)
     c.set_defaults(func=cmd_lane_create)
 
-    c = lanes.add_parser("ls", help="lanes this host knows (or a store's), read from the store")
+    c = lane_commands.add_parser(
+        "ls", help="lanes this host knows (or a store's), read from the store"
+    )
     _store_args(c)
     c.add_argument("--json", action="store_true")
     c.add_argument(
@@ -299,7 +307,7 @@ def add_parsers(sub: Any) -> None:
         ("info", cmd_lane_info, "a lane's definition, state, lease, volumes and snapshot (JSON)"),
         ("logs", cmd_lane_logs, "a lane's supervisor log and guest console on this host"),
     ):
-        c = lanes.add_parser(name, help=text)
+        c = lane_commands.add_parser(name, help=text)
         c.add_argument("name")
         _store_args(c)
         if name == "start":
@@ -325,7 +333,7 @@ def add_parsers(sub: Any) -> None:
             )  # fmt: skip
         c.set_defaults(func=func)
 
-    c = lanes.add_parser(
+    c = lane_commands.add_parser(
         "checkpoint", help="checkpoint a lane's root disk and volumes (running or stopped)"
     )
     c.add_argument("name")
@@ -333,7 +341,7 @@ def add_parsers(sub: Any) -> None:
     _store_args(c)
     c.set_defaults(func=cmd_lane_checkpoint)
 
-    c = lanes.add_parser("fork", help="a new lane made of a checkpoint (its disks forked)")
+    c = lane_commands.add_parser("fork", help="a new lane made of a checkpoint (its disks forked)")
     c.add_argument("source", metavar="NAME@TAG")
     c.add_argument("new_name", metavar="NEW")
     _store_args(c)
@@ -342,7 +350,7 @@ def add_parsers(sub: Any) -> None:
     options = argparse.ArgumentParser(prog="lanekit lane exec NAME", add_help=False)
     _store_args(options)
     add_command_arguments(options, "lanekit lane exec NAME")
-    c = lanes.add_parser(
+    c = lane_commands.add_parser(
         "exec", parents=[options], help="run a command in a running lane, streaming its output"
     )
     c.add_argument("name")
@@ -372,28 +380,36 @@ def _volume_store(args: argparse.Namespace) -> blockstore.ObjectStore:
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
+    from vm import volumes
+
     objects = _volume_store(args)
     definition = trio.run(
-        V.create_volume, objects, args.name, parse_size(args.size), _labels(args.label)
+        volumes.create_volume, objects, args.name, parse_size(args.size), _labels(args.label)
     )
     print(f"volume {args.name} created in {objects.describe()} ({definition['size']} bytes, ext4)")
     return 0
 
 
 def cmd_volume_ls(args: argparse.Namespace) -> int:
+    from vm import volumes
+
     objects = _volume_store(args)
-    for name in V.list_volumes(objects):
+    for name in volumes.list_volumes(objects):
         print(name)
     return 0
 
 
 def cmd_volume_info(args: argparse.Namespace) -> int:
-    print(json.dumps(V.volume_info(_volume_store(args), args.name), indent=2, sort_keys=True))
+    from vm import volumes
+
+    print(json.dumps(volumes.volume_info(_volume_store(args), args.name), indent=2, sort_keys=True))
     return 0
 
 
 def cmd_volume_rm(args: argparse.Namespace) -> int:
-    V.remove_volume(_volume_store(args), args.name)
+    from vm import volumes
+
+    volumes.remove_volume(_volume_store(args), args.name)
     print(f"volume {args.name} removed (its blocks are freed by `lanekit disk gc`)")
     return 0
 

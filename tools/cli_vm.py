@@ -8,16 +8,14 @@ import gc
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 import blockstore
-import vfs
-from vm import Healthcheck, ImageEntry, ProbeResult, Registry, transfer
+from vm import Healthcheck, ImageEntry, ProbeResult, Registry
 from vm.errors import VMError
 from vm.images import RECIPES, ImageStore, check_digest, not_built_message
-from vm.launcher import Mount, Sandbox
 from vm.registry import validate_id
 from vm.state import state_paths
 
@@ -26,6 +24,9 @@ from .cli_net import NETWORK_HELP, add_network_arguments, network_from_args
 from .config import lanekit_home, parse_size
 from .stopping import Stopper, run_stoppable, serve_until_stopped
 from .vmrun import RunOptions, run_in_sandbox
+
+if TYPE_CHECKING:
+    from vm.launcher import Mount
 
 DEFAULT_HEALTHCHECK = ("/lanekit/busybox", "true")
 
@@ -158,6 +159,8 @@ def _digest_of(registry: Registry, name: str) -> str:
 
 
 def cmd_image_push(args: argparse.Namespace) -> int:
+    from vm import transfer
+
     registry, images = _state()
     digest = _digest_of(registry, args.image)
     objects = blockstore.open_store(args.store, s3_endpoint=args.s3_endpoint)
@@ -169,6 +172,8 @@ def cmd_image_push(args: argparse.Namespace) -> int:
 
 
 def cmd_image_pull(args: argparse.Namespace) -> int:
+    from vm import transfer
+
     registry, images = _state()
     if args.id:
         validate_id(args.id)
@@ -183,6 +188,8 @@ def cmd_image_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_image_check(args: argparse.Namespace) -> int:
+    from vm.launcher import Sandbox
+
     registry, _ = _state()
     ids = [args.id] if args.id else [e.id for e in registry.list() if e.digest]
 
@@ -206,6 +213,9 @@ def cmd_image_check(args: argparse.Namespace) -> int:
 
 
 def parse_mount(spec: str) -> Mount:
+    import vfs
+    from vm.launcher import Mount
+
     guest, sep, source = spec.partition("=")
     if not sep or not guest or not source:
         raise VMError(f"--mount {spec!r}: use GUEST=memory or GUEST=HOSTDIR[:ro]")
@@ -246,6 +256,8 @@ def command_options(args: argparse.Namespace) -> RunOptions:
 
 
 def cmd_vm_run(args: argparse.Namespace) -> int:
+    from vm.launcher import Sandbox
+
     run = command_options(args)
     if args.wait is not None and args.wait < 0:
         raise VMError(f"--wait {args.wait:g}: give a number of seconds, 0 or more")
@@ -270,6 +282,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
 
 
 def cmd_vfs_mount(args: argparse.Namespace) -> int:
+    import vfs
     from blockstore.serve.fusefile import clear_dead_fuse_mount
 
     if notice := clear_dead_fuse_mount(args.mountpoint):

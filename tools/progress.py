@@ -10,8 +10,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tqdm import tqdm
-
 _quiet = [False]
 
 
@@ -49,6 +47,8 @@ def byte_bar(description: str, total: int | None = None) -> Iterator[Callable[[i
     if not enabled():
         yield lambda done, total: None
         return
+    from tqdm import tqdm  # 40 ms (importlib.metadata): only when a bar is drawn
+
     bar = tqdm(
         total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
         file=sys.stderr, leave=False, **_width(),
@@ -71,6 +71,8 @@ def count_bar(description: str, unit: str) -> Iterator[Callable[[int], None]]:
     if not enabled():
         yield lambda n: None
         return
+    from tqdm import tqdm
+
     bar = tqdm(desc=description, unit=unit, file=sys.stderr, leave=False, **_width())
     try:
         yield lambda n: bar.update(n - bar.n)

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -23,11 +24,13 @@ from blockstore import Fenced
 from blockstore.concurrency import first_failure
 from vm.agent import ExecHandle
 from vm.errors import GuestAgentError, VMError
-from vm.launcher import Mount, Sandbox
 from vm.machine import AgentMachine, Machine
 
 from .config import EXIT_ERROR
 from .terminal import raw_terminal, read_some, stdin_fd, terminal_size, write_all
+
+if TYPE_CHECKING:
+    from vm.launcher import Mount, Sandbox
 
 COMMAND_GRACE = 10.0
 EXIT_INTERRUPTED = 130

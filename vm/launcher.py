@@ -26,6 +26,7 @@ import trio
 
 from blockstore.concurrency import Services, blocking, first_failure
 from blockstore.identity import process_identity
+from blockstore.serve.fusefile import clear_dead_fuse_mount
 from blockstore.serve.nbd import serve_device
 
 from .accel import QEMU, choose_accelerator
@@ -69,7 +70,9 @@ _OWNER = "owner"
 
 def _sweep_runtime_dirs(base: Path) -> None:
     """Remove runtime dirs whose launcher died without cleaning up (kill -9): each names
-    its owner; qemu and virtiofsd die with their parent, FUSE mounts unmount themselves."""
+    its owner; qemu and virtiofsd die with their parent, and the hub's FUSE mount unmounts
+    itself, but for fusermount3's race with a killed server (see clear_dead_fuse_mount),
+    which leaves it dead: it is cleared here, else the directory could never go."""
     for path in base.glob(f"{RUNTIME_PREFIX}*"):
         try:
             owner = (path / _OWNER).read_text()
@@ -77,6 +80,8 @@ def _sweep_runtime_dirs(base: Path) -> None:
             continue  # not ours to judge, or already gone
         pid = owner.partition(":")[0]
         if pid.isdigit() and process_identity(int(pid)) != owner:
+            with contextlib.suppress(OSError):
+                clear_dead_fuse_mount(path / "hub")
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from blockstore import Disk, Fenced
+from blockstore import Fenced
 from blockstore.concurrency import Services
 
 from .agent import AgentSession, ExecEvent, ExecHandle, GuestProcess
@@ -28,6 +28,8 @@ from .proc import Child
 from .registry import ImageEntry
 
 if TYPE_CHECKING:
+    from blockstore import Disk
+
     from .launcher import Sandbox
     from .net import Network
 

@@ -4,8 +4,8 @@
 a pipe (an ``fd:`` migration) that the caller reads as it comes, so the stream can go to
 the store while qemu still writes it. The migration is not live: the guest is stopped
 first (qemu drains and flushes its disks then), so the disks hold exactly what that memory
-expects. :func:`load_memory` feeds such a stream, from a file, to a qemu
-started with ``-incoming defer`` and the same hardware (``Sandbox._qemu_argv`` fixes
+expects. :func:`load_memory` feeds such a stream, as it is fetched, to a qemu
+started with ``-incoming defer -S`` and the same hardware (``Sandbox._qemu_argv`` fixes
 machine type, CPU model and device order) and lets the guest run on.
 
 Limits of qemu 7.2, checked here: vhost-user-fs (virtiofs) devices block migration, so a
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shlex
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -50,13 +49,13 @@ def check_pausable(machine: Machine) -> None:
         )
 
 
-async def _wait_migration(qmp: QMP) -> dict[str, Any]:
+async def _wait_migration(qmp: QMP, poll: float = 0.05) -> dict[str, Any]:
     with trio.move_on_after(MIGRATION_TIMEOUT):
         while True:
             status: dict[str, Any] = await qmp.execute("query-migrate") or {}
             if status.get("status") in ("completed", "failed", "cancelled"):
                 return status
-            await trio.sleep(0.05)
+            await trio.sleep(poll)
     raise SnapshotError(f"qemu's migration did not finish within {MIGRATION_TIMEOUT:.0f} s")
 
 
@@ -126,8 +125,17 @@ async def save_memory(machine: Machine, path: Path) -> dict[str, Any]:
     return await stream_memory(machine, into_file)
 
 
-async def load_memory(machine: Machine, path: Path, saved_by: dict[str, Any]) -> None:
-    """Load what :func:`save_memory` wrote into this (``-incoming defer``) qemu and run."""
+async def load_memory(
+    machine: Machine,
+    feed: Callable[[trio.abc.SendStream], Awaitable[None]],
+    saved_by: dict[str, Any],
+    before_run: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Load a stream :func:`stream_memory` produced into this qemu (started with
+    ``-incoming defer -S``) as ``feed`` writes it into a pipe, so qemu loads while the rest
+    of the stream is still being fetched; then ``before_run`` (the guest has all its memory
+    and has not run yet) and let the guest run. An error of ``feed`` wins over qemu's
+    complaint about the stream it cut short."""
     qmp = await QMP.connect(machine.runtime / "qmp.sock")
     try:
         if qmp.version.get("qemu") != saved_by.get("qemu"):
@@ -135,18 +143,33 @@ async def load_memory(machine: Machine, path: Path, saved_by: dict[str, Any]) ->
                 f"the memory snapshot was saved by qemu {_version(saved_by)}; this host has "
                 f"qemu {_version(qmp.version)}, which cannot load it"
             )
+        read_fd, write_fd = os.pipe()
+        stream = trio.lowlevel.FdStream(write_fd)
         try:
-            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
-        except QMPError as exc:
-            raise SnapshotError(f"qemu refused the memory snapshot: {exc}") from None
-        status = await _wait_migration(qmp)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            try:
+                await qmp.send_fd(read_fd, PIPE_NAME)
+            finally:
+                os.close(read_fd)  # qemu's copy is the only reader
+            try:
+                await qmp.execute("migrate-incoming", {"uri": f"fd:{PIPE_NAME}"})
+            except QMPError as exc:
+                raise SnapshotError(f"qemu refused the memory snapshot: {exc}") from None
+            try:
+                await feed(stream)
+            except trio.BrokenResourceError:
+                pass  # qemu stopped reading: its migration status says why
+        finally:
+            await stream.aclose()
+        status = await _wait_migration(qmp, poll=0.01)
         if status.get("status") != "completed":
             raise SnapshotError(
                 f"qemu could not load the memory snapshot: {status.get('error-desc', status)}"
             )
-        running = await qmp.execute("query-status")
-        if not (running or {}).get("running"):
-            await qmp.execute("cont")
+        if before_run is not None:
+            await before_run()
+        await qmp.execute("cont")
     finally:
         qmp.close()
 

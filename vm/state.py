@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .images import ImageStore
-from .kernel import KernelCache
-from .registry import Registry
+if TYPE_CHECKING:
+    from .images import ImageStore
+    from .kernel import KernelCache
+    from .registry import Registry
 
 
 def lanekit_home() -> Path:
@@ -19,7 +21,12 @@ def lanekit_home() -> Path:
 
 
 def state_paths(home: Path) -> tuple[Registry, ImageStore, KernelCache]:
-    """The registry, image store and kernel cache under one state directory."""
+    """The registry, image store and kernel cache under one state directory (imported
+    here: a command that needs only the directory should not load the image code)."""
+    from .images import ImageStore
+    from .kernel import KernelCache
+    from .registry import Registry
+
     return (
         Registry(home / "images" / "registry.json"),
         ImageStore(home / "images"),

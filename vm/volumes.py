@@ -144,7 +144,7 @@ async def create_volume(
     await blockstore.create((objects, disk), size)
     with tempfile.TemporaryDirectory(prefix="lanekit-volume-") as scratch:
         image = Path(scratch) / "fs.img"
-        await trio.to_thread.run_sync(_make_filesystem, image, size, name)
+        await trio.to_thread.run_sync(make_filesystem, image, size, name)
         async with blockstore.open_disk((objects, disk)) as opened:
             await transfer.copy_file_into(opened, image)
             await opened.flush()
@@ -169,7 +169,7 @@ def _exists(objects: ObjectStore, name: str) -> bool:
         return False
 
 
-def _make_filesystem(image: Path, size: int, label: str) -> None:
+def make_filesystem(image: Path, size: int, label: str) -> None:
     with open(image, "wb") as f:
         f.truncate(size)
     run_tool(

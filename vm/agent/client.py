@@ -136,10 +136,16 @@ class AgentSession:
         """Connect (or use ``stream``) and say HELLO; returns when the agent has answered
         (the guest may still be booting: the HELLO waits in qemu's socket until the agent
         opens its port)."""
+        deadline = trio.current_time() + timeout  # qemu makes its socket as it starts
         while stream is None:
             try:
                 stream = await trio.open_unix_socket(self.socket_path)
-            except OSError:
+            except OSError as exc:
+                if trio.current_time() >= deadline:  # a socket left with nobody listening
+                    raise GuestAgentError(
+                        f"cannot connect to the guest agent at {self.socket_path} within "
+                        f"{timeout:.0f} s: {exc.strerror or exc}"
+                    ) from None
                 await trio.sleep(0.01)
         self._stream = stream
         tasks.start_soon(self._read_loop)

@@ -381,6 +381,9 @@ class Agent:
             elif op == "sync":
                 os.sync()
                 self.reply(sid, None)
+            elif op == "set_time":  # after a resume: the clock stood still while paused
+                time.clock_settime(time.CLOCK_REALTIME, float(call["seconds"]))  # type: ignore[arg-type]
+                self.reply(sid, None)
             elif op == "ping":
                 self.reply(sid, {"uptime": _uptime()})
             elif op == "poweroff":

@@ -39,6 +39,11 @@ class LaneCache:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    @classmethod
+    def of(cls, home: Path) -> LaneCache:
+        """The cache of the state directory ``home``."""
+        return cls(home / "lanes.db")
+
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)

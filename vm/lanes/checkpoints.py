@@ -32,13 +32,11 @@ from ..volumes import delete_disk, disk_name, fork_volume, read_volume, remove_v
 from .definition import (
     PREFIX,
     LaneDefinition,
-    LaneError,
-    LaneNotFound,
-    check_lane_name,
     read_definition,
     root_disk_name,
     write_definition,
 )
+from .errors import LaneError, LaneNotFound, check_lane_name
 
 MAX_TAG = 128
 

@@ -18,35 +18,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import blockstore
 from blockstore import ObjectStore
-from blockstore.layout import check_name
 from blockstore.lease import lease_is_live, read_lease
 from blockstore.objectstore import put_new
 
-from ..errors import VMError
+from ..net import NetworkConfig
 from ..registry import ImageEntry
 from ..volumes import defined_names
+from .errors import LaneError, LaneNotFound, check_lane_name
 
 PREFIX = "lanes/"
-MAX_NAME = 100
-
-
-class LaneError(VMError):
-    """A lane is missing, exists already, is (not) running, or cannot be reached."""
-
-
-class LaneNotFound(LaneError):
-    """No lane of that name in the store."""
-
-
-def check_lane_name(name: str) -> str:
-    check_name(name, "lane name")
-    if len(name) > MAX_NAME:
-        raise LaneError(f"lane name {name!r} is longer than {MAX_NAME} characters")
-    return name
 
 
 def root_disk_name(lane: str) -> str:
@@ -221,3 +206,20 @@ def read_ended(objects: ObjectStore, name: str) -> dict[str, Any] | None:
 
 def delete_ended(objects: ObjectStore, name: str) -> None:
     objects.delete(_ended_key(name))
+
+
+def storable_network(network: NetworkConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The network as the definition stores it (checked by making it a config first)."""
+    if network is None:
+        return {}
+    config = network if isinstance(network, NetworkConfig) else NetworkConfig.from_dict(network)
+    if config.callback is not None:
+        raise LaneError(
+            "a lane's network is stored with it: use rules (--allow), not a Python policy"
+        )
+    if config.secrets:
+        raise LaneError(
+            "a lane's network is stored in its store, and secrets are not: give them to "
+            "sandboxes you boot yourself (Sandbox(network=...)), not to a lane"
+        )
+    return config.to_dict() if config.enabled else {}

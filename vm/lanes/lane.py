@@ -12,22 +12,15 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
-import json
 import os
-import select
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import trio
-
 import blockstore
 from blockstore import ObjectStore
-from blockstore.identity import process_identity
 
 from ..errors import VMError
 from ..machine import AgentMachine
@@ -40,11 +33,8 @@ from . import runlock
 from .cache import LaneCache
 from .definition import (
     LaneDefinition,
-    LaneError,
     LaneMount,
-    LaneNotFound,
     LaneVolume,
-    check_lane_name,
     delete_definition,
     delete_ended,
     list_lane_names,
@@ -52,15 +42,29 @@ from .definition import (
     read_ended,
     root_disk_name,
     root_lease,
+    storable_network,
     write_definition,
 )
+from .errors import LaneBusy, LaneError, LaneNotFound, check_lane_name
 from .paused import discard, read_paused
-from .supervisor import BUSY, CONSOLE, read_fenced, run_dir
+from .process import (
+    AGENT_SOCKET,
+    BUSY,
+    CONSOLE,
+    IDENTITY,
+    Tee,
+    connect_running,
+    control_request,
+    live_supervisor,
+    log_tail,
+    read_fenced,
+    run_dir,
+    spawn_supervisor,
+)
 
 START_TIMEOUT = 600.0
 STOP_TIMEOUT = 120.0
 PAUSE_TIMEOUT = 600.0
-CONNECT_TIMEOUT = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +92,6 @@ class LaneStatus:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _cache(home: Path) -> LaneCache:
-    return LaneCache(home / "lanes.db")
-
-
-class LaneBusy(LaneError):
-    """Another host holds the lane (it won a start at the same moment, or runs it)."""
 
 
 class Lane:
@@ -167,7 +163,7 @@ class Lane:
             raise LaneError("two mounts or volumes at the same guest path")
         if max_duration is not None and not max_duration > 0:
             raise LaneError(f"max duration {max_duration!r}: give a positive number of seconds")
-        network = _storable_network(network)
+        network = storable_network(network)
         entry = image if isinstance(image, ImageEntry) else state_paths(home)[0].lookup(image)
         if entry.digest is None:
             raise LaneError(f"image {entry.id!r} is not built here: `lanekit image build`")
@@ -180,7 +176,7 @@ class Lane:
             check_guest_path(volume.path, "volume path")
             read_volume(objects, volume.name)
         write_definition(objects, definition)
-        _cache(home).put(name, store, s3_endpoint, "created")
+        LaneCache.of(home).put(name, store, s3_endpoint, "created")
         return cls(definition, objects, store, s3_endpoint, home)
 
     @classmethod
@@ -195,7 +191,7 @@ class Lane:
         """A lane this host knows, or any lane of ``store`` (a host that never saw it)."""
         home = home or lanekit_home()
         check_lane_name(name)
-        cached = _cache(home).get(name)
+        cached = LaneCache.of(home).get(name)
         if store is None:
             if cached is None:
                 raise LaneError(
@@ -207,7 +203,7 @@ class Lane:
         objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
         lane = cls(read_definition(objects, name), objects, store, s3_endpoint, home)
         if cached is None:
-            _cache(home).put(name, store, s3_endpoint, "stopped")
+            LaneCache.of(home).put(name, store, s3_endpoint, "stopped")
         return lane
 
     @classmethod
@@ -228,14 +224,14 @@ class Lane:
             objects = blockstore.open_store(store, s3_endpoint=s3_endpoint)
             names = [(n, store, s3_endpoint) for n in list_lane_names(objects)]
         else:
-            names = [(c.name, c.store, c.s3_endpoint) for c in _cache(home).all()]
+            names = [(c.name, c.store, c.s3_endpoint) for c in LaneCache.of(home).all()]
         statuses = []
         for name, lane_store, endpoint in names:
             try:
                 lane = cls.get(name, store=lane_store, s3_endpoint=endpoint, home=home)
             except LaneNotFound:
                 if store is None:  # removed elsewhere
-                    _cache(home).forget(name)
+                    LaneCache.of(home).forget(name)
                 continue
             except LaneError as exc:
                 if not wanted:
@@ -252,17 +248,12 @@ class Lane:
     def _supervisor_pid(self) -> int | None:
         """This host's live supervisor of the lane, if there is one; a dead one's leftovers
         (sockets, identity) are removed here."""
-        try:
-            identity = json.loads((self.run_dir / "supervisor.json").read_text())
-            pid = int(identity["pid"])
-            alive = process_identity(pid) == identity["process"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pid, alive = 0, False
-        if alive:
-            return pid
+        record = live_supervisor(self.run_dir)
+        if record is not None:
+            return int(record["pid"])
         with runlock.if_free(self.run_dir) as free:
             if free:  # a dead supervisor's leftovers, not a starting one's files
-                for leftover in ("agent.sock", "control.sock", "supervisor.json"):
+                for leftover in (AGENT_SOCKET, "control.sock", IDENTITY):
                     with contextlib.suppress(FileNotFoundError):
                         (self.run_dir / leftover).unlink()
         return None
@@ -284,7 +275,7 @@ class Lane:
             status = LaneStatus(self.name, self.store, "starting", True, pid=local)
         else:
             status = self._status_at_rest(lease)
-        _cache(self.home).put(
+        LaneCache.of(self.home).put(
             self.name, self.store, self.s3_endpoint, status.state, status.host, status.pid
         )
         return dataclasses.replace(
@@ -372,28 +363,14 @@ class Lane:
         that is dead or cut off (it is fenced: it can never commit again). LaneError if it
         runs already, here or (without ``force``) elsewhere, or does not come up (with the
         supervisor's log); LaneBusy if another host (or start here) won the start."""
-        argv = [sys.executable, "-m", "vm.lanes.supervisor", *self._supervisor_args(cold, force)]
         log_path = self.run_dir / "supervisor.log"
-        read_end, write_end = os.pipe()
-        try:
-            with open(log_path, "ab") as log:
-                subprocess.Popen(
-                    [*argv, "--ready-fd", str(write_end)], stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=log, pass_fds=(write_end,), start_new_session=True,
-                    env={**os.environ, "LANEKIT_HOME": str(self.home)},
-                )  # fmt: skip
-            os.close(write_end)
-            answer = _read_line(read_end, timeout)
-        finally:
-            os.close(read_end)
-            with contextlib.suppress(OSError):
-                os.close(write_end)
+        answer = spawn_supervisor(self._supervisor_args(cold, force), log_path, self.home, timeout)
         if answer.startswith(BUSY):
             raise LaneBusy(answer.removeprefix(BUSY))
         if answer.startswith("error: "):  # the supervisor said why: that is the whole story
             raise LaneError(f"lane {self.name!r} did not start: {answer.removeprefix('error: ')}")
         if answer != "ready":
-            tail = _tail(log_path)
+            tail = log_tail(log_path)
             raise LaneError(
                 f"lane {self.name!r} did not start: {answer or 'its supervisor died'}\n{tail}"
             )
@@ -429,7 +406,7 @@ class Lane:
         args = self._supervisor_args(cold, force)
         with open(self.run_dir / "supervisor.log", "a") as log:
             terminal = sys.stderr
-            sys.stderr = _Tee(terminal, log)
+            sys.stderr = Tee(terminal, log)
             try:
                 return main(args)
             finally:
@@ -487,25 +464,11 @@ class Lane:
         definition as it was then, forks of its disks (nothing copied; its volume ``V``
         becomes the volume ``NEW.V``). This lane is untouched."""
         definition = checkpointing.fork(self.objects, self.name, tag, new_name)
-        _cache(self.home).put(new_name, self.store, self.s3_endpoint, "stopped")
+        LaneCache.of(self.home).put(new_name, self.store, self.s3_endpoint, "stopped")
         return Lane(definition, self.objects, self.store, self.s3_endpoint, self.home)
 
     def _control(self, op: str, timeout: float, **fields: Any) -> tuple[dict[str, Any], Any]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(str(self.run_dir / "control.sock"))
-            sock.settimeout(timeout)
-        except OSError as exc:
-            sock.close()
-            raise LaneError(f"lane {self.name!r}: its supervisor does not answer ({exc})") from None
-        sock.sendall(json.dumps({**fields, "op": op}).encode() + b"\n")
-        reply = sock.makefile("rb").readline()
-        try:
-            return json.loads(reply), sock
-        except ValueError:
-            sock.close()
-            raise LaneError(f"lane {self.name!r}: its supervisor answered {reply!r}") from None
+        return control_request(self.name, self.run_dir, op, timeout, **fields)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> LaneStatus:
         """Stop the lane cleanly (the guest syncs and powers off, the disk is flushed and
@@ -540,7 +503,7 @@ class Lane:
         if op == "pause" and status.state != "paused":
             raise LaneError(
                 f"lane {self.name!r} did not pause (it is {status.state}):\n"
-                f"{_tail(self.run_dir / 'supervisor.log')}"
+                f"{log_tail(self.run_dir / 'supervisor.log')}"
             )
         return status
 
@@ -548,19 +511,8 @@ class Lane:
     async def connect(self) -> AsyncIterator[AgentMachine]:
         """The running lane's machine (exec, exec_stream, fs), through its supervisor on
         this host; the lane goes on running when this ends."""
-        socket_path = self.run_dir / "agent.sock"
-        if await trio.to_thread.run_sync(self._supervisor_pid) is None or not socket_path.exists():
-            fenced = await trio.to_thread.run_sync(read_fenced, self.run_dir)
-            why = f" (its last run here was {fenced['reason']})" if fenced else ""
-            raise LaneError(f"lane {self.name!r} is not running on this host{why}")
-        async with trio.open_nursery() as nursery:
-            machine = _LaneMachine(self.definition.env, socket_path, "/", nursery, CONNECT_TIMEOUT)
-            try:
-                await machine.session()
-                yield machine
-            finally:
-                await machine.close()
-                nursery.cancel_scope.cancel()
+        async with connect_running(self.name, self.definition.env, self.home) as machine:
+            yield machine
 
     def remove(self) -> builtins.list[str]:
         """Delete a stopped lane: its definition, root disk and checkpoints (blocks go at
@@ -569,77 +521,10 @@ class Lane:
         if self.status().state in ("running", "starting"):
             raise LaneError(f"lane {self.name!r} is running: stop it first")
         forks = checkpointing.forks_of(self.objects, self.name, list_lane_names(self.objects))
-        discard(self.objects, self.name, read_paused(self.objects, self.name))
+        discard(self.objects, self.name, {})  # every snapshot, and what a crash left
         checkpointing.remove_all(self.objects, self.definition)
         delete_ended(self.objects, self.name)
         delete_definition(self.objects, self.name)
         delete_disk(self.objects, root_disk_name(self.name))
-        _cache(self.home).forget(self.name)
+        LaneCache.of(self.home).forget(self.name)
         return forks
-
-
-class _LaneMachine(AgentMachine):
-    """A connection to a running lane: every command gets the lane's environment."""
-
-    def __init__(self, env: Mapping[str, str], *args: Any) -> None:
-        super().__init__(*args)
-        self.lane_env = dict(env)
-
-    async def _spawn(self, argv: Sequence[str], cwd: str | None,
-                     env: Mapping[str, str] | None, *rest: Any) -> Any:  # fmt: skip
-        return await super()._spawn(argv, cwd, {**self.lane_env, **(env or {})}, *rest)
-
-
-class _Tee:
-    """Text to several files (an attached supervisor's log: the terminal and the file)."""
-
-    def __init__(self, *files: Any) -> None:
-        self.files = files
-
-    def write(self, text: str) -> int:
-        for f in self.files:
-            f.write(text)
-            f.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        for f in self.files:
-            f.flush()
-
-
-def _read_line(fd: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return f"no answer within {timeout:.0f} s"
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _storable_network(network: NetworkConfig | Mapping[str, Any] | None) -> dict[str, Any]:
-    """The network as the definition stores it (checked by making it a config first)."""
-    if network is None:
-        return {}
-    config = network if isinstance(network, NetworkConfig) else NetworkConfig.from_dict(network)
-    if config.callback is not None:
-        raise LaneError(
-            "a lane's network is stored with it: use rules (--allow), not a Python policy"
-        )
-    if config.secrets:
-        raise LaneError(
-            "a lane's network is stored in its store, and secrets are not: give them to "
-            "sandboxes you boot yourself (Sandbox(network=...)), not to a lane"
-        )
-    return config.to_dict() if config.enabled else {}

@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import lz4.block
@@ -30,10 +28,14 @@ import trio
 import blockstore
 from blockstore import ObjectStore
 from blockstore.concurrency import first_failure
+from blockstore.layout import checkpoint_key
 
-from .definition import PREFIX, LaneError
+from .definition import PREFIX, root_disk_name
+from .errors import LaneError
 
 CHUNK = 8 << 20
+DISK_CHECKPOINT = "paused-"
+"""The root disk's checkpoint of a snapshot is this and the snapshot's id."""
 PARALLEL = 6
 ENCODING = "lz4-block"
 """How chunks are stored (records without ``encoding`` hold raw chunks)."""
@@ -123,39 +125,60 @@ def write_record(objects: ObjectStore, name: str, record: dict[str, Any]) -> Non
     objects.put(_record_key(name), json.dumps(record, sort_keys=True).encode())
 
 
-async def download(objects: ObjectStore, name: str, record: dict[str, Any], path: Path) -> None:
-    """Fetch and check every chunk into ``path``, ``PARALLEL`` at a time; LaneError naming
-    the first bad one, or a stream shorter or longer than the record says."""
-    snapshot = str(record["id"])
-    expected = list(record["chunks"])
-    slots = trio.Semaphore(PARALLEL)
+class SnapshotReader:
+    """Fetches a paused lane's chunks ahead, ``PARALLEL`` at a time, each checked and
+    decompressed before it is handed out, and :meth:`feed` writes them in order; started
+    as soon as the record is read, so the fetch overlaps the boot of the qemu that loads it.
+    A chunk's slot frees only once it is fed: at most ``PARALLEL`` chunks are held."""
 
-    async def fetch(index: int, f: Any) -> None:
-        try:
-            key = _chunk_key(name, snapshot, index)
-            found = await trio.to_thread.run_sync(_fetch_chunk, objects, key)
-            if found is None or found[1] != expected[index]:
-                what = "is missing" if found is None else "does not match its sha256"
-                raise _corrupted(name, f"chunk {index} {what}")
-            data = found[0]
-            if record.get("encoding") == ENCODING:
-                data = await trio.to_thread.run_sync(_decompress, name, index, data)
-            await trio.to_thread.run_sync(_write_at, f, index * CHUNK, data)
-        finally:
-            slots.release()
+    def __init__(self, objects: ObjectStore, name: str, record: dict[str, Any]) -> None:
+        self._objects, self._name, self._record = objects, name, record
+        self._expected = list(record["chunks"])
+        self._ready: dict[int, bytes] = {}
+        self._arrived = [trio.Event() for _ in self._expected]
+        self._slots = trio.Semaphore(PARALLEL)
+        self._error: BaseException | None = None
 
-    with open(path, "wb") as f:  # noqa: ASYNC230  (writes go to threads)
+    async def fetch_all(self) -> None:
+        """Run in the background; a failure is kept for :meth:`feed` to raise."""
         try:
             async with trio.open_nursery() as nursery:
-                for index in range(len(expected)):
-                    await slots.acquire()
-                    nursery.start_soon(fetch, index, f)
-        except BaseExceptionGroup as group:
-            raise first_failure(group) from None
-        size = await trio.to_thread.run_sync(lambda: os.fstat(f.fileno()).st_size)
-    length = record.get("bytes")
-    if length is not None and size != length:
-        raise _corrupted(name, f"its chunks hold {size} bytes, not the {length} saved")
+                for index in range(len(self._expected)):
+                    await self._slots.acquire()
+                    nursery.start_soon(self._fetch, index)
+        except Exception as exc:  # a group of failures (not a cancellation): feed raises it
+            self._error = first_failure(exc) if isinstance(exc, ExceptionGroup) else exc
+        finally:
+            for arrived in self._arrived:
+                arrived.set()
+
+    async def _fetch(self, index: int) -> None:
+        key = _chunk_key(self._name, str(self._record["id"]), index)
+        found = await trio.to_thread.run_sync(_fetch_chunk, self._objects, key)
+        if found is None or found[1] != self._expected[index]:
+            what = "is missing" if found is None else "does not match its sha256"
+            raise _corrupted(self._name, f"chunk {index} {what}")
+        data = found[0]
+        if self._record.get("encoding") == ENCODING:
+            data = await trio.to_thread.run_sync(_decompress, self._name, index, data)
+        self._ready[index] = data
+        self._arrived[index].set()
+
+    async def feed(self, stream: trio.abc.SendStream) -> None:
+        """Write the whole stream into ``stream``; LaneError naming the first bad chunk,
+        or a stream shorter or longer than the record says."""
+        total = 0
+        for index, arrived in enumerate(self._arrived):
+            await arrived.wait()
+            if self._error is not None:
+                raise self._error
+            data = self._ready.pop(index)
+            total += len(data)
+            await stream.send_all(data)
+            self._slots.release()
+        length = self._record.get("bytes")
+        if length is not None and total != length:
+            raise _corrupted(self._name, f"its chunks hold {total} bytes, not the {length} saved")
 
 
 def _corrupted(name: str, what: str) -> LaneError:
@@ -184,18 +207,46 @@ def _fetch_chunk(objects: ObjectStore, key: str) -> tuple[bytes, str] | None:
     return data, _sha256(data)
 
 
-def _write_at(f: Any, offset: int, data: bytes) -> None:
-    os.pwrite(f.fileno(), data, offset)
-
-
 def _sha256(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def discard(objects: ObjectStore, name: str, record: dict[str, Any] | None) -> None:
-    """Forget the snapshot: the record first (the lane is no longer paused), then chunks."""
+def forget(objects: ObjectStore, name: str) -> None:
+    """The lane is no longer paused: its record goes (its chunks may stay behind until the
+    next :func:`discard`)."""
     with contextlib.suppress(blockstore.ObjectNotFound):
         objects.delete(_record_key(name))
-    if record is not None:
-        for info in objects.list(f"{PREFIX}{name}/memory/"):
+
+
+def discard_others(objects: ObjectStore, name: str, snapshot: str) -> None:
+    """After a pause stored ``snapshot``: what earlier snapshots left (a resume killed after
+    its memory was loaded and before its chunks went) goes."""
+    for info in objects.list(f"{PREFIX}{name}/memory/"):
+        if not info.key.startswith(f"{PREFIX}{name}/memory/{snapshot}/"):
+            with contextlib.suppress(blockstore.ObjectNotFound):
+                objects.delete(info.key)
+    disk = root_disk_name(name)
+    for tag in blockstore.list_checkpoints(objects, disk):
+        if tag.startswith(DISK_CHECKPOINT) and tag != DISK_CHECKPOINT + snapshot:
+            with contextlib.suppress(blockstore.ObjectNotFound):
+                objects.delete(checkpoint_key(disk, tag))
+
+
+def discard(objects: ObjectStore, name: str, record: dict[str, Any] | None) -> None:
+    """Forget the snapshot: the record first (the lane is no longer paused), then the chunks
+    of ``record``'s snapshot and the root disk's checkpoint taken with it (a record without
+    an id: of every snapshot, also what an interrupted resume or pause left behind)."""
+    forget(objects, name)
+    if record is None:
+        return
+    snapshot = str(record.get("id") or "")
+    for info in objects.list(f"{PREFIX}{name}/memory/{snapshot + '/' if snapshot else ''}"):
+        with contextlib.suppress(blockstore.ObjectNotFound):
             objects.delete(info.key)
+    disk = root_disk_name(name)
+    tags = [DISK_CHECKPOINT + snapshot] if snapshot else [
+        tag for tag in blockstore.list_checkpoints(objects, disk) if tag.startswith(DISK_CHECKPOINT)
+    ]  # fmt: skip
+    for tag in tags:  # it pins the disk's state at the pause against GC: spent now
+        with contextlib.suppress(blockstore.ObjectNotFound):
+            objects.delete(checkpoint_key(disk, tag))

@@ -32,6 +32,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ import blockstore
 from blockstore.concurrency import first_failure
 from blockstore.identity import process_identity
 
+from ..errors import GuestAgentError
 from ..launcher import Mount, Sandbox
 from ..machine import Machine
 from ..net import NetworkConfig
@@ -49,21 +52,13 @@ from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
 from . import checkpoints, paused, runlock
 from .definition import LaneDefinition, read_definition, root_disk_name, write_ended
+from .process import AGENT_SOCKET, BUSY, CONSOLE, FENCED, IDENTITY, run_dir
 from .relay import bind_unix, serve_relay
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-BUSY = "busy: "
-"""How the supervisor tells ``Lane.start`` that another holder has the lane's disks."""
-CONSOLE = "console.log"
 GUEST_KILLED = 130
 """Exit status of a run whose guest was killed by a second stop signal (disk still flushed)."""
-FENCED = "fenced.json"
-"""Why this host's last run of the lane was fenced (epoch, reason)."""
 LEASE_TTL_ENV = "LANEKIT_LEASE_TTL"
-
-
-def run_dir(home: Path, name: str) -> Path:
-    return home / "lanes" / name
 
 
 def lease_ttl() -> float | None:
@@ -78,15 +73,6 @@ def lease_ttl() -> float | None:
     if not 1.0 <= ttl <= 3600.0:
         raise ValueError(f"{LEASE_TTL_ENV}={value!r}: give seconds between 1 and 3600")
     return ttl
-
-
-def read_fenced(run: Path) -> dict[str, Any] | None:
-    """This host's record of its last run of the lane being fenced, if there is one."""
-    try:
-        record = json.loads((run / FENCED).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("reason"), str) else None
 
 
 def fence_reason(machine: Machine) -> str:
@@ -104,7 +90,9 @@ def fence_reason(machine: Machine) -> str:
 
 
 def say(line: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} lanekit-lane: {line}", file=sys.stderr, flush=True)
+    now = time.time()
+    stamp = f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d}"
+    print(f"{stamp} lanekit-lane: {line}", file=sys.stderr, flush=True)
 
 
 class _Supervisor:
@@ -204,7 +192,7 @@ class _Supervisor:
             """The memory into the store as qemu writes it, the disk's checkpoint beside
             it (the guest is stopped: its disk holds what that memory expects)."""
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(machine.disk.checkpoint, f"paused-{snapshot}")
+                nursery.start_soon(machine.disk.checkpoint, paused.DISK_CHECKPOINT + snapshot)
                 stored.append(await paused.upload_stream(objects, self.name, snapshot, stream))
 
         try:
@@ -232,6 +220,8 @@ class _Supervisor:
             say(f"pause failed, the lane runs on: {first_cause(exc)}")
             return {"error": f"could not pause: {first_cause(exc)}"}
         say(f"paused: memory and disk state are in the store (snapshot {snapshot})")
+        with contextlib.suppress(blockstore.BlockStoreError):  # best effort: rm takes the rest
+            await trio.to_thread.run_sync(paused.discard_others, objects, self.name, snapshot)
         await machine.kill()
         self.stop.set()
         return {"ok": "paused"}
@@ -272,7 +262,7 @@ class _Supervisor:
         tmp.write_text(json.dumps(record))
         tmp.rename(self.run / FENCED)
         with contextlib.suppress(FileNotFoundError):
-            (self.run / "agent.sock").unlink()
+            (self.run / AGENT_SOCKET).unlink()
 
     async def limit_duration(self, seconds: float) -> None:
         await trio.sleep(seconds)
@@ -333,15 +323,17 @@ class LaneSandbox(Sandbox):
     """The lane's sandbox; resuming, its qemu waits for the memory snapshot (``-incoming
     defer``) and gets it as soon as it runs."""
 
-    resume_from: tuple[Path, dict[str, Any]] | None = None
+    resume_from: tuple[paused.SnapshotReader, dict[str, Any]] | None = None
+    before_run: Callable[[], Awaitable[None]] | None = None
+    """Awaited once the snapshot is loaded, before the resumed guest runs."""
 
     def extra_qemu_args(self, runtime: Path) -> list[str]:
-        return ["-incoming", "defer"] if self.resume_from else []
+        return ["-incoming", "defer", "-S"] if self.resume_from else []
 
     async def qemu_started(self, machine: Machine) -> None:
         if self.resume_from is not None:
-            path, saved_by = self.resume_from
-            await load_memory(machine, path, saved_by)
+            reader, saved_by = self.resume_from
+            await load_memory(machine, reader.feed, saved_by, self.before_run)
 
 
 async def _resume_after_failed_save(machine: Machine) -> None:
@@ -355,8 +347,21 @@ async def _resume_after_failed_save(machine: Machine) -> None:
             qmp.close()
 
 
+async def _discard_chunks(
+    objects: blockstore.ObjectStore, name: str, record: dict[str, Any]
+) -> None:
+    """After a resume, in the background: the loaded snapshot's chunks are garbage."""
+    try:
+        await trio.to_thread.run_sync(paused.discard, objects, name, record)
+    except blockstore.BlockStoreError as exc:
+        say(f"the resumed snapshot's chunks stay in the store ({exc})")
+
+
 async def _set_clock(machine: Machine) -> None:
     """The guest's clock stood still while it was paused; set it to now."""
+    with contextlib.suppress(GuestAgentError):  # an agent from before set_time: date(1)
+        await (await machine.session()).call("set_time", seconds=time.time())
+        return
     now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     result = await machine.exec(["date", "-u", "-s", now])
     if result.exit_code != 0:
@@ -383,14 +388,16 @@ async def supervise(
             )
             definition = await trio.to_thread.run_sync(read_definition, objects, name)
             supervisor.objects, supervisor.definition = objects, definition
+            await trio.to_thread.run_sync(write_identity, run, definition.env)
             if cold:  # whatever the snapshot holds, readable or not
                 say("starting cold: a memory snapshot is discarded")
                 await trio.to_thread.run_sync(paused.discard, objects, name, {})
             record = await trio.to_thread.run_sync(paused.read_paused, objects, name)
-            memory = run / "memory.bin"
+            reader = None
             if record is not None:
                 say(f"resuming from the memory snapshot {record['id']}")
-                await paused.download(objects, name, record, memory)
+                reader = paused.SnapshotReader(objects, name, record)
+                outer.start_soon(reader.fetch_all)
             sandbox = LaneSandbox(
                 definition.image, cpus=definition.cpus, memory_mib=definition.memory_mib,
                 disk=(objects, root_disk_name(name)), disk_size=definition.disk_size,
@@ -401,8 +408,10 @@ async def supervise(
                     for v in definition.volumes
                 ],
             )  # fmt: skip
-            if record is not None:
-                sandbox.resume_from = (memory, record["qemu"])
+            if reader is not None and record is not None:
+                sandbox.resume_from = (reader, record["qemu"])
+                # From here on a crash must never load this memory over a disk that moved on.
+                sandbox.before_run = partial(trio.to_thread.run_sync, paused.forget, objects, name)
             mounts = [Mount(m.path, Path(m.host_path), m.read_only) for m in definition.mounts]
             async with sandbox.boot(mounts) as machine:
                 supervisor.machine = machine
@@ -410,10 +419,9 @@ async def supervise(
                 await machine.session()
                 if record is not None:
                     await _set_clock(machine)
-                    await trio.to_thread.run_sync(paused.discard, objects, name, record)
-                    memory.unlink()
+                    outer.start_soon(_discard_chunks, objects, name, record)
                 async with trio.open_nursery() as servers:
-                    await servers.start(serve_relay, run / "agent.sock", machine.session)
+                    await servers.start(serve_relay, run / AGENT_SOCKET, machine.session)
                     await servers.start(supervisor.serve_control)
                     servers.start_soon(supervisor.watch_guest, machine)
                     servers.start_soon(_keep_console, machine, run)
@@ -460,7 +468,7 @@ async def supervise(
             outer.cancel_scope.cancel()
             return 1
         finally:
-            for sock in ("agent.sock", "control.sock"):
+            for sock in (AGENT_SOCKET, "control.sock"):
                 with contextlib.suppress(FileNotFoundError):
                     (run / sock).unlink()
         outer.cancel_scope.cancel()
@@ -472,12 +480,20 @@ def _epoch(machine: Machine) -> int | None:
     return None if lease is None else int(lease.epoch)
 
 
-def write_identity(run: Path) -> None:
-    """Who the supervisor is (pid and start time), for the clients and the next cleanup."""
-    identity = {"pid": os.getpid(), "process": process_identity(os.getpid())}
-    tmp = run / "supervisor.json.tmp"
-    tmp.write_text(json.dumps(identity))
-    tmp.rename(run / "supervisor.json")
+def write_identity(run: Path, env: Mapping[str, str] | None = None) -> None:
+    """Who the supervisor is (pid and start time), for the clients and the next cleanup;
+    once the definition is read, also the environment every command of the lane gets, so
+    that a client on this host needs nothing from the store (``connect_running``)."""
+    identity: dict[str, Any] = {"pid": os.getpid(), "process": process_identity(os.getpid())}
+    if env is not None:
+        identity["env"] = dict(env)
+    tmp = run / f"{IDENTITY}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the env may hold secrets
+    with open(fd, "w") as f:
+        f.write(json.dumps(identity))
+    tmp.rename(run / IDENTITY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = run_dir(lanekit_home(), args.name)
     run.mkdir(parents=True, exist_ok=True)
+    run.chmod(0o700)  # its logs and records are the lane's, as its sockets are
     lock = runlock.take(run)
     if lock is None:  # another start won: its identity and sockets are left alone
         busy = f"lane {args.name!r} is starting or running on this host already"

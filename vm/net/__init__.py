@@ -10,24 +10,44 @@ secrets put in on the host. The launcher
 composes one :class:`Network` per boot with :func:`open_network`.
 """
 
-from .addresses import Endpoint
-from .audit import AuditEvent, AuditStream
-from .config import (
-    PRESETS,
-    HttpEdits,
-    NetworkConfig,
-    Publish,
-    Rule,
-    Secret,
-    as_config,
-    parse_allow,
-    parse_publish,
-)
-from .errors import NetworkConfigError, NetworkError, NetworkSetupError
-from .network import Network, open_network
-from .policy import Connection, DnsQuestion, HttpGrant, policy
-from .request import Headers, HttpRequest, TlsFacts
-from .tls import SandboxCA
+from typing import TYPE_CHECKING
+
+from blockstore.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .addresses import Endpoint
+    from .audit import AuditEvent, AuditStream
+    from .ca import SandboxCA
+    from .config import (
+        PRESETS,
+        HttpEdits,
+        NetworkConfig,
+        Publish,
+        Rule,
+        Secret,
+        as_config,
+        parse_allow,
+        parse_publish,
+    )
+    from .decide import Connection, DnsQuestion, HttpGrant, policy
+    from .errors import NetworkConfigError, NetworkError, NetworkSetupError
+    from .network import Network, open_network
+    from .request import Headers, HttpRequest, TlsFacts
+else:  # a process that only parses a config (the command line) skips the engine
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            ".addresses": "Endpoint",
+            ".audit": "AuditEvent AuditStream",
+            ".ca": "SandboxCA",  # cryptography: 0.1 s
+            ".config": "PRESETS HttpEdits NetworkConfig Publish Rule Secret"
+            " as_config parse_allow parse_publish",
+            ".errors": "NetworkConfigError NetworkError NetworkSetupError",
+            ".network": "Network open_network",
+            ".decide": "Connection DnsQuestion HttpGrant policy",
+            ".request": "Headers HttpRequest TlsFacts",
+        },
+    )
 
 __all__ = [
     "PRESETS",

@@ -20,9 +20,9 @@ from dnslib import QTYPE, RCODE, RR, DNSError, DNSHeader, DNSRecord  # type: ign
 from .addresses import Endpoint, groups_of
 from .audit import Audit
 from .config import REBINDING_GROUPS, resolver_address
+from .decide import Connection, Decider, DnsGrant, DnsQuestion
 from .namespace import Egress
 from .pins import Pins
-from .policy import Connection, Decider, DnsGrant, DnsQuestion
 
 log = logging.getLogger(__name__)
 

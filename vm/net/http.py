@@ -12,19 +12,22 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 
 from .audit import Audit
 from .config import VIOLATION_ACTIONS, Secret, normalise_hostname
+from .decide import HttpGrant, call_hook
 from .errors import NetworkConfigError
 from .namespace import Egress
-from .policy import HttpGrant, call_hook
 from .proxy import CONNECT_TIMEOUT, Flow
 from .request import Headers, HttpRequest, SecretBook, TlsFacts
-from .tls import ALPN, SandboxCA
+from .tls import ALPN
+
+if TYPE_CHECKING:
+    from .ca import SandboxCA
 
 HANDSHAKE_TIMEOUT = 30.0
 FIRST_BYTE_WAIT = 2.0

@@ -17,6 +17,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -25,17 +26,20 @@ from blockstore.concurrency import Services
 from .addresses import Endpoint
 from .audit import Audit, AuditStream
 from .config import NetworkConfig
+from .decide import Decider
 from .dns import DnsService
 from .errors import NetworkSetupError
 from .guest_trust import GuestFiles, GuestRunner, install_ca, trust_env
 from .http import HttpInterceptor
 from .namespace import Egress, SandboxNamespace
 from .pins import Pins
-from .policy import Decider
 from .ports import FORWARD_MARK, PublishedPort, free_ports
 from .proxy import RedirectedFlows, TcpProxy
 from .request import SecretBook
-from .tls import SandboxCA, upstream_context
+from .tls import upstream_context
+
+if TYPE_CHECKING:
+    from .ca import SandboxCA
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +206,11 @@ async def open_network(
         for port in ports:
             await port.listen()
             stack.callback(port.close)
-        ca = await trio.to_thread.run_sync(SandboxCA) if config.may_intercept else None
+        ca = None
+        if config.may_intercept:
+            from .ca import SandboxCA
+
+            ca = await trio.to_thread.run_sync(SandboxCA)
         secrets = SecretBook(config.secrets)
         network = Network(config, namespace, audit, ports, ca, secrets)
         decider = Decider(config)

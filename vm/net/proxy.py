@@ -21,9 +21,9 @@ import trio
 
 from .addresses import Endpoint
 from .audit import Audit
+from .decide import Connection, Decider, HttpGrant, RawGrant
 from .namespace import Egress
 from .pins import Pins
-from .policy import Connection, Decider, HttpGrant, RawGrant
 
 SO_ORIGINAL_DST = 80
 CONNECT_TIMEOUT = 10.0
