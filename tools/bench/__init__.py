@@ -20,6 +20,8 @@ BENCHMARKS = {
     "exec": "tools.bench.execbench",
     "net": "tools.bench.net",
     "lanes": "tools.bench.lanes",
+    "gitwork": "tools.bench.gitwork",
+    "commit": "tools.bench.commit",
 }
 
 
