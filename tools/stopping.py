@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -87,3 +88,51 @@ def run_stoppable(main: Callable[[Stopper], Awaitable[Any]], stopper: Stopper) -
                 return result
 
     return trio.run(wrapper)
+
+
+class SignalCount:
+    """Stop signals for a command that is not trio code (``s3 serve``), counted by a plain
+    Python handler. Such a handler must not set a threading.Event: Event.set takes the lock
+    the interrupted main thread may be holding inside Event.wait, and the process hangs
+    ignoring every later signal (seen in CI). Counting is one bytecode, and ``first`` and
+    ``second`` are polled, never waited on."""
+
+    def __init__(self, stopping: str, hurry: str) -> None:
+        self.stopping = stopping
+        self.hurry = hurry
+        self.count = 0
+        self.first = _AtLeast(self, 1)
+        self.second = _AtLeast(self, 2)
+
+    def install(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        name = name_of(signum)
+        if self.count == 1:
+            line = f"{name}: {self.stopping} ({name} again: {self.hurry})"
+        elif self.count == 2:
+            line = f"{name} again: {self.hurry}"
+        else:
+            return
+        # Unbuffered: a handler that interrupts another one's print would fail with
+        # "reentrant call" on sys.stderr's buffer.
+        os.write(2, f"lanekit: {line}\n".encode())
+
+    def sleep_until_first(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` in short steps; whether a stop signal came."""
+        deadline = time.monotonic() + seconds
+        while not self.count and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self.count > 0
+
+
+class _AtLeast:
+    def __init__(self, counter: SignalCount, n: int) -> None:
+        self._counter = counter
+        self._n = n
+
+    def is_set(self) -> bool:
+        return self._counter.count >= self._n
