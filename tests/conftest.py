@@ -173,6 +173,28 @@ def lanekit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def zygote_homes() -> set[Path]:
+    """Homes whose warm lane zygote runs (its forks, lane supervisors, name it too)."""
+    homes = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            homes.add(Path(argv[argv.index(b"vm.lanes.zygote") + 1].decode()))
+    return homes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_zygote_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Lane starts leave a warm zygote for ten minutes: the session's are stopped."""
+    yield
+    from vm.lanes import zygote
+
+    base = tmp_path_factory.getbasetemp().resolve()
+    for home in zygote_homes():
+        if home.resolve().is_relative_to(base):
+            zygote.stop(home)
+
+
 @pytest.fixture(scope="session")
 def vm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state directory shared by the VM tests, so the kernel and images are built once."""

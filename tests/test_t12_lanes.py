@@ -26,7 +26,7 @@ import blockstore
 import blockstore.lease
 from tests.blockdev import readable
 from tests.test_t4_cli_startup import loaded_after
-from vm.lanes import Lane, LaneError
+from vm.lanes import Lane, LaneError, zygote
 from vm.lanes.cache import LaneCache
 from vm.lanes.definition import root_disk_name, runner
 from vm.launcher import Sandbox
@@ -78,6 +78,7 @@ def forget_lanes(home: Path) -> None:
     cache = LaneCache.of(home)
     for lane in cache.all():
         cache.forget(lane.name)
+    assert zygote.stop(home)
 
 
 def loaded_by_lane_exec(host: Host, name: str) -> list[str]:

@@ -22,6 +22,7 @@ the kernel cache; one SeaweedFS):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
@@ -30,13 +31,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
 
 import blockstore
 from tools.s3server import S3Server
-from vm.lanes import Lane
+from vm.lanes import Lane, zygote
 from vm.launcher import Sandbox
 from vm.machine import AgentMachine
 from vm.transfer import image_disk
@@ -47,6 +49,7 @@ DIRECT = "in-process sandbox (vm run's way)"
 LANE = "lane, started here (supervisor, relay)"
 MOVED = "lane, started on the other host (disk in S3)"
 RESUMED = "lane, resumed on the other host (memory from S3)"
+RESUMED_SPAWNED = "lane, resumed on the other host, no warm zygote (supervisor spawned)"
 CLI = "lanekit lane exec NAME -- true (a process per command)"
 BOOT = "boot to first exec result"
 EXEC = "exec round trip, p50"
@@ -197,12 +200,35 @@ def run(*, quick: bool = False) -> Report:
         f"{FILLED_MIB} MiB from /dev/urandom into tmpfs, which lz4 cannot shrink",
         "resume: from lane.start() on the other host to its first exec result (supervisor "
         "start, snapshot fetched from S3 and streamed into qemu as it arrives, clock set)",
+        "zygote: a host's first lane start leaves a warm zygote that forks the supervisors of "
+        "its next starts for ten minutes (imports and the S3 model already loaded); every "
+        "start here has one but the first of the first repeat on each host, and the case "
+        "'no warm zygote' disables it (LANEKIT_ZYGOTE_IDLE=0), as a host idle for ten "
+        "minutes",
         "times on a 2-core machine are noisy (compare the ratios of one run); sizes are exact",
     ]
     return report
 
 
+@contextlib.contextmanager
+def _no_zygote() -> Iterator[None]:
+    """Starts spawn their supervisor, as a host that started no lane in ten minutes."""
+    os.environ[zygote.IDLE_ENV] = "0"
+    try:
+        yield
+    finally:
+        del os.environ[zygote.IDLE_ENV]
+
+
 def _measure(report: Report, tmp: Path, repeats: int, count: int) -> None:
+    try:
+        _measure_hosts(report, tmp, repeats, count)
+    finally:
+        for home in (tmp / "host-a", tmp / "host-b"):
+            zygote.stop(home)
+
+
+def _measure_hosts(report: Report, tmp: Path, repeats: int, count: int) -> None:
     home_a, home_b = tmp / "host-a", tmp / "host-b"
     built = Sandbox("shell", home=home_a)
     built._local_image()
@@ -245,6 +271,9 @@ def _measure(report: Report, tmp: Path, repeats: int, count: int) -> None:
                 _pause(report, objects, there, MOVED, MEMORY_MIB)
 
                 report.add(BOOT, RESUMED, _start_to_exec(lane))
+                lane.pause()
+                with _no_zygote():
+                    report.add(BOOT, RESUMED_SPAWNED, _start_to_exec(lane))
                 report.add(TAKEOVER, MOVED, _takeover(lane, there))
                 there.stop()
                 _big_pause(report, objects, store, endpoint, home_a, home_b)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from blockstore.identity import process_identity
 
 from ..machine import AgentMachine
 from ..state import lanekit_home
+from . import zygote
 from .cache import LaneCache
 from .errors import LaneError, check_lane_name
 
@@ -103,20 +102,25 @@ async def connect_running(
 
 
 def spawn_supervisor(args: list[str], log_path: Path, home: Path, timeout: float) -> str:
-    """Start ``python -m vm.lanes.supervisor ARGS`` in a session of its own (it outlives
-    us), logging to ``log_path``; its answer on the ready pipe ("ready", "error: ...", or
-    why there was none)."""
-    argv = [sys.executable, "-m", "vm.lanes.supervisor", *args]
+    """Start a supervisor with ``args``, the way ``python -m vm.lanes.supervisor ARGS``
+    would, in a session of its own (it outlives us), logging to ``log_path``: forked by
+    this home's warm zygote (see :mod:`.zygote`) or, if none can, spawned. Its answer on
+    the ready pipe ("ready", "error: ...", or why there was none)."""
+    env = {**os.environ, "LANEKIT_HOME": str(home)}
     read_end, write_end = os.pipe()
     try:
         with open(log_path, "ab") as log:
-            subprocess.Popen(
-                [*argv, "--ready-fd", str(write_end)], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=log, pass_fds=(write_end,), start_new_session=True,
-                env={**os.environ, "LANEKIT_HOME": str(home)},
-            )  # fmt: skip
+            try:
+                zygote.fork_supervisor(home, args, env, log.fileno(), write_end)
+            except zygote.ZygoteUnavailable:
+                subprocess.Popen(
+                    [sys.executable, "-m", "vm.lanes.supervisor", *args,
+                     "--ready-fd", str(write_end)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
+                    start_new_session=True, env=env,
+                )  # fmt: skip
         os.close(write_end)
-        return _read_line(read_end, timeout)
+        return zygote.read_line(read_end, timeout)
     finally:
         os.close(read_end)
         with contextlib.suppress(OSError):
@@ -172,20 +176,6 @@ class Tee:
     def flush(self) -> None:
         for f in self.files:
             f.flush()
-
-
-def _read_line(fd: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return f"no answer within {timeout:.0f} s"
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
