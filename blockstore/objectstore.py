@@ -384,7 +384,8 @@ _loader_lock = threading.Lock()
 def _boto3_session() -> Any:
     """A new boto3 session (credentials and region found afresh in the environment) on the
     process's one botocore data loader: the S3 model is parsed once per process, not for
-    every client (8 ms a client instead of 55), and once for all a zygote's forks."""
+    every client (8 ms a client instead of 55), and once for all a zygote's forks. The
+    first session's data path (``AWS_DATA_PATH``) is every later one's."""
     global _loader
     import boto3
     import botocore.session
@@ -394,7 +395,11 @@ def _boto3_session() -> Any:
         if _loader is None:
             _loader = core.get_component("data_loader")
         core.register_component("data_loader", _loader)
-    return boto3.session.Session(botocore_session=core)
+        session = boto3.session.Session(botocore_session=core)
+        # Each boto3 session appends its data directory to the loader's search path.
+        paths = _loader.search_paths
+        paths[:] = list(dict.fromkeys(paths))
+    return session
 
 
 def warm_s3_client() -> None:

@@ -64,6 +64,8 @@ def two_hosts(vm_home: Path, s3: Any, tmp_path_factory: pytest.TempPathFactory) 
         for key, value in s3.env.items():
             patch.setenv(key, value)
         yield Host(vm_home, env), Host(host_b, env), store, s3.endpoint
+    # Lane starts go through the warm zygote (a fallback to a spawn would hide it).
+    assert "forked supervisor" in (vm_home / "lanes" / zygote.LOG).read_text()
     for host in (vm_home, host_b):
         forget_lanes(host)
 

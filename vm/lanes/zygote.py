@@ -1,18 +1,20 @@
 """A warm supervisor: ``python -m vm.lanes.zygote HOME`` imports what a lane's supervisor
 needs once (trio, the block store, the launcher, boto3 and its S3 model: more than half a
 second, most of a resume's start) and forks a supervisor for every lane start on this host
-that asks it through ``HOME/lanes/zygote.sock``.
+that asks it through ``HOME/lanes/zygote.sock``. This module is the client side (and the
+entry point); :mod:`.zygote_server` is the zygote.
 
 A forked supervisor is the program ``python -m vm.lanes.supervisor`` would be: its own
-session, outside the zygote's process tree (forked twice), with the client's environment,
-working directory and umask, stdout and stderr on the log the client passed, the client's
-ready pipe for its answer. Only its command line (what ps shows) is the zygote's.
+session and process group outside the zygote's tree, the asking client's environment
+(``TZ`` included), working directory, umask, resource limits and ignored signals, its
+stdout and stderr on the log the client passed, the client's ready pipe for its answer.
+What a fork cannot take from the client (the interpreter's flags and path, the cgroup, the
+supplementary groups) is part of the zygote's :func:`fingerprint`: a client whose values
+differ is served by a zygote of its own kind. Only its command line (what ps shows) is the
+zygote's.
 
-The zygote never starts a thread (a fork copies only the forking thread) and ends by
-itself: ``IDLE`` seconds after its last request, when a request comes from other code than
-its own (the client's :func:`code_fingerprint` differs: lanekit was upgraded, or another
-checkout shares the home), or when its socket is no longer its own. One runs per home (a
-lock file); ``stop(home)`` ends it.
+Once a request is sent, the client never starts a supervisor itself: the ready pipe tells
+what became of it (two supervisors of one start would race for the lane).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import select
+import signal
 import socket
+import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +42,18 @@ IDLE_ENV = "LANEKIT_ZYGOTE_IDLE"
 """Overrides IDLE (seconds); ``0`` disables the zygote: every start spawns a supervisor."""
 SOCKET = "zygote.sock"
 LOCK = "zygote.lock"
-READY_TIMEOUT = 60.0
-REQUEST_TIMEOUT = 10.0
+LOG = "zygote.log"
+READY_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
+REPLY_TIMEOUT = 30.0
+MAX_REQUEST = 1 << 20
+RLIMITS = tuple(
+    getattr(resource, name)
+    for name in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_MEMLOCK", "RLIMIT_AS")
+)
+SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1)
 _ROOTS = ("blockstore", "vm", "vfs", "tools")
-_PR_SET_NAME = 15
+_ENV_KINDS = ("PYTHON", "LANG", "LC_")
 
 
 class ZygoteUnavailable(Exception):
@@ -55,11 +67,24 @@ def idle_seconds() -> float:
         return IDLE
 
 
-def code_fingerprint() -> str:
-    """The code a process of this interpreter would run: the interpreter, and the path,
-    size and modification time of every Python file of lanekit's packages."""
+def fingerprint() -> str:
+    """What a fork inherits from the zygote where a spawned supervisor would take it from
+    its client: the interpreter, the environment it reads at start (PYTHON*, locale), the
+    installed packages (the site directories' modification times), every lanekit Python
+    file (size and modification time), the cgroup, the ids and supplementary groups. A
+    client and a zygote with one fingerprint: a fork is what a spawn would be."""
+    import site
+
     base = Path(__file__).resolve().parent.parent.parent
-    digest = hashlib.sha256(f"{sys.executable}\0{sys.version}\0{base}".encode())
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_KINDS))
+    with open("/proc/self/cgroup") as f:
+        cgroup = f.read()
+    head = [sys.executable, sys.version, str(base), repr(env), cgroup,
+            repr(sorted(os.getgroups())), repr((os.getuid(), os.getgid()))]  # fmt: skip
+    digest = hashlib.sha256("\0".join(head).encode())
+    for entry in [*site.getsitepackages(), site.getusersitepackages()]:
+        with contextlib.suppress(OSError):
+            digest.update(f"{entry}\0{os.stat(entry).st_mtime_ns}\n".encode())
     for root in _ROOTS:
         for path in sorted((base / root).rglob("*.py")):
             with contextlib.suppress(OSError):
@@ -68,45 +93,86 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _lanes(home: Path) -> Path:
+def lanes_dir(home: Path) -> Path:
     path = home / "lanes"
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
     return path
 
 
-# ---------------------------------------------------------------- the client side
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
 
 
 def fork_supervisor(
     home: Path, args: Sequence[str], env: dict[str, str], log_fd: int, ready_fd: int
-) -> int:
+) -> int | None:
     """Have this home's zygote fork a supervisor with ``args`` (``--ready-fd`` added) and
-    ``env``, its output on ``log_fd`` and its answer on ``ready_fd``; its pid. Starts a
-    zygote if none answers. ZygoteUnavailable: none takes it (disabled, or it failed)."""
+    ``env``, its output on ``log_fd`` and its answer on ``ready_fd``; its pid, or None if
+    the request went out but its reply was lost (the ready pipe tells the rest). Starts a
+    zygote if none answers. ZygoteUnavailable: nothing was sent; spawn the supervisor."""
     if idle_seconds() <= 0:
         raise ZygoteUnavailable("disabled")
-    request = {
+    try:
+        request = _request(args, env)
+    except OSError as exc:  # a cwd that is gone, say
+        raise ZygoteUnavailable(str(exc)) from None
+    for _attempt in range(3):
+        try:
+            sock = _connect(home)
+        except (FileNotFoundError, ConnectionRefusedError):
+            _start(home)
+            continue
+        except OSError as exc:
+            raise ZygoteUnavailable(str(exc)) from None
+        with sock:
+            try:
+                socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], [log_fd, ready_fd])
+            except OSError as exc:  # nothing of it was taken
+                raise ZygoteUnavailable(str(exc)) from None
+            try:
+                sock.settimeout(REPLY_TIMEOUT)
+                answer = json.loads(sock.makefile("rb").readline())
+            except (OSError, ValueError):
+                return None
+        if answer.get("stale"):
+            continue  # it has let go of its socket: the next attempt starts one of ours
+        if isinstance(answer.get("pid"), int):
+            return int(answer["pid"])
+        raise ZygoteUnavailable(f"the zygote refused: {answer.get('error', answer)}")
+    raise ZygoteUnavailable("no zygote answered")
+
+
+def _request(args: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
+    return {
         "args": list(args),
         "env": env,
         "cwd": os.getcwd(),
         "umask": _umask(),
-        "fingerprint": code_fingerprint(),
+        "rlimits": {str(r): list(resource.getrlimit(r)) for r in RLIMITS},
+        "ignored": [int(s) for s in SIGNALS if signal.getsignal(s) == signal.SIG_IGN],
+        "fingerprint": fingerprint(),
     }
-    for _attempt in range(3):
-        try:
-            return _ask(home, request, log_fd, ready_fd)
-        except _Stale:
-            continue  # it has let go of its socket: the next attempt starts one of this code
-        except (FileNotFoundError, ConnectionRefusedError):
-            _start(home)
-        except OSError as exc:  # a zygote ending as we asked
-            raise ZygoteUnavailable(str(exc)) from None
-    raise ZygoteUnavailable("no zygote answered")
 
 
-class _Stale(Exception):
-    pass
+def _connect(home: Path) -> socket.socket:
+    """A connection to the home's zygote, after checking that nobody else could have put
+    it there: the directory is ours and private, the zygote runs as us."""
+    lanes = lanes_dir(home)  # made private (a PermissionError if it is not ours)
+    if os.stat(lanes).st_uid != os.getuid():
+        raise ZygoteUnavailable(f"{lanes} belongs to another user")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect(str(lanes / SOCKET))
+        if peer_uid(sock) != os.getuid():
+            raise ZygoteUnavailable("the zygote's socket is held by another user")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _umask() -> int:
@@ -115,47 +181,43 @@ def _umask() -> int:
         for line in f:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    raise ZygoteUnavailable("no Umask in /proc/self/status")
-
-
-def _ask(home: Path, request: dict[str, Any], log_fd: int, ready_fd: int) -> int:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(REQUEST_TIMEOUT)
-        sock.connect(str(home / "lanes" / SOCKET))
-        socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], [log_fd, ready_fd])
-        reply = sock.makefile("rb").readline()
-    try:
-        answer = json.loads(reply)
-    except ValueError:
-        raise ZygoteUnavailable(f"the zygote answered {reply[:200]!r}") from None
-    if answer.get("stale"):
-        raise _Stale()
-    if not isinstance(answer.get("pid"), int):
-        raise ZygoteUnavailable(f"the zygote answered {answer!r}")
-    return int(answer["pid"])
+    raise OSError("no Umask in /proc/self/status")
 
 
 def _start(home: Path) -> None:
     """Start a zygote for ``home`` and wait until it listens (or another one does)."""
-    lanes = _lanes(home)
+    lanes = lanes_dir(home)
     read_end, write_end = os.pipe()
     try:
-        with open(lanes / "zygote.log", "ab") as log:
-            subprocess.Popen(
+        with open(lanes / LOG, "ab") as log:
+            launcher = subprocess.Popen(
                 [sys.executable, "-m", "vm.lanes.zygote", str(home), str(write_end)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
                 start_new_session=True, env={**os.environ, "LANEKIT_HOME": str(home)},
             )  # fmt: skip
         os.close(write_end)
         write_end = -1
-        # "ready", or nothing: it ended (another zygote holds the lock and answers instead)
         answer = read_line(read_end, READY_TIMEOUT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            launcher.wait(READY_TIMEOUT)  # it forks the zygote away and exits: no zombie
         if answer.startswith("no answer"):
             raise ZygoteUnavailable(f"the zygote started gave {answer}")
+        if answer != "ready":  # it ended: another zygote holds the lock, maybe warming up
+            _wait_for_other(home)
     finally:
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+def _wait_for_other(home: Path) -> None:
+    """Until the zygote that holds the lock answers, or none holds it."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline and running(home) is not None:
+        with contextlib.suppress(OSError):
+            _connect(home).close()
+            return
+        time.sleep(0.05)
 
 
 def read_line(fd: int, timeout: float) -> str:
@@ -196,9 +258,8 @@ def running(home: Path) -> int | None:
 def stop(home: Path, timeout: float = 30.0) -> bool:
     """End this home's zygote, if one runs (the supervisors it forked go on); whether
     none runs any more (its lock is free) within ``timeout``."""
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(REQUEST_TIMEOUT)
-        sock.connect(str(home / "lanes" / SOCKET))
+    with contextlib.suppress(OSError, ZygoteUnavailable), _connect(home) as sock:
+        sock.settimeout(REPLY_TIMEOUT)
         sock.sendall(b'{"op": "stop"}\n')
         sock.makefile("rb").readline()
     try:
@@ -219,216 +280,7 @@ def stop(home: Path, timeout: float = 30.0) -> bool:
         os.close(fd)
 
 
-# ---------------------------------------------------------------- the zygote
-
-
-def _warm() -> None:
-    """Import and load now what every supervisor needs, so its forks need not."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS starts no threads
-    from blockstore import objectstore
-
-    from . import supervisor  # noqa: F401
-
-    objectstore.warm_s3_client()
-
-
-def _serve(home: Path, ready_fd: int) -> int:
-    lanes = _lanes(home)
-    lock = os.open(lanes / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    if not _take_lock(lock, lanes / SOCKET):
-        os.close(ready_fd)  # EOF: the one that holds the lock answers
-        os.close(lock)
-        return 0
-    os.ftruncate(lock, 0)
-    os.write(lock, f"{os.getpid()}\n".encode())  # see running()
-    _warm()
-    fingerprint = code_fingerprint()
-    path = lanes / SOCKET
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_mask = os.umask(0o177)
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old_mask)
-    listener.listen(16)
-    inode = path.stat().st_ino
-    os.write(ready_fd, b"ready\n")
-    os.close(ready_fd)
-    print(f"zygote {os.getpid()} warm for {home}", file=sys.stderr, flush=True)
-    idle = idle_seconds()
-    last = time.monotonic()
-    listener.settimeout(1.0)
-    try:
-        while time.monotonic() - last < idle:
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                try:
-                    if path.stat().st_ino != inode:
-                        return 0  # another zygote's socket
-                except FileNotFoundError:
-                    return 0
-                continue
-            last = time.monotonic()
-
-            def retire() -> None:
-                """Let go of the socket before answering: the client's next try starts
-                a zygote of its own code instead of finding this one again."""
-                with contextlib.suppress(OSError):
-                    if path.stat().st_ino == inode:
-                        path.unlink()
-                listener.close()
-
-            with conn:
-                if not _handle(conn, fingerprint, (listener.fileno(), lock, conn.fileno()),
-                               retire):  # fmt: skip
-                    return 0
-        return 0
-    finally:
-        with contextlib.suppress(OSError):
-            if path.stat().st_ino == inode:
-                path.unlink()
-        listener.close()
-        os.close(lock)
-
-
-def _take_lock(lock: int, path: Path) -> bool:
-    """The home's zygote lock; False if another zygote holds it and listens. One that
-    let go of its socket (ending) is waited for, briefly."""
-    deadline = time.monotonic() + 10.0
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if path.exists() or time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-
-
-def _handle(conn: socket.socket, fingerprint: str, own_fds: tuple[int, ...], retire: Any) -> bool:
-    """Answer one request; False: the zygote ends."""
-    conn.settimeout(REQUEST_TIMEOUT)
-    fds: list[int] = []
-    try:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
-        while not data.endswith(b"\n") and len(data) < 1 << 20:
-            more = conn.recv(1 << 20)
-            if not more:
-                break
-            data += more
-        request = json.loads(data)
-        if request.get("op") == "stop":
-            retire()
-            conn.sendall(b'{"stopped": true}\n')
-            return False
-        if request.get("fingerprint") != fingerprint:
-            retire()
-            conn.sendall(b'{"stale": true}\n')
-            return False
-        if len(fds) != 2:
-            raise ValueError("a start request passes the log and the ready pipe")
-        pid = _fork(request, fds, own_fds)
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        return True
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        with contextlib.suppress(OSError):
-            conn.sendall(json.dumps({"error": str(exc)}).encode() + b"\n")
-        return True
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _fork(request: dict[str, Any], fds: list[int], own_fds: tuple[int, ...]) -> int:
-    """Fork the supervisor out of this process tree; its pid."""
-    if len(os.listdir("/proc/self/task")) != 1:  # a fork would copy only this thread
-        raise OSError("the zygote runs threads and cannot fork safely")
-    args = [str(a) for a in request["args"]]
-    env = {str(k): str(v) for k, v in dict(request["env"]).items()}
-    cwd, umask = str(request["cwd"]), int(request["umask"])
-    read_end, write_end = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        try:
-            os.close(read_end)
-            pid = os.fork()
-            if pid:
-                os.write(write_end, str(pid).encode())
-            else:
-                os.close(write_end)
-                os.setsid()  # leads its session and group, as start_new_session makes it
-                _become_supervisor(args, env, cwd, umask, fds, own_fds)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        os.waitpid(middle, 0)
-        pid_text = os.read(read_end, 32)
-    finally:
-        os.close(read_end)
-    if not pid_text:
-        raise OSError("the supervisor could not be forked")
-    return int(pid_text)
-
-
-def _become_supervisor(
-    args: list[str], env: dict[str, str], cwd: str, umask: int, fds: list[int],
-    own_fds: tuple[int, ...],
-) -> None:  # fmt: skip
-    """In the forked child: be ``python -m vm.lanes.supervisor ARGS``; never returns."""
-    code = 1
-    try:
-        for fd in own_fds:  # the lock must not outlive the zygote in its supervisors
-            os.close(fd)
-        log_fd, ready_fd = fds
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(null)
-        os.close(log_fd)
-        os.environ.clear()
-        os.environ.update(env)
-        tempfile.tempdir = None  # found again from this environment
-        os.chdir(cwd)
-        os.umask(umask)
-        sys.argv = ["vm.lanes.supervisor", *args]
-        _name_process(f"lane {args[0]}" if args else "lane")
-        from .supervisor import main
-
-        code = main([*args, "--ready-fd", str(ready_fd)])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
-
-
-def _name_process(name: str) -> None:
-    """The name ps -o comm and top show (the command line stays the zygote's: changing it
-    takes a capability a container may lack)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m vm.lanes.zygote HOME READY_FD", file=sys.stderr)
-        return 2
-    return _serve(Path(argv[0]), int(argv[1]))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from .zygote_server import main
+
+    sys.exit(main(sys.argv[1:]))
