@@ -267,17 +267,22 @@ def stop(home: Path, timeout: float = 30.0) -> bool:
     except FileNotFoundError:
         return True
     try:
-        deadline = time.monotonic() + timeout
-        while True:  # held until the process is gone
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.02)
+        return take_lock(fd, timeout)  # held until the process is gone
     finally:
         os.close(fd)
+
+
+def take_lock(fd: int, timeout: float) -> bool:
+    """An exclusive flock on ``fd`` within ``timeout`` seconds (polled: bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the client's kind), when its socket is no longer its own, or when asked. One run
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import resource
@@ -33,6 +32,7 @@ from .zygote import (
     idle_seconds,
     lanes_dir,
     peer_uid,
+    take_lock,
 )
 
 RECEIVE_TIMEOUT = 2.0
@@ -67,7 +67,8 @@ def _serve(home: Path, ready_fd: int) -> int:
     lanes = lanes_dir(home)
     path = lanes / SOCKET
     lock = os.open(lanes / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    if not _take_lock(lock):
+    # A moment's holder (zygote.running) or an ending zygote lets go within the second.
+    if not take_lock(lock, 1.0):
         os.close(ready_fd)  # EOF: the one that holds the lock answers
         os.close(lock)
         return 0
@@ -128,20 +129,6 @@ def _serve(home: Path, ready_fd: int) -> int:
 
 def _log(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
-
-
-def _take_lock(lock: int) -> bool:
-    """The home's zygote lock; False if another zygote holds it. A moment's holder
-    (``zygote.running``) or a zygote that is ending lets go within the second."""
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
