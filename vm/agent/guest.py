@@ -120,6 +120,7 @@ class Agent:
         self.out = Outbox()
         self.reader = P.FrameReader()
         self.connected = True
+        self.port_blocked = False
         self.retry_at: float | None = None
         self.session = os.urandom(8).hex()
         self.cgroups = not socket_mode and self._init_cgroups()
@@ -208,6 +209,8 @@ class Agent:
                     if owner is not None:
                         self.on_stream_fd(owner, fd, mask)
             self.on_timers()
+            if self.out and not self.port_blocked and self.connected and self.retry_at is None:
+                self.flush_port()  # now: waiting for the port's EPOLLOUT costs a turn
 
     def next_timeout(self) -> float:
         now = time.monotonic()
@@ -270,15 +273,17 @@ class Agent:
         elif mask & (select.EPOLLHUP | select.EPOLLERR):
             self.disconnected()
             return
-        if mask & OUT and self.out:
-            self.flush_port()
+        if mask & OUT:
+            self.port_blocked = False
+            if self.out:
+                self.flush_port()
 
     def flush_port(self) -> None:
         """Write queued frames until the port would block."""
         try:
             self.out.write_to(self.port)
         except BlockingIOError:
-            return
+            self.port_blocked = True
         except OSError:
             self.disconnected()
 
@@ -286,6 +291,7 @@ class Agent:
         if self.socket_mode:
             sys.exit(0)
         self.connected = False
+        self.port_blocked = False
         self.out.clear()
         self.reader.reset()
         self.want(self.port, 0)
