@@ -8,6 +8,8 @@
   the host (the ceiling: no agent, no framing, no pipe);
 - *boot to first exec result*: a lanekit sandbox (its agent), the same sandbox with the
   earlier qemu-guest-agent runtime, and a bare qemu boot that powers off at once (floor).
+  Both sandboxes do the same first work: the image's healthcheck, then ``true``, both
+  from the image's disk (a lanekit sandbox runs the healthcheck before its first exec).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -70,15 +73,23 @@ class QgaOnlySandbox(BenchSandbox):
         return out
 
     async def _wait_for_agent(self, machine: Machine) -> None:
+        """What a lanekit sandbox's first exec does, through qemu-ga: the image's
+        healthcheck, then ``true`` (both from the image's disk, cold)."""
         agent = GuestAgent(str(machine.runtime / "qga.sock"))
         with trio.fail_after(self.boot_timeout):
             await agent.wait_ready()
-        await qga_true(agent)
+        await qga_run(agent, machine.entry.healthcheck.argv)
+        await qga_run(agent, ["true"])
         await agent.aclose()
 
 
 async def qga_true(agent: GuestAgent) -> None:
-    pid = await agent.exec_start("/lanekit/busybox", ["true"], [], None)
+    await qga_run(agent, ["/lanekit/busybox", "true"])
+
+
+async def qga_run(agent: GuestAgent, argv: Sequence[str]) -> None:
+    """Run ``argv`` (qemu-ga searches $PATH) until it exits, polling as its protocol asks."""
+    pid = await agent.exec_start(argv[0], list(argv[1:]), [], None)
     delay = 0.001
     while not (await agent.exec_status(pid)).get("exited"):
         await trio.sleep(delay)
