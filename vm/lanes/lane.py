@@ -51,6 +51,7 @@ from .process import (
     AGENT_SOCKET,
     BUSY,
     CONSOLE,
+    CONTROL_SOCKET,
     IDENTITY,
     Tee,
     connect_running,
@@ -253,7 +254,7 @@ class Lane:
             return int(record["pid"])
         with runlock.if_free(self.run_dir) as free:
             if free:  # a dead supervisor's leftovers, not a starting one's files
-                for leftover in (AGENT_SOCKET, "control.sock", IDENTITY):
+                for leftover in (AGENT_SOCKET, CONTROL_SOCKET, IDENTITY):
                     with contextlib.suppress(FileNotFoundError):
                         (self.run_dir / leftover).unlink()
         return None

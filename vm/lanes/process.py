@@ -34,6 +34,8 @@ FENCED = "fenced.json"
 IDENTITY = "supervisor.json"
 """Who the supervisor is (pid, start time) and, once it has read it, the lane's env."""
 AGENT_SOCKET = "agent.sock"
+CONTROL_SOCKET = "control.sock"
+"""The supervisor's requests: status, stop, pause, checkpoint."""
 
 
 def run_dir(home: Path, name: str) -> Path:
@@ -135,7 +137,7 @@ def control_request(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
-        sock.connect(str(run / "control.sock"))
+        sock.connect(str(run / CONTROL_SOCKET))
         sock.settimeout(timeout)
     except OSError as exc:
         sock.close()

@@ -52,7 +52,7 @@ from ..state import lanekit_home
 from ..volumes import VolumeAttachment, disk_name
 from . import checkpoints, paused, runlock
 from .definition import LaneDefinition, read_definition, root_disk_name, write_ended
-from .process import AGENT_SOCKET, BUSY, CONSOLE, FENCED, IDENTITY, run_dir
+from .process import AGENT_SOCKET, BUSY, CONSOLE, CONTROL_SOCKET, FENCED, IDENTITY, run_dir
 from .relay import bind_unix, serve_relay
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -126,7 +126,7 @@ class _Supervisor:
                 self.request_stop(signal.Signals(signum).name)
 
     async def serve_control(self, *, task_status: trio.TaskStatus[None]) -> None:
-        listener = await bind_unix(self.run / "control.sock")
+        listener = await bind_unix(self.run / CONTROL_SOCKET)
 
         async def handle(stream: trio.SocketStream) -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -468,7 +468,7 @@ async def supervise(
             outer.cancel_scope.cancel()
             return 1
         finally:
-            for sock in (AGENT_SOCKET, "control.sock"):
+            for sock in (AGENT_SOCKET, CONTROL_SOCKET):
                 with contextlib.suppress(FileNotFoundError):
                     (run / sock).unlink()
         outer.cancel_scope.cancel()
