@@ -50,7 +50,8 @@ $bb mkdir -p /dev/pts /dev/shm
 # One process for all of them (each costs ~10 ms under TCG). favordynmods (Linux 6.0+)
 # spares the agent an RCU grace period (6-8 ms here) each time it enters a command's
 # cgroup; an older kernel refuses it and gets cgroup2 without it.
-$bb mount -a -T /lanekit/fstab || $bb mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+$bb mount -a -T /lanekit/fstab \
+    || $bb mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup 2>/dev/null
 $bb hostname lanekit
 $bb ip link set lo up 2>/dev/null
 read -r cmdline </proc/cmdline
