@@ -9,6 +9,7 @@ Both raise :class:`PreconditionFailed` when they lose.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -31,6 +32,8 @@ from .errors import (
     StoreUnavailable,
 )
 
+MD5_PUT_LIMIT = 1 << 20
+"""Puts up to this size send Content-MD5 (see S3ObjectStore.put)."""
 _KEY_RE = re.compile(r"^[A-Za-z0-9._@=-]+(/[A-Za-z0-9._@=-]+)*$")
 
 
@@ -555,8 +558,15 @@ class S3ObjectStore(ObjectStore):
     ) -> str:
         # botocore sends the body only after the server's "100 Continue": a round trip per
         # put, and what keeps a put cut before its body from emptying the object on
-        # SeaweedFS (test_a_put_cut_before_its_body_changes_nothing). Keep it.
+        # SeaweedFS (test_a_put_cut_before_its_body_changes_nothing). Keep it. A put cut
+        # after the "100 Continue" (a writer killed there) empties it all the same unless
+        # the body carries its MD5, which SeaweedFS checks before it replaces anything:
+        # every conditional put (heads, leases) and every small one (records) sends it;
+        # big new objects (packs, memory chunks) carry their own checksums instead.
         kwargs: dict[str, Any] = {"Key": self._k(key), "Body": data}
+        if if_none_match or if_match is not None or len(data) <= MD5_PUT_LIMIT:
+            digest = hashlib.md5(data, usedforsecurity=False).digest()
+            kwargs["ContentMD5"] = base64.b64encode(digest).decode()
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
         if if_match is not None:

@@ -427,9 +427,12 @@ def test_wrong_credentials_are_one_clear_error(s3: S3Endpoint) -> None:
         assert "check the credentials" in str(caught.value)
 
 
-def _cut_after_headers(upstream: tuple[str, int], ready: threading.Event) -> tuple[int, Any]:
+def _cut_after_headers(
+    upstream: tuple[str, int], ready: threading.Event, after_continue: bool = False
+) -> tuple[int, Any]:
     """A loopback relay that passes each request's headers to ``upstream`` and then ends
-    both connections, as a writer killed between its headers and its body would."""
+    both connections, as a writer killed between its headers and its body would; with
+    ``after_continue``, once the server's "100 Continue" has reached the writer."""
     import socket
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -450,20 +453,28 @@ def _cut_after_headers(upstream: tuple[str, int], ready: threading.Event) -> tup
                         break
                     head += part
                 server.sendall(head.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+                if after_continue:
+                    client.sendall(server.recv(65536))
+                    time.sleep(0.05)
+                    server.shutdown(socket.SHUT_WR)  # the body never comes: end of stream
                 time.sleep(0.2)  # the server has the headers; now the writer dies
 
     threading.Thread(target=serve, daemon=True).start()
     return port, listener
 
 
+@pytest.mark.parametrize("after_continue", [False, True], ids=["before-100", "after-100"])
 def test_a_put_cut_before_its_body_changes_nothing(
-    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch
+    s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch, after_continue: bool
 ) -> None:
     """A writer killed between a PUT's headers and its body changes nothing. This matters:
     SeaweedFS replaces an object with an empty one when a bare PUT's connection ends before
     its first body byte (seen with a raw client, payload hash or not). Our client is safe
     because botocore sends ``Expect: 100-continue`` (the server reads no body it was not
-    sent) and a signed payload hash; this test guards that."""
+    sent) and a signed payload hash; this test guards that. Cut after the server's
+    "100 Continue" (a writer killed just before its first body byte), SeaweedFS empties the
+    object all the same unless the put carries Content-MD5 (the crash test found it: a
+    disk whose head was emptied)."""
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     bucket = s3.new_bucket()
@@ -471,7 +482,7 @@ def test_a_put_cut_before_its_body_changes_nothing(
     etag = direct.put("head", b"committed head")
     ready = threading.Event()
     host, _, port = s3.endpoint.removeprefix("http://").partition(":")
-    relay_port, listener = _cut_after_headers((host, int(port)), ready)
+    relay_port, listener = _cut_after_headers((host, int(port)), ready, after_continue)
     ready.wait(5)
     cut = S3ObjectStore(
         bucket, endpoint_url=f"http://127.0.0.1:{relay_port}", max_attempts=1, read_timeout=5
