@@ -16,8 +16,9 @@ the kernel cache; one SeaweedFS):
 - *takeover*: kill -9 of the first host's supervisor, then ``start(force=True)`` on the
   other host, to its first exec result;
 - *lane stop* and *lane pause* (memory saved into S3, also per GiB of guest RAM; a mostly
-  idle 256 MiB guest, and a 1 GiB guest holding 256 MiB of random data), and the
-  snapshot's stored size.
+  idle 256 MiB guest, and a 1 GiB guest holding 256 MiB of random data), the snapshot's
+  stored size, and the pause against the store's ceiling: the same stored bytes PUT raw,
+  as many at a time as a pause puts, right after it.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import trio
 
 import blockstore
 from tools.s3server import S3Server
-from vm.lanes import Lane, zygote
+from vm.lanes import Lane, paused, zygote
 from vm.launcher import Sandbox
 from vm.machine import AgentMachine
 from vm.transfer import image_disk
@@ -58,6 +60,7 @@ FETCHED_SHARE = "fetched before the first exec, share of the image"
 TAKEOVER = "takeover after kill -9 (--force), to first exec result"
 PAUSE = "lane pause (memory into S3)"
 PAUSE_PER_GIB = "lane pause per GiB of guest RAM"
+PAUSE_VS_PUT = "lane pause / raw PUTs of its stored bytes"
 MEMORY_MIB = 256
 BIG_MIB, FILLED_MIB = 1024, 256
 """The second pause case: a 1 GiB guest holding this much incompressible data in tmpfs."""
@@ -134,11 +137,24 @@ def _pause(
     """Pause ``lane``, timed; its time per GiB of guest RAM and its snapshot's stored size."""
     start = time.monotonic()
     lane.pause()
-    paused = time.monotonic() - start
-    report.add(PAUSE, case, paused)
-    report.add(PAUSE_PER_GIB, case, paused / (memory_mib / 1024))
-    stored = sum(i.size for i in objects.list(f"lanes/{lane.name}/memory/"))
-    report.add("memory snapshot stored", case, stored / (1 << 20))
+    seconds = time.monotonic() - start
+    report.add(PAUSE, case, seconds)
+    report.add(PAUSE_PER_GIB, case, seconds / (memory_mib / 1024))
+    chunks = [objects.get(i.key).data for i in objects.list(f"lanes/{lane.name}/memory/")]
+    report.add("memory snapshot stored", case, sum(map(len, chunks)) / (1 << 20))
+    report.add(PAUSE_VS_PUT, case, seconds / _put_all(objects, chunks))
+
+
+def _put_all(objects: blockstore.ObjectStore, chunks: list[bytes]) -> float:
+    """Seconds to PUT ``chunks``, ``paused.PARALLEL`` at a time (then deleted)."""
+    keys = [f"bench/ceiling/{uuid.uuid4().hex}" for _ in chunks]
+    start = time.monotonic()
+    with ThreadPoolExecutor(paused.PARALLEL) as pool:
+        list(pool.map(objects.put, keys, chunks))
+    seconds = time.monotonic() - start
+    for key in keys:
+        objects.delete(key)
+    return seconds
 
 
 def _big_pause(
@@ -182,6 +198,7 @@ def run(*, quick: bool = False) -> Report:
     report.metric(PAUSE, "s", higher_is_better=False)
     report.metric(PAUSE_PER_GIB, "s/GiB", higher_is_better=False)
     report.metric("memory snapshot stored", "MiB", higher_is_better=False)
+    report.metric(PAUSE_VS_PUT, "x", higher_is_better=False)
     with tempfile.TemporaryDirectory(prefix="lanekit-bench-lanes-") as tmp:
         _measure(report, Path(tmp), repeats, count)
     report.notes += [
@@ -197,7 +214,11 @@ def run(*, quick: bool = False) -> Report:
         "checkpoint, disk flushed, lease released); per GiB = that time / the guest's RAM. "
         f"The {MEMORY_MIB} MiB guest's memory is mostly free (zero pages cost little), so "
         f"fixed costs dominate its per-GiB figure; the {BIG_MIB} MiB guest first writes "
-        f"{FILLED_MIB} MiB from /dev/urandom into tmpfs, which lz4 cannot shrink",
+        f"{FILLED_MIB} MiB from /dev/urandom into tmpfs, which lz4 cannot shrink (such "
+        "chunks are stored uncompressed). 'raw PUTs of its stored bytes': the snapshot's "
+        "chunks read back and PUT again as they are, as many at a time as a pause puts: the "
+        "store's ceiling for that snapshot (on this machine SeaweedFS's own CPU, sharing "
+        "the two cores with the supervisor and qemu, bounds it)",
         "resume: from lane.start() on the other host to its first exec result (supervisor "
         "start, snapshot fetched from S3 and streamed into qemu as it arrives, clock set)",
         "zygote: a host's first lane start leaves a warm zygote that forks the supervisors of "

@@ -3,7 +3,9 @@
     lanes/<name>/memory/<id>/<n>    the migration stream in chunks
     lanes/<name>/paused             JSON: id, chunk digests, length, encoding, qemu version
 
-The stream goes to the store as qemu writes it, several chunks (lz4-compressed) in flight;
+The stream goes to the store as qemu writes it, several chunks in flight, each
+lz4-compressed unless a sample shows it incompressible (a guest's random or encrypted
+data: compressing it costs CPU the store's server needs, and saves nothing);
 the record is written last, once every chunk is stored, so a pause that answers success is
 durable.
 
@@ -20,7 +22,7 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import lz4.block
 import trio
@@ -37,9 +39,15 @@ CHUNK = 8 << 20
 DISK_CHECKPOINT = "paused-"
 """The root disk's checkpoint of a snapshot is this and the snapshot's id."""
 PARALLEL = 6
-ENCODING = "lz4-block"
-"""How chunks are stored (records without ``encoding`` hold raw chunks)."""
 """Chunk puts in flight while the stream comes (their buffers: PARALLEL x CHUNK)."""
+ENCODING = "lz4-block-or-raw"
+"""How chunks are stored: lz4 blocks but those the record lists under ``raw``. Records
+without ``encoding`` hold raw chunks; ``lz4-block`` ones (before 2026-12) only lz4 blocks."""
+ENCODINGS = (None, "lz4-block", ENCODING)
+SAMPLES = 8
+SAMPLE = 16 << 10
+INCOMPRESSIBLE = 0.95
+"""A chunk whose every sample lz4 shrinks by less than this is stored as it is."""
 
 
 def _record_key(name: str) -> str:
@@ -72,19 +80,38 @@ def read_paused(objects: ObjectStore, name: str) -> dict[str, Any] | None:
     return record
 
 
+class Uploaded(NamedTuple):
+    digests: list[str]
+    """The sha256 of each chunk as stored."""
+    length: int
+    """Of the stream (before compression)."""
+    raw: list[int]
+    """The chunks stored uncompressed."""
+
+    def record(self, snapshot: str, qemu: Any) -> dict[str, Any]:
+        return {
+            "id": snapshot, "chunks": self.digests, "bytes": self.length, "qemu": qemu,
+            "encoding": ENCODING, "raw": self.raw, "saved": time.time(),
+        }  # fmt: skip
+
+
 async def upload_stream(
     objects: ObjectStore, name: str, snapshot: str, stream: trio.abc.ReceiveStream
-) -> tuple[list[str], int]:
-    """Store the stream's chunks as they arrive, ``PARALLEL`` puts at a time; their sha256s
-    and the stream's length, once every put has succeeded (the puts are then durable)."""
+) -> Uploaded:
+    """Store the stream's chunks as they arrive, ``PARALLEL`` puts at a time; what the
+    record needs, once every put has succeeded (the puts are then durable)."""
     digests: list[str] = []
+    raw: list[int] = []
     total = 0
     slots = trio.Semaphore(PARALLEL)
 
     async def put(index: int, data: bytearray) -> None:
         key = _chunk_key(name, snapshot, index)
         try:
-            digests[index] = await trio.to_thread.run_sync(_store_chunk, objects, key, data)
+            digest, compressed = await trio.to_thread.run_sync(_store_chunk, objects, key, data)
+            digests[index] = digest
+            if not compressed:
+                raw.append(index)
         finally:
             slots.release()
 
@@ -99,7 +126,7 @@ async def upload_stream(
                 index += 1
     except BaseExceptionGroup as group:
         raise first_failure(group) from None
-    return digests, total
+    return Uploaded(digests, total, sorted(raw))
 
 
 async def _read_chunk(stream: trio.abc.ReceiveStream) -> bytearray:
@@ -113,12 +140,24 @@ async def _read_chunk(stream: trio.abc.ReceiveStream) -> bytearray:
     return data
 
 
-def _store_chunk(objects: ObjectStore, key: str, data: bytearray) -> str:
+def _store_chunk(objects: ObjectStore, key: str, data: bytearray) -> tuple[str, bool]:
     """Compress (a guest's memory is about half page cache and code: lz4 halves what the
-    store must take) and put; the sha256 of what is stored."""
-    stored = lz4.block.compress(data, store_size=True)
+    store must take) unless the chunk is incompressible, and put; the sha256 of what is
+    stored, and whether it is compressed."""
+    compressed = not _incompressible(data)
+    stored = lz4.block.compress(data, store_size=True) if compressed else bytes(data)
     objects.put(key, stored)
-    return _sha256(stored)
+    return _sha256(stored), compressed
+
+
+def _incompressible(data: bytearray) -> bool:
+    step = max(SAMPLE, len(data) // SAMPLES)
+    view = memoryview(data)
+    for start in range(0, len(data), step):
+        sample = view[start : start + SAMPLE]
+        if len(lz4.block.compress(sample, store_size=False)) < INCOMPRESSIBLE * len(sample):
+            return False
+    return True
 
 
 def write_record(objects: ObjectStore, name: str, record: dict[str, Any]) -> None:
@@ -134,6 +173,17 @@ class SnapshotReader:
     def __init__(self, objects: ObjectStore, name: str, record: dict[str, Any]) -> None:
         self._objects, self._name, self._record = objects, name, record
         self._expected = list(record["chunks"])
+        encoding = record.get("encoding")
+        if encoding not in ENCODINGS:
+            raise LaneError(
+                f"lane {name!r}: its memory snapshot is stored as {encoding!r}, which this "
+                "lanekit cannot read (a newer one wrote it?); resume it with that lanekit, or "
+                f"`lanekit lane start {name} --cold` boots it from its disk instead"
+            )
+        raw = set(record.get("raw") or ()) if encoding == ENCODING else set()
+        self._compressed = [
+            encoding is not None and index not in raw for index in range(len(self._expected))
+        ]
         self._ready: dict[int, bytes] = {}
         self._arrived = [trio.Event() for _ in self._expected]
         self._slots = trio.Semaphore(PARALLEL)
@@ -159,7 +209,7 @@ class SnapshotReader:
             what = "is missing" if found is None else "does not match its sha256"
             raise _corrupted(self._name, f"chunk {index} {what}")
         data = found[0]
-        if self._record.get("encoding") == ENCODING:
+        if self._compressed[index]:
             data = await trio.to_thread.run_sync(_decompress, self._name, index, data)
         self._ready[index] = data
         self._arrived[index].set()

@@ -186,7 +186,7 @@ class _Supervisor:
         self.pausing = True
         snapshot = paused.new_snapshot_id()
         objects = self.objects
-        stored: list[tuple[list[str], int]] = []
+        stored: list[paused.Uploaded] = []
 
         async def into_store(stream: trio.abc.ReceiveStream) -> None:
             """The memory into the store as qemu writes it, the disk's checkpoint beside
@@ -200,15 +200,13 @@ class _Supervisor:
             began = time.monotonic()
             try:
                 version = await stream_memory(machine, into_store)
-                ((chunks, length),) = stored
+                (uploaded,) = stored
                 say(
-                    f"memory: {length / (1 << 20):.0f} MiB streamed into the store in "
-                    f"{time.monotonic() - began:.2f} s (the disk's checkpoint beside it)"
+                    f"memory: {uploaded.length / (1 << 20):.0f} MiB streamed into the store in "
+                    f"{time.monotonic() - began:.2f} s (the disk's checkpoint beside it; "
+                    f"{len(uploaded.raw)} of {len(uploaded.digests)} chunks incompressible)"
                 )
-                record = {
-                    "id": snapshot, "chunks": chunks, "bytes": length, "qemu": version,
-                    "encoding": paused.ENCODING, "saved": time.time(),
-                }  # fmt: skip
+                record = uploaded.record(snapshot, version)
                 await trio.to_thread.run_sync(paused.write_record, objects, self.name, record)
             except BaseException:
                 with trio.CancelScope(shield=True):
