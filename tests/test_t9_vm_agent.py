@@ -122,16 +122,29 @@ def test_fifty_concurrent_commands(machine: SyncMachine) -> None:
     assert not errors and results == {i: f"{i}\n".encode() for i in range(50)}
 
 
+def agent_processes(machine: SyncMachine) -> list[str]:
+    return [line for line in machine.exec_text(["ps"]).splitlines() if "guest import main" in line]
+
+
 def test_signals_and_timeouts(machine: SyncMachine) -> None:
     handle = machine.exec_stream(["sleep", "100"])
     time.sleep(0.5)
     handle.signal(signal.SIGINT)
     assert handle.wait().exit_code == 130
+    agent = agent_processes(machine)
+    assert len(agent) == 1
+    # The agent stays in the cgroup of the command it started last: a timeout's kill of
+    # that cgroup must not take the agent with it.
     with pytest.raises(ExecTimeout) as caught:
         machine.exec(["sh", "-c", "sleep 1000 & (setsid sleep 1001 &); sleep 1002"], timeout=2)
     assert caught.value.result.signal == signal.SIGKILL  # type: ignore[attr-defined]
     left = machine.exec_text(["ps"])
     assert "sleep 100" not in left  # the whole tree, even what left the session
+    assert agent_processes(machine) == agent  # the same agent: not killed and restarted
+    for _ in range(5):
+        machine.exec(["true"])
+    cgroups = machine.exec_text(["sh", "-c", "ls -d /sys/fs/cgroup/lanekit/*/"]).split()
+    assert len(cgroups) <= 2, cgroups  # ended commands' are removed (a spare is made ahead)
     handle = machine.exec_stream(["sleep", "100"])
     handle.kill()
     assert handle.wait().exit_code == 137

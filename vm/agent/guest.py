@@ -117,6 +117,9 @@ class Agent:
         self.by_pid: dict[int, Proc] = {}
         self.retired: list[int] = []
         self.cgroups_left: list[str] = []
+        self.spare_cgroup: str | None = None
+        self.tidy = False
+        """Cgroups to remove and a spare to make, once the exit that freed one is sent."""
         self.out = Outbox()
         self.reader = P.FrameReader()
         self.connected = True
@@ -211,6 +214,8 @@ class Agent:
             self.on_timers()
             if self.out and not self.port_blocked and self.connected and self.retry_at is None:
                 self.flush_port()  # now: waiting for the port's EPOLLOUT costs a turn
+            if self.tidy and not self.out:
+                self.tidy_cgroups()
 
     def next_timeout(self) -> float:
         now = time.monotonic()
@@ -464,13 +469,7 @@ class Agent:
         size = None
         if call.get("tty"):
             size = (int(call.get("rows") or 24), int(call.get("cols") or 80))  # type: ignore[call-overload]
-        cgroup = None
-        if self.cgroups:
-            cgroup = f"{CGROUP_ROOT}/s{sid}-{os.urandom(4).hex()}"
-            try:
-                os.mkdir(cgroup)
-            except OSError:
-                cgroup = None
+        cgroup, self.spare_cgroup = self.spare_cgroup or self.new_cgroup(), None
         started = spawning.start(
             argv,
             {str(k): str(v) for k, v in env.items()},
@@ -678,7 +677,7 @@ class Agent:
         if proc.cgroup is not None:
             self.cgroups_left.append(proc.cgroup)
             proc.cgroup = None
-        self._remove_cgroups()
+        self.tidy = True
         self.send_exit(proc)
 
     def send_exit(self, proc: Proc) -> None:
@@ -693,7 +692,7 @@ class Agent:
         )
 
     def kill_tree(self, proc: Proc) -> None:
-        if proc.cgroup is not None:
+        if proc.cgroup is not None and spawning.leave(proc.cgroup):
             try:
                 with open(proc.cgroup + "/cgroup.kill", "w") as f:
                     f.write("1")
@@ -705,15 +704,31 @@ class Agent:
         except OSError:
             pass
 
-    def _remove_cgroups(self) -> None:
+    def new_cgroup(self) -> str | None:
+        if not self.cgroups:
+            return None
+        path = f"{CGROUP_ROOT}/c{os.urandom(6).hex()}"
+        try:
+            os.mkdir(path)
+        except OSError:
+            return None
+        return path
+
+    def tidy_cgroups(self) -> None:
+        """Off the round trip: remove the cgroups of ended commands (those with processes
+        left are kept for a later try), and make the next command's ahead."""
+        self.tidy = False
         left = []
         for path in self.cgroups_left:
             try:
+                spawning.leave(path)
                 os.rmdir(path)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     left.append(path)
         self.cgroups_left = left[-1000:]
+        if self.spare_cgroup is None:
+            self.spare_cgroup = self.new_cgroup()
 
     def drop(self, proc: Proc) -> None:
         self.streams.pop(proc.sid, None)

@@ -139,6 +139,7 @@ def _launch(
 ) -> int:
     if user is not None:
         env.setdefault("HOME", user[3])
+    _enter(cgroup)  # also for what reports a failure: it is the command's process
     try:
         os.chdir(cwd)
     except OSError as exc:
@@ -149,32 +150,39 @@ def _launch(
             return _failure(f"lanekit: {argv[0]}: command not found", 127, ends)
         if user is not None:
             return _fork(program, argv, env, user, ends, tty, cgroup)
-        _enter(cgroup)
         try:
             return _spawn(program, argv, env, ends, tty)
         except OSError as exc:
             return _failure(f"lanekit: {argv[0]}: {exc.strerror}", 126, ends)
-        finally:
-            _enter(None)
     finally:
         os.chdir("/")
 
 
-_moved = False
+_inside: str | None = None
+"""The command cgroup the agent is in, None for the top. It stays after a spawn: moving out
+at once (0.45 ms under TCG) would take the one vCPU from the command it just started."""
 
 
 def _enter(cgroup: str | None) -> None:
-    """Move the agent into ``cgroup`` (None: back to the top) so that what it spawns next
-    starts inside it: a child moved after the spawn could fork an escapee first."""
-    global _moved
-    if cgroup is None and not _moved:
+    """Move the agent into ``cgroup`` (None: the top) so that what it spawns next starts
+    inside it: a child moved after the spawn could fork an escapee first."""
+    global _inside
+    if cgroup == _inside:
         return
     try:
         with open((cgroup + "/cgroup.procs") if cgroup else CGROUP_TOP, "w") as f:
             f.write(str(os.getpid()))
-        _moved = cgroup is not None
+        _inside = cgroup
     except OSError:
         pass
+
+
+def leave(cgroup: str) -> bool:
+    """Out of ``cgroup`` before it is killed or removed; False if the agent is still in it
+    (then it must not be killed through its cgroup: the agent would go with it)."""
+    if _inside == cgroup:
+        _enter(None)
+    return _inside != cgroup
 
 
 def _spawn(program: str, argv: list[str], env: dict[str, str], ends: list[int], tty: bool) -> int:
