@@ -66,6 +66,8 @@ from .process import (
 START_TIMEOUT = 600.0
 STOP_TIMEOUT = 120.0
 PAUSE_TIMEOUT = 600.0
+EXIT_POLL = 0.02
+"""Seconds between looks for a stopping supervisor's exit (a look reads a small file)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,7 +501,7 @@ class Lane:
         while pid is not None and self._supervisor_pid() == pid:
             if time.monotonic() > deadline:
                 raise LaneError(f"lane {self.name!r} did not {op} within {timeout:.0f} s")
-            time.sleep(0.1)
+            time.sleep(EXIT_POLL)
         status = self.status()
         if op == "pause" and status.state != "paused":
             raise LaneError(
