@@ -102,3 +102,5 @@ def test_records_of_every_encoding_are_read_and_unknown_ones_refused(tmp_path: P
     assert trio.run(read_back, objects, raw_only) == data
     with pytest.raises(LaneError, match=r"stored as 'zstd'.*cannot read.*--cold"):
         paused.SnapshotReader(objects, "lane", {**raw_only, "encoding": "zstd"})
+    with pytest.raises(LaneError, match=r"corrupted \(its list of uncompressed.*--cold"):
+        paused.SnapshotReader(objects, "lane", {**raw_only, "encoding": paused.ENCODING, "raw": 3})

@@ -141,6 +141,12 @@ def test_signals_and_timeouts(machine: SyncMachine) -> None:
     left = machine.exec_text(["ps"])
     assert "sleep 100" not in left  # the whole tree, even what left the session
     assert agent_processes(machine) == agent  # the same agent: not killed and restarted
+    # A command that kills its own cgroup, once it has run a moment, ends alone (the agent
+    # has left it by then).
+    own = "/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)"
+    ended = machine.exec(["sh", "-c", f"sleep 1; echo 1 > {own}/cgroup.kill; sleep 30"])
+    assert ended.signal == signal.SIGKILL and ended.exit_code == 137
+    assert agent_processes(machine) == agent
     for _ in range(5):
         machine.exec(["true"])
     cgroups = machine.exec_text(["sh", "-c", "ls -d /sys/fs/cgroup/lanekit/*/"]).split()

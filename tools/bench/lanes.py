@@ -148,13 +148,14 @@ def _pause(
 def _put_all(objects: blockstore.ObjectStore, chunks: list[bytes]) -> float:
     """Seconds to PUT ``chunks``, ``paused.PARALLEL`` at a time (then deleted)."""
     keys = [f"bench/ceiling/{uuid.uuid4().hex}" for _ in chunks]
-    start = time.monotonic()
-    with ThreadPoolExecutor(paused.PARALLEL) as pool:
-        list(pool.map(objects.put, keys, chunks))
-    seconds = time.monotonic() - start
-    for key in keys:
-        objects.delete(key)
-    return seconds
+    try:
+        start = time.monotonic()
+        with ThreadPoolExecutor(paused.PARALLEL) as pool:
+            list(pool.map(objects.put, keys, chunks))
+        return time.monotonic() - start
+    finally:
+        for key in keys:
+            objects.delete(key)
 
 
 def _big_pause(

@@ -34,6 +34,10 @@ DRAIN_IDLE = 0.1
 """After a process exits, its pipes are read until EOF or until they have been silent this
 long (a background child may hold them open for good)."""
 OUT_HIGH = 2 << 20
+LEAVE_AFTER = 0.05
+"""Seconds the agent stays in the cgroup of a command it started (see spawning.leave)."""
+TIDY_BACKLOG = 64
+"""Ended commands' cgroups that wait for an empty outbox; past this many, they go anyway."""
 READ_CHUNK = 256 << 10
 PORT_READS = 256
 MAX_RETIRED = 256
@@ -120,6 +124,7 @@ class Agent:
         self.spare_cgroup: str | None = None
         self.tidy = False
         """Cgroups to remove and a spare to make, once the exit that freed one is sent."""
+        self.leave_at: float | None = None
         self.out = Outbox()
         self.reader = P.FrameReader()
         self.connected = True
@@ -214,14 +219,15 @@ class Agent:
             self.on_timers()
             if self.out and not self.port_blocked and self.connected and self.retry_at is None:
                 self.flush_port()  # now: waiting for the port's EPOLLOUT costs a turn
-            if self.tidy and not self.out:
+            if self.tidy and (not self.out or len(self.cgroups_left) > TIDY_BACKLOG):
                 self.tidy_cgroups()
 
     def next_timeout(self) -> float:
         now = time.monotonic()
         soon = now + 5.0
-        if self.retry_at is not None:
-            soon = min(soon, self.retry_at)
+        for at in (self.retry_at, self.leave_at):
+            if at is not None:
+                soon = min(soon, at)
         for s in self.streams.values():
             if isinstance(s, Proc):
                 if s.deadline is not None and not s.timed_out:
@@ -364,6 +370,9 @@ class Agent:
             self.retry_at = None
             self.connected = True
             self.want(self.port, IN)
+        if self.leave_at is not None and now >= self.leave_at:
+            self.leave_at = None
+            spawning.leave()
         for s in list(self.streams.values()):
             if not isinstance(s, Proc):
                 continue
@@ -470,17 +479,25 @@ class Agent:
         if call.get("tty"):
             size = (int(call.get("rows") or 24), int(call.get("cols") or 80))  # type: ignore[call-overload]
         cgroup, self.spare_cgroup = self.spare_cgroup or self.new_cgroup(), None
-        started = spawning.start(
-            argv,
-            {str(k): str(v) for k, v in env.items()},
-            str(call.get("cwd") or "/"),
-            user,
-            size,
-            call.get("stdin", "pipe") != "none",
-            cgroup,
-        )
+        try:
+            started = spawning.start(
+                argv,
+                {str(k): str(v) for k, v in env.items()},
+                str(call.get("cwd") or "/"),
+                user,
+                size,
+                call.get("stdin", "pipe") != "none",
+                cgroup,
+            )
+        except BaseException:
+            self.retire_cgroup(cgroup)
+            raise
+        if started.cgroup is None:
+            self.retire_cgroup(cgroup)  # not entered: the command is not in it
+        else:
+            self.leave_at = time.monotonic() + LEAVE_AFTER
         proc = Proc(sid, started.pid, argv, started.tty)
-        proc.cgroup = cgroup
+        proc.cgroup = started.cgroup
         timeout = call.get("timeout")
         if isinstance(timeout, int | float) and timeout > 0:
             proc.deadline = time.monotonic() + float(timeout)
@@ -674,10 +691,8 @@ class Agent:
             self.send(P.eof_frame(proc.sid, out.channel, out.sent))
         proc.done = True
         self.close_fds(proc)
-        if proc.cgroup is not None:
-            self.cgroups_left.append(proc.cgroup)
-            proc.cgroup = None
-        self.tidy = True
+        self.retire_cgroup(proc.cgroup)
+        proc.cgroup = None
         self.send_exit(proc)
 
     def send_exit(self, proc: Proc) -> None:
@@ -714,6 +729,11 @@ class Agent:
             return None
         return path
 
+    def retire_cgroup(self, path: str | None) -> None:
+        if path is not None:
+            self.cgroups_left.append(path)
+            self.tidy = True
+
     def tidy_cgroups(self) -> None:
         """Off the round trip: remove the cgroups of ended commands (those with processes
         left are kept for a later try), and make the next command's ahead."""
@@ -727,6 +747,8 @@ class Agent:
                 if exc.errno != errno.ENOENT:
                     left.append(path)
         self.cgroups_left = left[-1000:]
+        if spawning.inside() is None:
+            self.leave_at = None
         if self.spare_cgroup is None:
             self.spare_cgroup = self.new_cgroup()
 

@@ -33,12 +33,17 @@ class Refused(Exception):
 
 
 class Started:
-    def __init__(self, pid: int, outs: dict[int, int], stdin: int, tty: int | None) -> None:
+    def __init__(
+        self, pid: int, outs: dict[int, int], stdin: int, tty: int | None, cgroup: str | None
+    ) -> None:
         self.pid = pid
         self.outs = outs
         """Our read ends by channel (1 stdout, 2 stderr; a PTY's master for both)."""
         self.stdin = stdin
         self.tty = tty
+        self.cgroup = cgroup
+        """Where the command started: the one asked for, or None (the agent could not
+        enter it, so the command is not in it: kill it by its process group)."""
 
 
 def resolve_user(spec: object) -> tuple[int, int, list[int], str] | None:
@@ -121,11 +126,15 @@ def start(
         child_fds += ends
         outs = {1: out_r, 2: err_r}
     try:
+        # Entered here also for what reports a failure: it is the command's process.
+        if cgroup is not None and not _enter(cgroup):
+            cgroup = None
+            _enter(None)  # not left in another command's cgroup either
         pid = _launch(argv, env, cwd, user, ends, tty is not None, cgroup)
     finally:
         for fd in set(child_fds):
             os.close(fd)
-    return Started(pid, outs, ours_in, master if tty is not None else None)
+    return Started(pid, outs, ours_in, master if tty is not None else None, cgroup)
 
 
 def _launch(
@@ -139,7 +148,6 @@ def _launch(
 ) -> int:
     if user is not None:
         env.setdefault("HOME", user[3])
-    _enter(cgroup)  # also for what reports a failure: it is the command's process
     try:
         os.chdir(cwd)
     except OSError as exc:
@@ -159,30 +167,39 @@ def _launch(
 
 
 _inside: str | None = None
-"""The command cgroup the agent is in, None for the top. It stays after a spawn: moving out
-at once (0.45 ms under TCG) would take the one vCPU from the command it just started."""
+"""The command cgroup the agent is in, None for the top. It stays a little after a spawn
+(see :func:`leave`): moving out at once (0.45 ms under TCG) would take the one vCPU from
+the command it just started."""
 
 
-def _enter(cgroup: str | None) -> None:
+def _enter(cgroup: str | None) -> bool:
     """Move the agent into ``cgroup`` (None: the top) so that what it spawns next starts
-    inside it: a child moved after the spawn could fork an escapee first."""
+    inside it (a child moved after the spawn could fork an escapee first); False if it
+    could not (it stays where it was)."""
     global _inside
     if cgroup == _inside:
-        return
+        return True
     try:
         with open((cgroup + "/cgroup.procs") if cgroup else CGROUP_TOP, "w") as f:
             f.write(str(os.getpid()))
-        _inside = cgroup
     except OSError:
-        pass
+        return False
+    _inside = cgroup
+    return True
 
 
-def leave(cgroup: str) -> bool:
-    """Out of ``cgroup`` before it is killed or removed; False if the agent is still in it
-    (then it must not be killed through its cgroup: the agent would go with it)."""
-    if _inside == cgroup:
+def inside() -> str | None:
+    return _inside
+
+
+def leave(cgroup: str | None = None) -> bool:
+    """Out of ``cgroup`` (None: out of any command's), before it is killed or removed, or
+    once its command has run a while (inside, the agent would go with a command that kills
+    its own cgroup, and counts in its usage); False if it is still in it (then it must not
+    be killed through its cgroup)."""
+    if _inside is not None and (cgroup is None or _inside == cgroup):
         _enter(None)
-    return _inside != cgroup
+    return _inside is None if cgroup is None else _inside != cgroup
 
 
 def _spawn(program: str, argv: list[str], env: dict[str, str], ends: list[int], tty: bool) -> int:

@@ -180,7 +180,10 @@ class SnapshotReader:
                 "lanekit cannot read (a newer one wrote it?); resume it with that lanekit, or "
                 f"`lanekit lane start {name} --cold` boots it from its disk instead"
             )
-        raw = set(record.get("raw") or ()) if encoding == ENCODING else set()
+        listed = record.get("raw") or []
+        if not isinstance(listed, list) or not all(isinstance(i, int) for i in listed):
+            raise _corrupted(name, "its list of uncompressed chunks is unreadable")
+        raw = set(listed) if encoding == ENCODING else set()
         self._compressed = [
             encoding is not None and index not in raw for index in range(len(self._expected))
         ]
