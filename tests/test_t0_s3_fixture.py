@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +133,40 @@ def test_server_leaves_no_sockets_or_logs_in_tmp(tmp_path: Path) -> None:
     left = {p for p in litter() - before if p.startswith("weed.") or any(o in p for o in ours)}
     assert left == set()
     assert (tmp_path / "s3" / "weed.INFO").exists()  # its logs stay with its data
+
+
+def test_a_start_removes_sockets_a_killed_server_left(tmp_path: Path) -> None:
+    """A server killed with the process that ran it leaves its gRPC sockets in /tmp; the
+    next start removes those nobody listens on, never a live server's."""
+    from tools.s3server import S3Server, S3ServerError, remove_stale_sockets
+
+    stale = Path("/tmp/seaweedfs-master-grpc-1.sock")  # port 1: never a real server's
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live = tmp_path / "seaweedfs-volume-grpc-2.sock"
+    try:
+        for path in (stale, live):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(str(stale))
+        dead.close()  # bound, never listening: what a killed server leaves
+        listening.bind(str(live))
+        listening.listen()
+        remove_stale_sockets(Path("/tmp"))
+        assert stale.exists()  # too young: it may be a starting server's
+        old = time.time() - 120
+        for path in (stale, live):
+            os.utime(path, (old, old), follow_symlinks=False)
+        assert remove_stale_sockets(tmp_path) == []  # the live one stays
+        with S3Server(tmp_path / "s3") as server:
+            assert not stale.exists()
+            with pytest.raises(S3ServerError, match="running already"):
+                server.start()
+        assert live.exists()
+    finally:
+        listening.close()
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
 
 
 def test_the_server_has_room_for_every_bucket_a_suite_makes(s3: S3Endpoint) -> None:

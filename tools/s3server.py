@@ -64,6 +64,34 @@ def weed_binary() -> str:
     )
 
 
+STALE_AFTER = 60.0
+"""Seconds: a younger socket may be a starting server's, bound but not yet listening."""
+
+
+def remove_stale_sockets(directory: Path = Path("/tmp")) -> list[str]:
+    """weed's gRPC sockets that no server listens on any more (a server killed with the
+    process that ran it cannot clean up after itself): removed; their names."""
+    removed = []
+    for path in directory.glob("seaweedfs-*-grpc-*.sock"):
+        try:
+            if time.time() - path.lstat().st_mtime < STALE_AFTER:
+                continue
+        except FileNotFoundError:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path.name)
+        except OSError:
+            pass  # not ours to judge (a permission, say): leave it
+        finally:
+            probe.close()
+    return removed
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -134,6 +162,9 @@ class S3Server:
     def start(self, timeout: float = 60.0, cancel: Flag | None = None) -> S3Server:
         """Start and wait until it answers; ``cancel`` (set from a signal handler, say)
         abandons the wait and stops it."""
+        if self.process is not None:
+            raise S3ServerError("this SeaweedFS is running already: stop it first")
+        remove_stale_sockets()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3-identities.json"
         config.write_text(
