@@ -245,6 +245,9 @@ def test_bad_requests_are_clear_and_harmless(machine: SyncMachine) -> None:
     with pytest.raises(VMError, match="positive"):
         machine.exec(["true"], timeout=0)
     assert machine.exec(["id", "-u"], user="0:0").stdout == b"0\n"
+    # A command run as another user (forked, not spawned) starts in a cgroup of its own too.
+    own = machine.exec(["cat", "/proc/self/cgroup"], user="1000:1000").stdout.decode()
+    assert own.startswith("0::/lanekit/c"), own
     assert machine.exec(["echo", "still", "fine"]).stdout == b"still fine\n"
 
 

@@ -126,11 +126,12 @@ def start(
         child_fds += ends
         outs = {1: out_r, 2: err_r}
     try:
-        # Entered here also for what reports a failure: it is the command's process.
+        # Entered before anything is started (the forked child of a command run as another
+        # user, or what reports a failure, is the command's process too).
         if cgroup is not None and not _enter(cgroup):
             cgroup = None
             _enter(None)  # not left in another command's cgroup either
-        pid = _launch(argv, env, cwd, user, ends, tty is not None, cgroup)
+        pid = _launch(argv, env, cwd, user, ends, tty is not None)
     finally:
         for fd in set(child_fds):
             os.close(fd)
@@ -144,7 +145,6 @@ def _launch(
     user: tuple[int, int, list[int], str] | None,
     ends: list[int],
     tty: bool,
-    cgroup: str | None,
 ) -> int:
     if user is not None:
         env.setdefault("HOME", user[3])
@@ -157,7 +157,7 @@ def _launch(
         if program is None:
             return _failure(f"lanekit: {argv[0]}: command not found", 127, ends)
         if user is not None:
-            return _fork(program, argv, env, user, ends, tty, cgroup)
+            return _fork(program, argv, env, user, ends, tty)
         try:
             return _spawn(program, argv, env, ends, tty)
         except OSError as exc:
@@ -228,7 +228,6 @@ def _fork(
     user: tuple[int, int, list[int], str],
     ends: list[int],
     tty: bool,
-    cgroup: str | None,
 ) -> int:
     pid = os.fork()
     if pid:
@@ -238,12 +237,6 @@ def _fork(
         for sig in _DEFAULT_SIGNALS:
             _signal.signal(sig, _signal.SIG_DFL)
         _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
-        if cgroup is not None:
-            try:
-                with open(cgroup + "/cgroup.procs", "w") as f:
-                    f.write(str(os.getpid()))
-            except OSError:
-                pass
         if tty:
             os.login_tty(ends[0])
         else:
