@@ -105,7 +105,7 @@ async def upload_stream(
     total = 0
     slots = trio.Semaphore(PARALLEL)
 
-    async def put(index: int, data: bytearray) -> None:
+    async def put(index: int, data: list[bytes]) -> None:
         key = _chunk_key(name, snapshot, index)
         try:
             digest, compressed = await trio.to_thread.run_sync(_store_chunk, objects, key, data)
@@ -119,7 +119,7 @@ async def upload_stream(
         async with trio.open_nursery() as nursery:
             index = 0
             while data := await _read_chunk(stream):
-                total += len(data)
+                total += sum(map(len, data))
                 await slots.acquire()
                 digests.append("")
                 nursery.start_soon(put, index, data)
@@ -129,28 +129,32 @@ async def upload_stream(
     return Uploaded(digests, total, sorted(raw))
 
 
-async def _read_chunk(stream: trio.abc.ReceiveStream) -> bytearray:
-    """The next CHUNK bytes of the stream (fewer at its end, none after it)."""
-    data = bytearray()
-    while len(data) < CHUNK:
-        more = await stream.receive_some(CHUNK - len(data))
+async def _read_chunk(stream: trio.abc.ReceiveStream) -> list[bytes]:
+    """The pieces of the next CHUNK bytes of the stream (fewer at its end, none after it),
+    joined by the thread that stores them, not on the event loop."""
+    pieces: list[bytes] = []
+    size = 0
+    while size < CHUNK:
+        more = await stream.receive_some(CHUNK - size)
         if not more:
             break
-        data += more
-    return data
+        pieces.append(bytes(more))
+        size += len(more)
+    return pieces
 
 
-def _store_chunk(objects: ObjectStore, key: str, data: bytearray) -> tuple[str, bool]:
+def _store_chunk(objects: ObjectStore, key: str, pieces: list[bytes]) -> tuple[str, bool]:
     """Compress (a guest's memory is about half page cache and code: lz4 halves what the
     store must take) unless the chunk is incompressible, and put; the sha256 of what is
     stored, and whether it is compressed."""
+    data = b"".join(pieces)
     compressed = not _incompressible(data)
-    stored = lz4.block.compress(data, store_size=True) if compressed else bytes(data)
+    stored = lz4.block.compress(data, store_size=True) if compressed else data
     objects.put(key, stored)
     return _sha256(stored), compressed
 
 
-def _incompressible(data: bytearray) -> bool:
+def _incompressible(data: bytes) -> bool:
     step = max(SAMPLE, len(data) // SAMPLES)
     view = memoryview(data)
     for start in range(0, len(data), step):
