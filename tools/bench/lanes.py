@@ -16,9 +16,10 @@ the kernel cache; one SeaweedFS):
 - *takeover*: kill -9 of the first host's supervisor, then ``start(force=True)`` on the
   other host, to its first exec result;
 - *lane stop* and *lane pause* (memory saved into S3, also per GiB of guest RAM; a mostly
-  idle 256 MiB guest, and a 1 GiB guest holding 256 MiB of random data), the snapshot's
-  stored size, and the pause against the store's ceiling: the same stored bytes PUT raw,
-  as many at a time as a pause puts, right after it.
+  idle 256 MiB guest, and a 1 GiB guest holding 256 MiB of random data, which also pauses
+  into the embedded default store, a local directory), the snapshot's stored size, and the
+  pause against the store's ceiling: the same stored bytes PUT raw, as many at a time as a
+  pause puts, right after it.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ EXEC = "exec round trip, p50"
 FETCHED = "fetched from the store before the first exec"
 FETCHED_SHARE = "fetched before the first exec, share of the image"
 TAKEOVER = "takeover after kill -9 (--force), to first exec result"
-PAUSE = "lane pause (memory into S3)"
+PAUSE = "lane pause (memory into the store)"
 PAUSE_PER_GIB = "lane pause per GiB of guest RAM"
 PAUSE_VS_PUT = "lane pause / raw PUTs of its stored bytes"
 MEMORY_MIB = 256
@@ -66,6 +67,10 @@ BIG_MIB, FILLED_MIB = 1024, 256
 """The second pause case: a 1 GiB guest holding this much incompressible data in tmpfs."""
 BIG = f"{BIG_MIB} MiB guest, {FILLED_MIB} MiB of random data in memory (A to B)"
 BIG_RESUMED = f"{BIG_MIB} MiB guest with {FILLED_MIB} MiB of data, resumed on the other host"
+BIG_LOCAL = f"{BIG}, embedded store (file://)"
+BIG_LOCAL_RESUMED = f"{BIG_RESUMED}, embedded store (file://)"
+BIG_IDLE = f"{BIG_MIB} MiB guest, mostly idle (A to B)"
+BIG_IDLE_RESUMED = f"{BIG_MIB} MiB guest, mostly idle, resumed on the other host"
 
 
 async def _round_trips(machine: AgentMachine, count: int) -> float:
@@ -159,10 +164,12 @@ def _put_all(objects: blockstore.ObjectStore, chunks: list[bytes]) -> float:
 
 
 def _big_pause(
-    report: Report, objects: blockstore.ObjectStore, store: str, endpoint: str,
-    home_a: Path, home_b: Path,
+    report: Report, objects: blockstore.ObjectStore, store: str, endpoint: str | None,
+    home_a: Path, home_b: Path, cases: tuple[str, str] = (BIG, BIG_RESUMED),
+    filled_mib: int = FILLED_MIB,
 ) -> None:  # fmt: skip
-    """Pause a big guest whose memory holds data (not mostly zero pages) on A, resume on B."""
+    """Pause a big guest whose memory holds ``filled_mib`` of random data on A, resume on
+    B; ``cases`` names the pause's and the resume's rows."""
     name = f"bench-big-{uuid.uuid4().hex[:8]}"
     lane = Lane.create(name, "shell", store=store, s3_endpoint=endpoint, memory_mib=BIG_MIB,
                        home=home_a)  # fmt: skip
@@ -172,13 +179,14 @@ def _big_pause(
 
         async def fill() -> None:
             async with lane.connect() as machine:
-                fill = f"dd if=/dev/urandom of=/dev/shm/fill bs=1M count={FILLED_MIB}"
+                fill = f"dd if=/dev/urandom of=/dev/shm/fill bs=1M count={filled_mib}"
                 result = await machine.exec(["sh", "-c", fill])
                 assert result.exit_code == 0, result.stderr_text
 
-        trio.run(fill)
-        _pause(report, objects, lane, BIG, BIG_MIB)
-        report.add(BOOT, BIG_RESUMED, _start_to_exec(there))
+        if filled_mib:
+            trio.run(fill)
+        _pause(report, objects, lane, cases[0], BIG_MIB)
+        report.add(BOOT, cases[1], _start_to_exec(there))
         there.stop()
     finally:
         for each in (lane, there):
@@ -211,17 +219,20 @@ def run(*, quick: bool = False) -> Report:
         "that built it); the other host shares the first one's kernel cache (a kernel and "
         "initramfs are the host's, not the lane's), so what it fetches is the image's and "
         "the lane disk's blocks and metadata",
-        "pause: from the request to the supervisor's exit (memory streamed into S3, disk "
+        "pause: from the request to the supervisor's exit (memory streamed into the store, disk "
         "checkpoint, disk flushed, lease released); per GiB = that time / the guest's RAM. "
         f"The {MEMORY_MIB} MiB guest's memory is mostly free (zero pages cost little), so "
-        f"fixed costs dominate its per-GiB figure; the {BIG_MIB} MiB guest first writes "
+        f"fixed costs dominate its per-GiB figure (a mostly idle {BIG_MIB} MiB guest shows "
+        f"what a bigger one costs); the other {BIG_MIB} MiB guest first writes "
         f"{FILLED_MIB} MiB from /dev/urandom into tmpfs, which lz4 cannot shrink (such "
         "chunks are stored uncompressed). 'raw PUTs of its stored bytes': the snapshot's "
         "chunks read back and PUT again as they are, as many at a time as a pause puts: the "
         "store's ceiling for that snapshot (on this machine SeaweedFS's own CPU, sharing "
-        "the two cores with the supervisor and qemu, bounds it)",
+        "the two cores with the supervisor and qemu, bounds it: about 13 ms of its CPU per MiB "
+        "stored); the same guest also pauses into the embedded default store, a local "
+        "directory (each chunk written and fsynced as a file)",
         "resume: from lane.start() on the other host to its first exec result (supervisor "
-        "start, snapshot fetched from S3 and streamed into qemu as it arrives, clock set)",
+        "start, snapshot fetched from the store and streamed into qemu as it arrives, clock set)",
         "zygote: a host's first lane start leaves a warm zygote that forks the supervisors of "
         "its next starts for ten minutes (imports and the S3 model already loaded); every "
         "start here has one but the first of the first repeat on each host, and the case "
@@ -299,6 +310,11 @@ def _measure_hosts(report: Report, tmp: Path, repeats: int, count: int) -> None:
                 report.add(TAKEOVER, MOVED, _takeover(lane, there))
                 there.stop()
                 _big_pause(report, objects, store, endpoint, home_a, home_b)
+                _big_pause(report, objects, store, endpoint, home_a, home_b,
+                           (BIG_IDLE, BIG_IDLE_RESUMED), filled_mib=0)  # fmt: skip
+                local = f"file://{tmp / 'local-store'}"
+                _big_pause(report, blockstore.open_store(local), local, None, home_a, home_b,
+                           (BIG_LOCAL, BIG_LOCAL_RESUMED))  # fmt: skip
             finally:
                 for each in (lane, there):
                     if each is not None and each.running_here():
