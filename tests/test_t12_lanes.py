@@ -433,6 +433,44 @@ def test_pause_here_resume_there(two_hosts: tuple[Host, Host, str, str]) -> None
     assert b.lanekit("lane", "rm", "napper").returncode == 0
 
 
+def test_pause_and_resume_through_the_embedded_store(
+    two_hosts: tuple[Host, Host, str, str], tmp_path: Path
+) -> None:
+    """The embedded default store (a directory) holds a paused lane's memory as S3 does:
+    what a process keeps only in memory (tmpfs) survives a pause on A and a resume on B,
+    and nothing of the lane is left in the store after ``rm``."""
+    a, b, _, _ = two_hosts
+    store = f"file://{tmp_path / 'store'}"
+    lane = Lane.create("dozer", "shell", store=store, memory_mib=256, home=a.home)
+    lane.start()
+    counter = "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.2; done"
+
+    async def run(argv: list[str], on: Lane) -> str:
+        async with on.connect() as machine:
+            return await machine.exec_text(argv)
+
+    async def start_counter() -> None:
+        async with lane.connect() as machine:
+            handle = await machine.exec_stream(["sh", "-c", f"{counter} & echo $!"])
+            await handle.collect()
+
+    trio.run(start_counter)
+    counted = int(trio.run(run, ["sh", "-c", "sleep 1; cat /dev/shm/count"], lane))
+    assert lane.pause().state == "paused"
+    objects = blockstore.open_store(store)
+    assert [i.key for i in objects.list("lanes/dozer/memory/")]  # the memory is in the store
+    there = Lane.get("dozer", store=store, home=b.home)
+    assert there.start().state == "running"  # resumed from the snapshot
+    after = trio.run(
+        run, ["sh", "-c", "a=$(cat /dev/shm/count); sleep 1; cat /dev/shm/count; echo $a"], there
+    )
+    second, first = (int(x) for x in after.split())
+    assert counted <= first < second  # counting on from where it was on A
+    there.stop()
+    there.remove()
+    assert [i.key for i in objects.list("lanes/dozer/")] == []
+
+
 def test_a_lane_keeps_its_network(two_hosts: tuple[Host, Host, str, str]) -> None:
     """A lane's network rules are stored with it and applied at every start: the allowed
     origin answers, everything else is refused; what cannot be stored is refused at create."""
