@@ -75,6 +75,9 @@ _Dirty = BlockValue | _Spilled | _Patch
 _ABSENT = object()
 
 MAX_READ_STREAMS = 8
+COMPACTION_SHARE_PAUSE = 1.0
+"""Seconds a compaction step waits at most, while the disk is being written, before a fold
+(it waits as long as the step took: folds then take at most half the time)."""
 
 
 @dataclass
@@ -255,6 +258,7 @@ class Disk:
         try:
             with self._compactor:
                 while store.lease is not None and not store.fenced:
+                    began = trio.current_time()
                     try:
                         worked = await store.compact(self._base_blocks)
                         delay = 1.0
@@ -268,8 +272,18 @@ class Disk:
                     if not worked:
                         with trio.move_on_after(30):
                             await store.changed.wait()
+                    elif self._being_written() and not store.merge_due():
+                        # A fold's reads and uploads compete with the flushes' for the
+                        # store: unpaced, they halved what a writer that flushes often got
+                        # through.
+                        took = trio.current_time() - began
+                        await trio.sleep(min(took, COMPACTION_SHARE_PAUSE))
         finally:
             self._compactor_done.set()
+
+    def _being_written(self) -> bool:
+        """Writes wait to be flushed, or a flush is under way."""
+        return bool(self._dirty or self._flushing)
 
     async def _stop_compactor(self) -> None:
         """Stop background compaction at its next step (a step's commit is never cut)."""

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import numpy as np
 import trio
 
-from .blockmap import FOLD_EXTENTS, BlockMap, Piece, Run
+from .blockmap import FOLD_EXTENTS, BlockMap, Piece, Run, plan
 from .compaction import fold_step, merge_step
 from .concurrency import parallel, run_sync
 from .errors import (
@@ -903,6 +903,10 @@ class ObjectBlockStore:
             if await merge_step(self):
                 return True
             return await fold_step(self, base)
+
+    def merge_due(self) -> bool:
+        """A merge is due: it keeps the runs a reader consults few, so it never waits."""
+        return plan(self._map.runs) is not None
 
     async def release(self) -> None:
         """Give up the lease (after a flush, so the next host sees everything)."""

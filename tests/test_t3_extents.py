@@ -31,7 +31,7 @@ from blockstore import (
     fork_disk,
     open_disk,
 )
-from blockstore.blockmap import FOLD_EXTENTS
+from blockstore.blockmap import FOLD_EXTENTS, MAX_RUNS
 from blockstore.layout import (
     Head,
     Location,
@@ -200,6 +200,42 @@ async def test_many_extents_are_folded_into_one_piece() -> None:
         gets = objects.counts["get"]
         assert await disk.read(3 * BS, BS) == model[3 * BS : 4 * BS]
         assert objects.counts["get"] - gets == 1, "one piece, one request"
+
+
+async def test_compaction_yields_to_a_busy_writer_but_keeps_up() -> None:
+    """While a writer flushes often, background folds take at most half the time; they
+    still run all along, and a merge that is due does not wait (the runs a reader
+    consults stay few)."""
+    objects = MemoryObjectStore()
+    blocks = 64
+    create_disk(objects, "d", blocks * BS, block_size=BS)
+    model = bytearray(blocks * BS)
+    model[0:1] = b"x"
+    rng = random.Random(5)
+    async with open_disk((objects, "d"), compact=False) as disk:
+        store = _store(disk)
+        for _ in range(MAX_RUNS + 1):
+            await disk.write(0, b"x")
+            await disk.flush()
+        assert store.merge_due()
+        await disk.compact()
+        assert not store.merge_due()
+    async with open_disk((objects, "d")) as disk:
+        store = _store(disk)
+        most_runs = 0
+        for _ in range(300):
+            for _ in range(8):
+                offset = rng.randrange(blocks * BS - 600)
+                data = rng.randbytes(rng.randrange(1, 600))
+                await disk.write(offset, data)
+                model[offset : offset + len(data)] = data
+            await disk.flush()
+            most_runs = max(most_runs, len(store._map.runs))
+        assert store.stats.folds > 0 and store.stats.merges > 0  # during the writes
+        assert most_runs <= MAX_RUNS + 2
+        assert await disk.read(0, blocks * BS) == model
+    async with open_disk((objects, "d"), writable=False) as disk:
+        assert await disk.read(0, blocks * BS) == model
 
 
 async def test_a_corrupted_extent_is_an_error_naming_its_object(tmp_path: Path) -> None:
