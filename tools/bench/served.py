@@ -43,8 +43,8 @@ def sh(*argv: str, timeout: float = 900) -> str:
 SYNCED = f"4K random write, fsync every {FSYNC_EVERY}"
 SYNCED_DURABLE = f"4K random write, fsync every {FSYNC_EVERY}, durable in S3"
 UPLOADED = "bytes uploaded per durable 4K random write"
-SUSTAINED = f"{SYNCED}, sustained (after 20,000 random writes, same server)"
 SUSTAINED_BEFORE, SUSTAINED_IOS = 20000, 8000
+SUSTAINED = f"{SYNCED}, sustained (after {SUSTAINED_BEFORE:,} random writes, same server)"
 
 
 def drop_caches() -> None:
@@ -285,6 +285,7 @@ def measure(
         with running(service):
             target = fio_target(service)
             fio_iops(target, "randwrite", SUSTAINED_BEFORE)
+            sync = f"--fsync={FSYNC_EVERY}"
             report.add(SUSTAINED, service.name, fio_iops(target, "randwrite", SUSTAINED_IOS, sync))
 
 
