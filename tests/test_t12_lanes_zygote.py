@@ -192,6 +192,29 @@ def test_concurrent_first_starts_make_one_zygote(home: Path) -> None:
     assert forks(home) == 4
 
 
+@pytest.mark.parametrize("idle", ["600", "0"], ids=["forked", "spawned"])
+def test_a_start_never_closes_a_descriptor_twice(
+    home: Path, monkeypatch: pytest.MonkeyPatch, idle: str
+) -> None:
+    """A second close of a number another thread has been given since closes that
+    thread's file (a concurrent start once lost its zygote socket so): alone, a second
+    close is one of a number that is not open."""
+    monkeypatch.setenv(zygote.IDLE_ENV, idle)
+    real_close = os.close
+    not_open: list[int] = []
+
+    def close(fd: int) -> None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            not_open.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    assert start(home) == no_lane(home)
+    assert not_open == []
+
+
 def test_an_idle_zygote_ends_and_zero_disables_it(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -122,10 +122,11 @@ def spawn_supervisor(args: list[str], log_path: Path, home: Path, timeout: float
                     start_new_session=True, env=env,
                 )  # fmt: skip
         os.close(write_end)
+        write_end = -1  # another thread may be given its number next
         return zygote.read_line(read_end, timeout)
     finally:
         os.close(read_end)
-        with contextlib.suppress(OSError):
+        if write_end >= 0:
             os.close(write_end)
 
 

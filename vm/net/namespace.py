@@ -12,7 +12,6 @@ They act on the calling thread only, which is why each namespace gets a thread o
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import queue
@@ -167,8 +166,9 @@ class SandboxNamespace:
 
     def close(self) -> None:
         self.thread.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1  # a second close must not close a reused number
+            os.close(fd)
 
 
 class Egress:
