@@ -119,3 +119,21 @@ def test_lane_exec_asks_the_store_unless_a_live_supervisor_recorded_the_env(
     assert running_env("here", tmp_path) is None  # its pid reused by another process
     with pytest.raises(blockstore.InvalidURL):
         running_env("../escape", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "command", [["exec", "ghost", "--", "true"], ["stop", "ghost"], ["rm", "ghost"], ["ls"]]
+)
+def test_a_lane_command_about_no_lane_leaves_no_state(tmp_path: Path, command: list[str]) -> None:
+    """Asking about lanes this host never knew answers without making its cache."""
+    home = tmp_path / "home"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "lane", *command],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "LANEKIT_HOME": str(home)},
+    )  # fmt: skip
+    if command != ["ls"]:
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and "knows no lane 'ghost'" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+    assert not home.exists() or list(home.iterdir()) == [], list(home.iterdir())

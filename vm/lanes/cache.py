@@ -57,6 +57,8 @@ class LaneCache:
             db.close()
 
     def get(self, name: str) -> CachedLane | None:
+        if not self.path.exists():
+            return None  # a lookup that fails leaves no cache behind
         with self._db() as db:
             row = db.execute(
                 "SELECT name, store, s3_endpoint, state, host, pid, updated FROM lanes "
@@ -66,6 +68,8 @@ class LaneCache:
         return None if row is None else CachedLane(*row)
 
     def all(self) -> list[CachedLane]:
+        if not self.path.exists():
+            return []
         with self._db() as db:
             rows = db.execute(
                 "SELECT name, store, s3_endpoint, state, host, pid, updated FROM lanes "
@@ -89,5 +93,7 @@ class LaneCache:
             )
 
     def forget(self, name: str) -> None:
+        if not self.path.exists():
+            return
         with self._db() as db:
             db.execute("DELETE FROM lanes WHERE name = ?", (name,))
