@@ -277,7 +277,9 @@ class Disk:
                         # store: unpaced, they halved what a writer that flushes often got
                         # through.
                         took = trio.current_time() - began
-                        await trio.sleep(min(took, COMPACTION_SHARE_PAUSE))
+                        with trio.move_on_after(min(took, COMPACTION_SHARE_PAUSE)):
+                            while not store.merge_due():  # which cuts the pause short
+                                await store.changed.wait()
         finally:
             self._compactor_done.set()
 
