@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         checkpoint_disk,
         collect_garbage,
         create_disk,
+        delete_disk,
         disk_info,
         fork_disk,
         list_checkpoints,
@@ -63,8 +64,8 @@ else:  # the rest on first use: the numpy block map and the store cost 0.2 s
         {
             ".api": "create open_disk resolve",
             ".disk": "HOLE ZERO_FLAG BaseImage Disk",
-            ".disks": "DEFAULT_BLOCK_SIZE checkpoint_disk collect_garbage create_disk disk_info"
-            " fork_disk list_checkpoints list_disks",
+            ".disks": "DEFAULT_BLOCK_SIZE checkpoint_disk collect_garbage create_disk delete_disk"
+            " disk_info fork_disk list_checkpoints list_disks",
             ".layered": "DiskBase",
             ".lease": "force_release",
             ".local": "sha256_file",
@@ -120,6 +121,7 @@ __all__ = [
     "collect_garbage",
     "create",
     "create_disk",
+    "delete_disk",
     "disk_info",
     "force_release",
     "fork_disk",

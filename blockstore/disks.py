@@ -94,6 +94,16 @@ def fork_disk(objects: ObjectStore, disk: str, tag: str, new_name: str) -> Head:
     return head
 
 
+def delete_disk(objects: ObjectStore, disk: str) -> None:
+    """Remove a disk's head, lease and checkpoints (blocking). Packs and segments stay
+    until ``disk gc``, which frees whatever no other disk, fork or checkpoint shares."""
+    check_name(disk)
+    keys = [info.key for info in objects.list(f"{DISKS}{disk}/")]
+    head = f"{DISKS}{disk}/head"
+    for key in sorted(keys, key=lambda k: k == head):  # the head last: it makes a disk
+        objects.delete(key)
+
+
 def list_disks(objects: ObjectStore) -> list[str]:
     return sorted(
         {o.key[len(DISKS) :].split("/")[0] for o in objects.list(DISKS) if o.key.endswith("/head")}
@@ -170,6 +180,8 @@ def collect_garbage(
     A head or segment that cannot be read or verified aborts it too: what it references is
     unknown. Temporary files of puts that never finished are removed once older than grace.
     """
+    if not grace >= 0:  # NaN too: every comparison with it is false, so all looked old
+        raise BlockStoreError(f"a GC grace of {grace} seconds: give 0 or more")
     started = time.time()
     report = GCReport()
     live_segments: dict[str, str | None] = {}

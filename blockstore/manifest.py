@@ -146,6 +146,7 @@ def read_checkpoint(objects: ObjectStore, disk: str, tag: str) -> Head:
     try:
         head = decode_head(objects.get(key).data, key)
     except ObjectNotFound:
+        read_head(objects, disk)  # no disk at all: say that
         raise DiskNotFound(f"disk {disk!r} has no checkpoint {tag!r}") from None
     if head.disk != disk:
         raise CorruptMetadata(key, f"it is a checkpoint of disk {head.disk!r}")

@@ -192,7 +192,8 @@ class MemoryObjectStore(ObjectStore):
             yield ObjectInfo(k, size, mtime)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a create in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -301,7 +302,7 @@ class LocalObjectStore(ObjectStore):
             else:
                 with self._exclusive():
                     os.rename(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -334,7 +335,7 @@ class LocalObjectStore(ObjectStore):
                 os.unlink(path)
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # Walk only the directory that can hold the prefix.
@@ -475,7 +476,7 @@ class S3ObjectStore(ObjectStore):
         return f"{self.client.meta.endpoint_url}/{self.bucket}/{self.prefix}"
 
     def _call(self, key: str, fn: Any, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
             return fn(Bucket=self.bucket, **kwargs)
@@ -484,8 +485,17 @@ class S3ObjectStore(ObjectStore):
             if error is None:
                 return None
             raise error from (e if isinstance(error, StoreUnavailable) else None)
+        except NoCredentialsError:
+            raise self._no_credentials() from None
         except BotoCoreError as e:
             raise StoreUnavailable(f"{self.describe()}: {e}") from e
+
+    def _no_credentials(self) -> StoreRejected:
+        return StoreRejected(
+            f"no S3 credentials for {self.describe()}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+            "NoCredentials",
+        )
 
     def _translate(self, e: Any, key: str, *, if_match: bool = False) -> Exception | None:
         """Our error for a ClientError; None for an unsatisfiable range (reads as empty).
@@ -579,7 +589,7 @@ class S3ObjectStore(ObjectStore):
             self._call(key, self.client.delete_object, Key=self._k(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         paginator = self.client.get_paginator("list_objects_v2")
         try:
@@ -596,6 +606,8 @@ class S3ObjectStore(ObjectStore):
             if isinstance(error, StoreRejected | StoreUnavailable):
                 raise error from (e if isinstance(error, StoreUnavailable) else None)
             raise StoreUnavailable(f"{self.describe()}: {e}") from e
+        except NoCredentialsError:
+            raise self._no_credentials() from None
         except BotoCoreError as e:
             raise StoreUnavailable(f"{self.describe()}: {e}") from e
 

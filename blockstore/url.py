@@ -29,8 +29,13 @@ def parse_disk_url(url: str) -> DiskURL:
         raise InvalidURL(
             f"unsupported disk URL {url!r}: use file:///ABSOLUTE/DIR/NAME or s3://BUCKET/PREFIX/NAME"
         )
-    path = parts.path.rstrip("/")
-    store_path, _, last = path.rpartition("/")
+    _check_characters(url)
+    if parts.path.endswith("/"):
+        raise InvalidURL(
+            f"{url!r} names a store, not a disk: add the disk's name "
+            "(file:///ABSOLUTE/DIR/NAME or s3://BUCKET/PREFIX/NAME)"
+        )
+    store_path, _, last = parts.path.rpartition("/")
     name, _, tag = last.partition("@")
     check_name(name)
     if tag:
@@ -50,6 +55,7 @@ def open_store(
     """An object store for ``file:///dir`` or ``s3://bucket[/prefix]``. An S3 store is
     checked for conditional writes before its first conditional put (see ``probe``);
     ``max_attempts`` bounds its retries (a quick answer from a wrong endpoint)."""
+    _check_characters(store_url)
     parts = urlsplit(store_url)
     if parts.scheme == "file":
         if not parts.path.startswith("/"):
@@ -66,3 +72,9 @@ def open_store(
             S3ObjectStore(parts.netloc, prefix, endpoint_url=endpoint, max_attempts=max_attempts)
         )
     raise InvalidURL(f"unsupported store URL {store_url!r}: use file:///DIR or s3://BUCKET/PREFIX")
+
+
+def _check_characters(url: str) -> None:
+    """urlsplit drops tabs and line breaks without a word: a/b with one is not a/b."""
+    if any(c in url for c in "\t\r\n"):
+        raise InvalidURL(f"{url!r}: a store or disk URL has no tabs or line breaks")
