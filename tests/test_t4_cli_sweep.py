@@ -4,8 +4,10 @@ traceback. argparse's own refusals keep their usage line; ours are one line."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,6 +67,26 @@ BAD: list[tuple[list[str], str]] = [
     (["vfs", "mount", "--passthrough", "{tmp}/none", "{tmp}"], ""),
     (["vfs", "mount", "--memory", "--max-bytes", "lots", "{tmp}"], "invalid size"),
     (["bench", "nosuch"], "unknown benchmark"),
+    (["disk", "create", "file://{tmp}/s/d", "--size", "inf"], "invalid size"),
+    (["disk", "create", "file://{tmp}/s/d", "--size", "nan"], "invalid size"),
+    (["disk", "create", "file://{tmp}/s/", "--size", "1M"], "names a store"),
+    (["disk", "create", "file://{tmp}/s/a\nb", "--size", "1M"], "line breaks"),
+    (["disk", "gc", "file://{tmp}/s", "--grace", "nan"], "--grace"),
+    (["disk", "checkpoint", "file://{tmp}/s/d@t1", "t2"], "without @t1"),
+    (["disk", "fork", "file://{tmp}/s/nosuch@t", "file://{tmp}/s/n"], "no disk named 'nosuch'"),
+    (["disk", "import", "{tmp}", "file://{tmp}/s/i"], "Is a directory"),
+    (["disk", "import", "/dev/null", "file://{tmp}/s/i"], "not a regular file"),
+    (["disk", "import", "{tmp}/home/../s", "file://{tmp}/s/i@tag"], "without @tag"),
+    (["vm", "run", "--image", "shell", "--wait", "nan", "--", "true"], "--wait"),
+    (["lane", "logs", "ghost", "-f", "--store", "file://{tmp}/s"], "no lane"),
+    (
+        ["lane", "create", "l0", "--image", "shell", "--store", "file://{tmp}/s", "--cpus", "-3"],
+        "cpus -3",
+    ),
+    (
+        ["lane", "create", "l0", "--image", "shell", "--store", "file://{tmp}/s", "--memory", "0"],
+        "memory 0",
+    ),
 ]
 
 
@@ -127,3 +149,81 @@ def test_store_errors_name_the_fix(tmp_path: Path, s3: object) -> None:
     done = lanekit("disk", "info", f"s3://{bucket}/x/y", AWS_SECRET_ACCESS_KEY="wrong")
     assert done.returncode == 1 and "S3 refused the credentials for" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_failed_disk_commands_keep_what_was_there(tmp_path: Path) -> None:
+    """An export that cannot finish leaves the file it was to replace; an import that
+    cannot finish leaves no disk (a retry starts clean); a refused GC deletes nothing."""
+    home, store = tmp_path / "home", f"file://{tmp_path}/s"
+    assert run(["disk", "create", f"{store}/huge", "--size", "1000T"], home).returncode == 0
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    done = run(["disk", "export", f"{store}/huge", str(precious)], home)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"lanekit: error: cannot export to {precious}")
+    assert precious.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "s"]
+    unreadable = tmp_path / "secret.raw"
+    unreadable.write_bytes(b"x" * 4096)
+    unreadable.chmod(0)
+    done = subprocess.run(  # as nobody: root reads any file
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+         "-m", "tools.cli", "disk", "import", str(unreadable), f"file://{tmp_path}/ns/i"],
+        capture_output=True, text=True, timeout=120, cwd=os.getcwd(),
+        env={**os.environ, "LANEKIT_HOME": str(home)},
+    )  # fmt: skip
+    assert done.returncode == 1 and "cannot read" in done.stderr, done.stderr
+    assert not (tmp_path / "ns").exists()
+    young = run(["disk", "create", f"{store}/young", "--size", "1M"], home)
+    assert young.returncode == 0
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*"))
+    assert run(["disk", "gc", store, "--grace", "nan"], home).returncode == 2
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*")) == before
+
+
+def test_an_interrupted_import_leaves_no_disk(tmp_path: Path) -> None:
+    """Ctrl-C once the disk is made: the half-imported disk goes, so a retry works."""
+    source = tmp_path / "source.raw"
+    source.write_bytes(os.urandom(64 << 20))
+    url = f"file://{tmp_path}/s/i"
+    head = tmp_path / "s" / "disks" / "i" / "head"
+    importing = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "disk", "import", str(source), url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LANEKIT_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    try:
+        while not head.exists():
+            assert importing.poll() is None, importing.communicate()
+            time.sleep(0.002)
+        importing.send_signal(signal.SIGINT)
+        out, err = importing.communicate(timeout=120)
+    finally:
+        importing.kill()
+    assert importing.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    assert not head.exists()
+    again = run(["disk", "import", str(source), url], tmp_path / "home")
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "command"),
+    [
+        ("lanes.db", "garbage", ["lane", "ls"]),
+        ("images/registry.json", "[]", ["image", "list"]),
+        ("images/registry.json", '{"entries": {"x": 3}}', ["image", "list"]),
+        ("images/registry.json", '{"entries": {"x": {"entry": {}}}}', ["image", "list"]),
+    ],
+)
+def test_a_corrupt_state_file_names_itself(
+    tmp_path: Path, path: str, content: str, command: list[str]
+) -> None:
+    home = tmp_path / "home"
+    (home / path).parent.mkdir(parents=True, exist_ok=True)
+    (home / path).write_text(content)
+    done = run(command, home)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and str(home / path) in done.stderr
+    assert "move it away" in done.stderr
+    assert (home / path).read_text() == content

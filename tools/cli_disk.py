@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ import trio
 import blockstore
 from blockstore import LeaseHeld, ObjectStore
 from blockstore.lease import lease_is_live, read_lease
+from blockstore.objectstore import fsync_dir
 from blockstore.sparse import data_ranges
 
 from . import progress
@@ -71,7 +73,13 @@ def cmd_disk_info(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_checkpoint(args: argparse.Namespace) -> int:
-    objects, name, _ = _objects(args)
+    objects, name, tag = _objects(args)
+    if tag is not None:
+        raise CLIError(
+            f"disk checkpoint takes the disk's URL and the new tag: "
+            f"lanekit disk checkpoint URL {args.tag} (without @{tag})",
+            EXIT_USAGE,
+        )
     head = blockstore.checkpoint_disk(objects, name, args.tag)
     print_json({"disk": name, "checkpoint": args.tag, "generation": head.generation})
     return 0
@@ -81,7 +89,12 @@ def cmd_disk_fork(args: argparse.Namespace) -> int:
     objects, name, tag = _objects(args, args.source)
     if tag is None:
         raise CLIError("fork needs a checkpoint: lanekit disk fork URL@TAG NEW_URL", EXIT_USAGE)
-    new_objects, new_name, _ = _objects(args, args.new_url)
+    new_objects, new_name, new_tag = _objects(args, args.new_url)
+    if new_tag is not None:
+        raise CLIError(
+            f"a fork is a new disk: name it without @{new_tag} (checkpoint it afterwards)",
+            EXIT_USAGE,
+        )
     if new_objects.describe() != objects.describe():
         raise CLIError("a fork must live in the same store as its parent (objects are shared)")
     head = blockstore.fork_disk(objects, name, tag, new_name)
@@ -90,7 +103,7 @@ def cmd_disk_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_gc(args: argparse.Namespace) -> int:
-    if args.grace < 0:
+    if not args.grace >= 0:  # NaN included
         raise CLIError(
             f"--grace {args.grace:g}: give 0 or more seconds (objects younger than the "
             "grace are spared, which keeps writers running meanwhile safe)",
@@ -116,47 +129,85 @@ def cmd_disk_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_export(args: argparse.Namespace) -> int:
+    """A regular file is written beside the target and renamed over it once complete and
+    synced: an export that fails (the disk is too big for the file system, the store
+    went away) leaves what was there. A device is written in place."""
     out = Path(args.file)
+    in_place = out.exists() and not out.is_file()
 
     async def main(update: Callable[[int, int], None]) -> int:
         async with blockstore.open_disk(
             args.url, writable=False, base=args.base, s3_endpoint=args.s3_endpoint
         ) as disk:
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            target = out if in_place else out.with_name(f".{out.name}.lanekit-export")
+            fd = os.open(target, os.O_WRONLY | (0 if in_place else os.O_CREAT | os.O_TRUNC), 0o644)
             try:
-                os.ftruncate(fd, disk.size)
+                if not in_place:
+                    os.ftruncate(fd, disk.size)
                 for offset in range(0, disk.size, CHUNK):
                     n = min(CHUNK, disk.size - offset)
                     runs = await disk.extents(offset, n)
-                    if not all(flags & blockstore.ZERO_FLAG for _, flags in runs):
+                    if in_place or not all(flags & blockstore.ZERO_FLAG for _, flags in runs):
                         data = await disk.read(offset, n)
                         await trio.to_thread.run_sync(os.pwrite, fd, data, offset)
                     update(offset + n, disk.size)
                 await trio.to_thread.run_sync(os.fsync, fd)
+            except BaseException:
+                if not in_place:
+                    target.unlink(missing_ok=True)
+                raise
             finally:
                 os.close(fd)
+            if not in_place:
+                target.replace(out)
+                fsync_dir(out.parent)
             return disk.size
 
-    with progress.byte_bar(f"export {out.name}") as update:
-        size = trio.run(main, update)
+    try:
+        with progress.byte_bar(f"export {out.name}") as update:
+            size = trio.run(main, update)
+    except OSError as exc:  # the store's own errors are not OSErrors
+        raise CLIError(f"cannot export to {out}: {exc.strerror or exc}") from None
     print_json({"exported": args.url, "file": args.file, "size": size})
     return 0
 
 
 def cmd_disk_import(args: argparse.Namespace) -> int:
     """Only the parts of the file that hold data are read (SEEK_DATA/SEEK_HOLE): a 10 GiB
-    sparse file with little in it imports in moments."""
+    sparse file with little in it imports in moments. The source is checked before the
+    disk is made, and a disk whose import failed is removed: a retry starts clean."""
     src = Path(args.file)
-    size = (src.stat().st_size + 511) // 512 * 512
+    objects, name, tag = _objects(args, args.url)
+    if tag is not None:
+        raise CLIError(
+            f"{args.url}: an import makes a new disk; name it without @{tag} "
+            "(take a checkpoint of it afterwards: lanekit disk checkpoint URL TAG)",
+            EXIT_USAGE,
+        )
+    try:
+        with open(src, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CLIError(f"{src}: not a regular file; give a raw disk image file")
+            source_size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise CLIError(f"cannot read {src}: {exc.strerror or exc}") from None
+    size = (source_size + 511) // 512 * 512
+    block_size = parse_size(args.block_size)
 
     async def main(update: Callable[[int, int], None]) -> None:
-        await blockstore.create(
-            args.url, size, block_size=parse_size(args.block_size), s3_endpoint=args.s3_endpoint
-        )
+        await blockstore.create(args.url, size, block_size=block_size, s3_endpoint=args.s3_endpoint)
+        try:
+            await fill(update)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(blockstore.delete_disk, objects, name)
+            raise
+
+    async def fill(update: Callable[[int, int], None]) -> None:
         async with blockstore.open_disk(args.url, s3_endpoint=args.s3_endpoint) as disk:
             fd = os.open(src, os.O_RDONLY)
             try:
-                ranges = data_ranges(fd, src.stat().st_size)  # noqa: ASYNC240  (metadata)
+                ranges = data_ranges(fd, source_size)
                 total, done = sum(n for _, n in ranges), 0
                 for start, length in ranges:
                     for offset in range(start, start + length, CHUNK):

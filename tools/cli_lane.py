@@ -199,8 +199,12 @@ def cmd_lane_logs(args: argparse.Namespace) -> int:
         print(f"==> {what} ({path}) <==")
         print(text, end="" if text.endswith("\n") or not text else "\n")
     if not found:
-        raise ValueError(f"lane {lane.name!r} has no logs on this host: it never ran here")
+        raise _never_ran_here(lane)
     return 0
+
+
+def _never_ran_here(lane: Lane) -> ValueError:
+    return ValueError(f"lane {lane.name!r} has no logs on this host: it never ran here")
 
 
 def cmd_lane_pause(args: argparse.Namespace) -> int:
@@ -242,6 +246,8 @@ def cmd_lane_exec(args: argparse.Namespace) -> int:
 def _follow(lane: Lane) -> int:
     """The supervisor log as it grows, until no supervisor of the lane runs here."""
     path = lane.log_paths()["supervisor"]
+    if not path.exists() and not lane.running_here():
+        raise _never_ran_here(lane)
     with open(path, "rb") as log:
         while True:
             running = lane.running_here()

@@ -259,7 +259,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     from vm.launcher import Sandbox
 
     run = command_options(args)
-    if args.wait is not None and args.wait < 0:
+    if args.wait is not None and not args.wait >= 0:  # NaN too
         raise VMError(f"--wait {args.wait:g}: give a number of seconds, 0 or more")
     mounts = [parse_mount(m) for m in args.mount or ()]
     sandbox = Sandbox(

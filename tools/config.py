@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from vm.state import lanekit_home
 
 __all__ = [
@@ -40,6 +42,6 @@ def parse_size(text: str) -> int:
         raise ValueError(
             f"invalid size {text!r}: use a number with an optional K, M, G or T"
         ) from None
-    if value <= 0 or value != int(value):
+    if not math.isfinite(value) or value <= 0 or value != int(value):
         raise ValueError(f"invalid size {text!r}: must be a positive whole number of bytes")
     return int(value)
