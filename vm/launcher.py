@@ -34,7 +34,7 @@ from .agent.patches import Patch, apply_patches
 from .errors import BootError, GuestAgentError, ImageNotFoundError, VMError
 from .guest import AGENT_PORT_NAME
 from .images import RECIPES, not_built_message
-from .machine import Machine, SyncMachine, describe_exit, tail
+from .machine import Machine, SyncMachine, check_resources, describe_exit, tail
 from .net import Network, NetworkConfig, as_config, open_network
 from .proc import Child, open_child
 from .registry import ImageEntry
@@ -187,10 +187,7 @@ class Sandbox:
         volumes: Sequence[VolumeAttachment] = (),
         lease_ttl: float | None = None,
     ) -> None:
-        if not 1 <= cpus <= 64:
-            raise VMError("cpus must be between 1 and 64")
-        if not 64 <= memory_mib <= 65536:
-            raise VMError("memory must be between 64 and 65536 MiB")
+        check_resources(cpus, memory_mib)
         self.image = image
         self.cpus = cpus
         self.memory_mib = memory_mib

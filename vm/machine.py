@@ -65,6 +65,14 @@ class Metrics:
     blocks_uploaded: int
 
 
+def check_resources(cpus: int, memory_mib: int) -> None:
+    """What qemu is asked for, checked before anything is stored or started."""
+    if not 1 <= cpus <= 64:
+        raise VMError(f"cpus {cpus}: give between 1 and 64")
+    if not 64 <= memory_mib <= 65536:
+        raise VMError(f"memory {memory_mib} MiB: give between 64 and 65536 MiB")
+
+
 def tail(path: Path, limit: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-limit:]

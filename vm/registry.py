@@ -241,6 +241,24 @@ def _fresh_state() -> dict[str, Any]:
     }
 
 
+def _shape_problem(state: object) -> str | None:
+    """What makes ``state`` (read back from the file) not a registry, if anything."""
+    if not isinstance(state, dict) or not isinstance(state.get("entries"), dict):
+        return "no table of entries"
+    for image_id, record in state["entries"].items():
+        if not isinstance(record, dict) or not isinstance(record.get("entry"), dict):
+            return f"entry {image_id!r} has no image"
+        if not _blank_status().keys() <= record.keys():
+            return f"entry {image_id!r} has no health record"
+        try:
+            ImageEntry.from_json(record["entry"])
+        except KeyError as exc:
+            return f"entry {image_id!r} has no {exc}"
+        except (TypeError, ValueError) as exc:
+            return f"entry {image_id!r} is malformed: {exc}"
+    return None
+
+
 def _blank_status() -> dict[str, Any]:
     return {"healthy": False, "last_healthy_at": None, "last_error": None}
 
@@ -272,6 +290,11 @@ class Registry:
                     f"the registry file {self.path} is corrupt ({exc}); "
                     "move it away to start afresh"
                 ) from None
+            if (problem := _shape_problem(state)) is not None:
+                raise ImageRegistrationError(
+                    f"the registry file {self.path} is not a registry ({problem}); "
+                    "move it away to start afresh"
+                )
             for builtin in BUILTIN_IMAGES:
                 state["entries"].setdefault(
                     builtin.id, {"entry": builtin.to_json(), **_blank_status()}

@@ -30,7 +30,8 @@ import trio
 import blockstore
 from blockstore import Disk, LeaseHeld, ObjectStore
 from blockstore.concurrency import Services
-from blockstore.layout import DISKS, check_name
+from blockstore.disks import delete_disk
+from blockstore.layout import check_name
 from blockstore.lease import lease_is_live, read_lease
 from blockstore.objectstore import put_new
 from blockstore.serve.nbd import serve_device
@@ -217,16 +218,6 @@ def remove_volume(objects: ObjectStore, name: str) -> None:
         )
     objects.delete(_definition_key(name))
     delete_disk(objects, disk)
-
-
-def delete_disk(objects: ObjectStore, disk: str) -> None:
-    """Remove a disk's head, lease and checkpoints (blocking). Packs and segments stay
-    until ``disk gc``, which frees whatever no other disk, fork or checkpoint shares."""
-    check_name(disk)
-    keys = [info.key for info in objects.list(f"{DISKS}{disk}/")]
-    head = f"{DISKS}{disk}/head"
-    for key in sorted(keys, key=lambda k: k == head):  # the head last: it makes a disk
-        objects.delete(key)
 
 
 # ---------------------------------------------------------------- attaching

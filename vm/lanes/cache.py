@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import LaneError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lanes (
     name TEXT PRIMARY KEY,
@@ -49,8 +51,20 @@ class LaneCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=10.0)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(SCHEMA)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(SCHEMA)
+            except sqlite3.DatabaseError as exc:
+                if "locked" in str(exc):
+                    raise LaneError(
+                        f"this host's lane cache {self.path} stayed locked by another "
+                        "lanekit for 10 s: try again"
+                    ) from None
+                raise LaneError(
+                    f"this host's lane cache {self.path} is unreadable ({exc}); move it "
+                    "away: it only caches what the stores hold, and `lanekit lane ls "
+                    "--store URL` finds the lanes again"
+                ) from None
             with db:
                 yield db
         finally:

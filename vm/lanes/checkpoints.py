@@ -23,12 +23,13 @@ import trio
 
 import blockstore
 from blockstore import ObjectStore
+from blockstore.disks import delete_disk
 from blockstore.layout import check_name, checkpoint_key
 from blockstore.objectstore import put_new
 
 from ..machine import Machine
 from ..qmp import QMP
-from ..volumes import delete_disk, disk_name, fork_volume, read_volume, remove_volume
+from ..volumes import disk_name, fork_volume, read_volume, remove_volume
 from .definition import (
     PREFIX,
     LaneDefinition,

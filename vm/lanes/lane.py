@@ -21,13 +21,14 @@ from typing import Any
 
 import blockstore
 from blockstore import ObjectStore
+from blockstore.disks import delete_disk
 
 from ..errors import VMError
-from ..machine import AgentMachine
+from ..machine import AgentMachine, check_resources
 from ..net import NetworkConfig
 from ..registry import ImageEntry
 from ..state import lanekit_home, state_paths
-from ..volumes import check_guest_path, delete_disk, read_volume, volume_info
+from ..volumes import check_guest_path, read_volume, volume_info
 from . import checkpoints as checkpointing
 from . import runlock
 from .cache import LaneCache
@@ -155,6 +156,7 @@ class Lane:
         cannot be paused (qemu cannot migrate virtiofs)."""
         home = home or lanekit_home()
         check_lane_name(name)
+        check_resources(cpus, memory_mib)
         for key in env or {}:
             if not key or "=" in key or "\0" in key:
                 raise LaneError(f"invalid environment variable {key!r}")
