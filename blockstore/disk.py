@@ -390,7 +390,8 @@ class Disk:
             spill = self._spill
             assert spill is not None
             slots = [slot for _, slot in spilled]
-            datas = await run_sync(lambda: [spill.read(s) for s in slots])
+            with spill.pinned(slots):
+                datas = await run_sync(lambda: [spill.read(s) for s in slots])
             bottoms.update(zip((b for b, _ in spilled), datas, strict=True))
         if from_base:
             bottoms.update(await self._base_blocks(from_base))
@@ -758,7 +759,8 @@ class Disk:
                 if isinstance(v, _Spilled):
                     spill = self._spill
                     assert spill is not None
-                    v = await run_sync(spill.read, v.slot)
+                    with spill.pinned([v.slot]):
+                        v = await run_sync(spill.read, v.slot)
                 whole[block] = v
                 size += len(v) if v else 0
             if size >= 32 << 20:
@@ -784,7 +786,8 @@ class Disk:
         elif isinstance(patch.over, _Spilled):
             spill, slot = self._spill, patch.over.slot
             assert spill is not None
-            under = await run_sync(spill.read, slot)
+            with spill.pinned([slot]):
+                under = await run_sync(spill.read, slot)
         elif patch.over is BASE:
             under = (await self._base_blocks([block]))[block]
         else:

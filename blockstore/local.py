@@ -3,9 +3,11 @@ beyond the memory budget while the store is failing."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -51,6 +53,8 @@ class SpillFile:
         os.unlink(name)
         self._free: list[int] = []
         self._next = 0
+        self._pins: dict[int, int] = {}
+        self._freed_while_pinned: set[int] = set()
 
     def allocate(self) -> int:
         if self._free:
@@ -59,7 +63,29 @@ class SpillFile:
         return self._next - 1
 
     def free(self, slot: int) -> None:
-        self._free.append(slot)
+        if slot in self._pins:
+            self._freed_while_pinned.add(slot)
+        else:
+            self._free.append(slot)
+
+    @contextlib.contextmanager
+    def pinned(self, slots: Iterable[int]) -> Iterator[None]:
+        """Keep ``slots`` from being given out again while a read of them is under way
+        in another thread: a slot freed meanwhile (its block rewritten) returns to the
+        free list only after, or the read could return another block's bytes."""
+        slots = list(slots)
+        for slot in slots:
+            self._pins[slot] = self._pins.get(slot, 0) + 1
+        try:
+            yield
+        finally:
+            for slot in slots:
+                self._pins[slot] -= 1
+                if not self._pins[slot]:
+                    del self._pins[slot]
+                    if slot in self._freed_while_pinned:
+                        self._freed_while_pinned.discard(slot)
+                        self._free.append(slot)
 
     def write(self, slot: int, data: bytes) -> None:
         os.pwrite(self._fd, data, slot * self.block_size)

@@ -401,3 +401,44 @@ def test_blocking_holds_an_async_context_open_for_plain_code() -> None:
     # the block's own error wins over the exit's
     with pytest.raises(KeyError), blocking(lambda: resource(fail_exit=True)):
         raise KeyError("body")
+
+
+async def test_a_spilled_block_read_while_its_slot_is_freed_and_given_out_again(
+    tmp_path: Path,
+) -> None:
+    """A read of a spilled block runs in a thread; if the block is rewritten meanwhile
+    (freeing its slot) and another block spills into that slot, the read must still
+    return the first block's bytes, never the other's."""
+    import threading
+
+    objects = LocalObjectStore(tmp_path / "store")
+    create_disk(objects, "d", 16 * BS, block_size=BS)
+    first, second, third = (bytes([n]) * BS for n in (1, 2, 3))
+    async with open_disk((objects, "d"), spill_dir=str(tmp_path)) as disk:
+        await disk.write(0, first)
+        await disk._spill_dirty()  # what a failing store makes of the dirty blocks
+        spill = disk._spill
+        assert spill is not None
+        real_read, reading, go_on = spill.read, threading.Event(), threading.Event()
+
+        def held_read(slot: int) -> bytes:
+            reading.set()
+            go_on.wait(30)
+            return real_read(slot)
+
+        spill.read = held_read  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def read_first() -> None:
+                got.append(await disk.read(0, BS))
+
+            nursery.start_soon(read_first)
+            await trio.to_thread.run_sync(reading.wait, 30)
+            spill.read = real_read  # type: ignore[method-assign]
+            await disk.write(BS, second)
+            await disk.write(0, third)  # frees block 0's slot
+            await disk._spill_dirty()  # block 1 spills first, into a free slot
+            go_on.set()
+        assert got[0] in (first, third), "the read returned another block's bytes"
+        assert await disk.read(0, 2 * BS) == third + second
