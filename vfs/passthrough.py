@@ -17,6 +17,7 @@ import errno
 import os
 import resource
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,9 @@ class PassthroughFS(Filesystem):
         self._root: Key = (st.st_dev, st.st_ino)
         self._nodes: dict[Key, _Node] = {self._root: _Node(fd)}
         self._nodes[self._root].refs = 1 << 62
+        self._table = threading.Lock()
+        """Guards the table's entries and counts: lookups register nodes from worker
+        threads while the kernel's forgets drop them on the trio thread."""
         self.read_only = read_only
         self.allow_devices = allow_devices
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -182,12 +186,14 @@ class PassthroughFS(Filesystem):
         """Register ``fd`` (an O_PATH descriptor) and return its attributes with a reference."""
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        node = self._nodes.get(key)
-        if node is None:
-            node = self._nodes[key] = _Node(fd)
-        else:
+        with self._table:
+            node = self._nodes.get(key)
+            if node is None:
+                node = self._nodes[key] = _Node(fd)
+                fd = -1
+            node.refs += 1
+        if fd >= 0:
             os.close(fd)
-        node.refs += 1
         return _attr(key, st)
 
     def _lookup(self, parent_fd: int, name: bytes) -> Attr:
@@ -204,13 +210,15 @@ class PassthroughFS(Filesystem):
         return await self._thread(self._lookup, fd, name)
 
     async def forget(self, key: Key, count: int) -> None:
-        node = self._nodes.get(key)
-        if node is None or key == self._root:
-            return
-        node.refs -= count
-        if node.refs <= 0:
+        with self._table:
+            node = self._nodes.get(key)
+            if node is None or key == self._root:
+                return
+            node.refs -= count
+            if node.refs > 0:
+                return
             del self._nodes[key]
-            os.close(node.fd)
+        os.close(node.fd)
 
     async def getattr(self, key: Key) -> Attr:
         return _attr(key, os.fstat(self._fd(key)))
