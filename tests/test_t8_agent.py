@@ -166,6 +166,52 @@ async def test_a_peer_that_answers_garbage_is_a_clear_error(nursery: trio.Nurser
         theirs.close()
 
 
+async def test_a_broken_session_lets_go_of_its_connection(nursery: trio.Nursery) -> None:
+    """qemu's agent socket serves one client at a time: a session whose HELLO went
+    unanswered, or whose peer sent garbage, closes its end at once (else the next
+    session's HELLO waits behind it), and a send queued behind a blocked one while the
+    session closes is a GuestAgentError, not an AttributeError."""
+    ours, theirs = socket.socketpair()
+    session = AgentSession("(fake)")
+    with pytest.raises(GuestAgentError, match="did not answer"):
+        await session.open(
+            nursery, stream=trio.SocketStream(trio.socket.from_stdlib_socket(ours)), timeout=0.3
+        )
+    theirs.settimeout(10)
+    while theirs.recv(65536):  # the HELLO, then the end: the session let go
+        pass
+    theirs.close()
+
+    ours, theirs = socket.socketpair()
+    session = AgentSession("(fake)")
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+
+    async def guest_that_stops_reading() -> None:
+        hello = await trio.to_thread.run_sync(theirs.recv, 65536)
+        nonce = protocol.parse_message(hello[protocol.HEADER.size :])["nonce"]
+        answer = {"magic": protocol.HELLO_MAGIC, "version": 1, "nonce": nonce, "session": "s"}
+        theirs.sendall(protocol.message(protocol.HELLO, 0, answer))
+
+    nursery.start_soon(guest_that_stops_reading)
+    await session.open(nursery, stream=stream, timeout=10)
+    outcomes: list[BaseException] = []
+
+    async def send_blob() -> None:
+        try:
+            await session._send(protocol.frame(protocol.CONTROL, 1, bytes(1 << 20)))
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    async with trio.open_nursery() as senders:
+        for _ in range(3):  # the first blocks (nobody reads); the others wait for the lock
+            senders.start_soon(send_blob)
+        await trio.sleep(0.2)
+        await session.aclose()
+    assert len(outcomes) == 3
+    assert all(isinstance(e, GuestAgentError) for e in outcomes), outcomes
+    theirs.close()
+
+
 async def test_a_socket_nobody_listens_on_is_an_error_not_a_wait_forever(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:

@@ -132,17 +132,24 @@ class AgentMachine:
         self._check_running()
         async with self._connect_lock:
             if self._agent is None or not self._agent.alive:
+                await self._drop_session()
                 agent = AgentSession(str(self.agent_socket))
                 await agent.open(self._services, timeout=self._connect_timeout)
                 self._agent = agent
             return self._agent
 
+    async def _drop_session(self) -> None:
+        """Close the session. It is forgotten before the await, so a session opened
+        meanwhile (by a caller not holding the connect lock) is never overwritten."""
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            await agent.aclose()
+
     async def reconnect(self) -> list[GuestProcess]:
         """Drop the session and open a new one (as a host that lost its connection would);
         returns the processes the agent still runs, for :meth:`attach`."""
-        if self._agent is not None:
-            await self._agent.aclose()
-            self._agent = None
+        async with self._connect_lock:
+            await self._drop_session()
         return (await self.session()).processes
 
     async def attach(self, stream_id: int, offsets: Mapping[str, int] | None = None) -> ExecHandle:
@@ -267,9 +274,7 @@ class AgentMachine:
 
     async def close(self) -> None:
         """Close the session with the agent (what runs in the guest goes on running)."""
-        if self._agent is not None:
-            agent, self._agent = self._agent, None
-            await agent.aclose()
+        await self._drop_session()
 
     # ------------------------------------------------------------ files (shortcuts)
 
@@ -415,9 +420,7 @@ class Machine(AgentMachine):
         if self.qemu.returncode is None:
             self.qemu.kill_group()
             await self.qemu.wait()
-        if self._agent is not None:
-            agent, self._agent = self._agent, None
-            await agent.aclose()
+        await self._drop_session()
 
 
 class SyncExecHandle:

@@ -119,6 +119,7 @@ class AgentSession:
         self._dead: BaseException | None = None
         self._next_sid = random.randrange(1, 1 << 30)
         self._closed = trio.Event()
+        self._reading = False
         self._taps: dict[int, Tap] = {}
         self._listeners: list[Tap] = []
 
@@ -149,21 +150,30 @@ class AgentSession:
                 await trio.sleep(0.01)
         self._stream = stream
         tasks.start_soon(self._read_loop)
-        await self._hello()
-        with trio.move_on_after(timeout):
-            await self._ready.wait()
-        if self._dead is not None:
-            raise self._dead
-        if not self._ready.is_set():
-            raise GuestAgentError(f"the guest agent did not answer within {timeout:.0f} s")
+        self._reading = True
+        try:
+            await self._hello()
+            with trio.move_on_after(timeout):
+                await self._ready.wait()
+            if self._dead is not None:
+                raise self._dead
+            if not self._ready.is_set():
+                raise GuestAgentError(f"the guest agent did not answer within {timeout:.0f} s")
+        except BaseException:
+            await self.aclose()  # qemu serves one client: a half-open one blocks the next
+            raise
 
     async def aclose(self) -> None:
         self._die(GuestAgentError("the session with the guest agent was closed"))
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
+        await self._close_stream()
+        if self._reading:
+            await self._closed.wait()
+
+    async def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-        await self._closed.wait()
 
     async def _hello(self) -> None:
         self._nonce = os.urandom(8).hex()
@@ -174,9 +184,11 @@ class AgentSession:
     async def _read_loop(self) -> None:
         reader = P.FrameReader()
         try:
-            assert self._stream is not None
+            stream = self._stream
+            if stream is None:
+                return  # closed before this task first ran
             while True:
-                data = await self._stream.receive_some(1 << 20)
+                data = await stream.receive_some(1 << 20)
                 if not data:
                     raise GuestAgentError("the guest agent's channel closed (did the VM stop?)")
                 reader.feed(data)
@@ -189,6 +201,7 @@ class AgentSession:
         except GuestAgentError as exc:
             self._die(exc)
         finally:
+            await self._close_stream()  # a dead session lets go of qemu's one client slot
             self._closed.set()
 
     async def _on_frame(self, kind: int, sid: int, payload: bytes) -> None:
@@ -272,11 +285,12 @@ class AgentSession:
     # ------------------------------------------------------------ frames out
 
     async def _send(self, data: bytes) -> None:
-        if self._stream is None:
-            raise self._dead or GuestAgentError("not connected to the guest agent")
         async with self._send_lock:
+            stream = self._stream  # closed, maybe, while this waited for the lock
+            if stream is None:
+                raise self._dead or GuestAgentError("not connected to the guest agent")
             try:
-                await self._stream.send_all(data)
+                await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 error = GuestAgentError(f"the guest agent's channel broke: {exc}")
                 self._die(error)
