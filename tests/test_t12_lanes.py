@@ -7,6 +7,7 @@ one before it left (a lane running on A, then stopped, then running on B)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pty
@@ -14,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +26,9 @@ import trio
 
 import blockstore
 import blockstore.lease
-from tests.blockdev import readable
+from tests.blockdev import readable, wait_for
 from tests.test_t4_cli_startup import loaded_after
-from vm.lanes import Lane, LaneError, zygote
+from vm.lanes import Lane, LaneError, LaneStatus, zygote
 from vm.lanes.cache import LaneCache
 from vm.lanes.definition import root_disk_name, runner
 from vm.launcher import Sandbox
@@ -464,6 +466,62 @@ def test_pause_and_resume_through_the_embedded_store(
     there.stop()
     there.remove()
     assert [i.key for i in objects.list("lanes/dozer/")] == []
+
+
+def test_a_stop_during_a_pause_ends_the_lane_stopped(
+    two_hosts: tuple[Host, Host, str, str], tmp_path: Path
+) -> None:
+    """SIGTERM to the supervisor while it saves the memory: the save is cancelled and
+    thrown away, the guest resumes and powers off cleanly, and the lane ends *stopped*
+    (its end recorded, no snapshot), so the next start boots afresh."""
+    a, _, _, _ = two_hosts
+    store = f"file://{tmp_path / 'store'}"
+    lane = Lane.create("halted", "shell", store=store, memory_mib=512, home=a.home)
+    log = lane.log_paths()["supervisor"]
+    fill = "dd if=/dev/urandom of=/dev/shm/fill bs=1M count=200 2>/dev/null"  # a slow save
+
+    async def run(argv: list[str]) -> str:
+        async with lane.connect() as machine:
+            return await machine.exec_text(argv)
+
+    def pause(outcome: list[object]) -> None:
+        try:
+            outcome.append(lane.pause())
+        except LaneError as exc:
+            outcome.append(exc)
+
+    def saving_since(seen: int) -> bool:
+        return log.read_text().count("pausing: saving") > seen
+
+    for _attempt in range(3):  # the signal must land while the memory is being saved
+        lane.start()
+        trio.run(run, ["sh", "-c", fill])
+        pid = lane.status().pid
+        assert pid is not None
+        seen = log.read_text().count("pausing: saving")
+        outcome: list[object] = []
+        pausing = threading.Thread(target=pause, args=(outcome,))
+        pausing.start()
+        wait_for(functools.partial(saving_since, seen), timeout=60)
+        os.kill(pid, signal.SIGTERM)
+        pausing.join(120)
+        wait_for(lambda: lane.status().state != "running", timeout=60)
+        if isinstance(outcome[0], LaneStatus) and outcome[0].state == "paused":
+            lane.start()  # it finished first: resume it and try again
+            lane.stop()
+            continue
+        tail = log.read_text()[-3000:]
+        assert "lane halted stopped (SIGTERM)" in tail, tail
+        assert "lane halted paused" not in tail, tail
+        assert lane.status().state == "stopped"
+        objects = blockstore.open_store(store)
+        assert [i.key for i in objects.list("lanes/halted/memory/")] == []
+        assert lane.start().state == "running"
+        assert trio.run(run, ["sh", "-c", "test -e /dev/shm/fill || echo fresh"]) == "fresh\n"
+        lane.stop()
+        lane.remove()
+        return
+    raise AssertionError("three pauses finished before the signal reached them")
 
 
 def test_a_lane_keeps_its_network(two_hosts: tuple[Host, Host, str, str]) -> None:

@@ -105,6 +105,8 @@ class _Supervisor:
         self.objects: blockstore.ObjectStore | None = None
         self.definition: LaneDefinition | None = None
         self.pausing = False
+        self.paused = False
+        """The memory is in the store and the machine stopped for it: this run ends paused."""
         self.reason = ""
         """Why the run ends (the first stop request's reason)."""
         self.exclusive = trio.Lock()
@@ -208,18 +210,19 @@ class _Supervisor:
                 )
                 record = uploaded.record(snapshot, version)
                 await trio.to_thread.run_sync(paused.write_record, objects, self.name, record)
-            except BaseException:
+            except BaseException:  # a stop cancelling the pause too: the lane stops unpaused
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(paused.discard, objects, self.name, {})
                     await _resume_after_failed_save(machine)
+                self.pausing = False
                 raise
         except Exception as exc:
-            self.pausing = False
             say(f"pause failed, the lane runs on: {first_cause(exc)}")
             return {"error": f"could not pause: {first_cause(exc)}"}
         say(f"paused: memory and disk state are in the store (snapshot {snapshot})")
         with contextlib.suppress(blockstore.BlockStoreError):  # best effort: rm takes the rest
             await trio.to_thread.run_sync(paused.discard_others, objects, self.name, snapshot)
+        self.paused = True
         await machine.kill()
         self.stop.set()
         return {"ok": "paused"}
@@ -433,7 +436,7 @@ async def supervise(
                 fenced = machine.fenced
             if fenced:
                 raise blockstore.Fenced(supervisor.reason.removeprefix("fenced: "))
-            if supervisor.pausing:
+            if supervisor.paused:
                 say(f"lane {name} paused")
             else:
                 say(f"lane {name} stopped ({supervisor.reason})")
