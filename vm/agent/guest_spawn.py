@@ -132,6 +132,10 @@ def start(
             cgroup = None
             _enter(None)  # not left in another command's cgroup either
         pid = _launch(argv, env, cwd, user, ends, tty is not None)
+    except BaseException:
+        for fd in {*outs.values(), ours_in} - {-1}:  # the agent lives on: no leak
+            os.close(fd)
+        raise
     finally:
         for fd in set(child_fds):
             os.close(fd)
