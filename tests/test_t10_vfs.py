@@ -730,6 +730,19 @@ async def test_snapshot_object_store_round_trip(tmp_path: Path) -> None:
         await vfs.restore_objects(vfs.MemoryFS(), objects, "lanes/l1/workspace")
 
 
+async def test_a_snapshot_of_many_parts_round_trips(tmp_path: Path) -> None:
+    """Past one part (8 MiB), each part is cut, hashed and compressed off the trio loop
+    and restored in order."""
+    objects = LocalObjectStore(tmp_path / "objects")
+    big = os.urandom(20 << 20)
+    source = vfs.MemoryFS({"big.bin": big, "small/one": "1"})
+    manifest = await vfs.snapshot_objects(source, objects, "w")
+    assert len(manifest["parts"]) == 3
+    copy = vfs.MemoryFS()
+    assert await vfs.restore_objects(copy, objects, "w") == manifest["entries"]
+    assert await _tree(copy) == await _tree(source)
+
+
 async def test_restore_refuses_unsafe_tar() -> None:
     import tarfile
 

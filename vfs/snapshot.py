@@ -18,6 +18,7 @@ import tempfile
 from typing import IO, Any
 
 import lz4.frame
+import trio
 
 from .interface import ROOT_CONTEXT, Filesystem, FSError, InvalidArgument, Key, SetAttr
 
@@ -90,7 +91,9 @@ async def snapshot_tar(fs: Filesystem, out: IO[bytes]) -> int:
                 info.type = tarfile.FIFOTYPE
             else:
                 continue  # device nodes and sockets are not workspace content
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+            await trio.to_thread.run_sync(
+                tar.addfile, info, io.BytesIO(data) if data is not None else None
+            )
             count += 1
     return count
 
@@ -115,7 +118,7 @@ async def restore_tar(fs: Filesystem, source: IO[bytes]) -> int:
     except tarfile.TarError as exc:
         raise InvalidArgument(f"not a tar stream: {exc}") from None
     with tar:
-        for member in tar:
+        while (member := await trio.to_thread.run_sync(tar.next)) is not None:
             parts = _parts(member.name)
             parent = directories.get(tuple(parts[:-1]))
             if parent is None:
@@ -138,7 +141,7 @@ async def restore_tar(fs: Filesystem, source: IO[bytes]) -> int:
                     reader = tar.extractfile(member)
                     assert reader is not None
                     offset = 0
-                    while chunk := reader.read(1 << 20):
+                    while chunk := await trio.to_thread.run_sync(reader.read, 1 << 20):
                         await fs.write(handle, offset, chunk)
                         offset += len(chunk)
                 finally:
@@ -172,19 +175,15 @@ async def restore_tar(fs: Filesystem, source: IO[bytes]) -> int:
 
 async def snapshot_objects(fs: Filesystem, objects: Any, prefix: str) -> dict[str, Any]:
     """Store a snapshot under ``prefix/`` in a blockstore ObjectStore; returns its manifest."""
-    import trio
-
-    with tempfile.TemporaryFile() as spool:
+    with await trio.to_thread.run_sync(tempfile.TemporaryFile) as spool:
         entries = await snapshot_tar(fs, spool)
-        spool.seek(0)
-        parts = []
-        index = 0
-        while data := await trio.to_thread.run_sync(spool.read, PART):
-            body = await trio.to_thread.run_sync(lz4.frame.compress, data)
-            key = f"{prefix}/part-{index:06d}"
+        await trio.to_thread.run_sync(spool.seek, 0)
+        parts: list[dict[str, str]] = []
+        while packed := await trio.to_thread.run_sync(_next_part, spool):
+            body, sha256 = packed
+            key = f"{prefix}/part-{len(parts):06d}"
             await trio.to_thread.run_sync(objects.put, key, body)
-            parts.append({"key": key, "sha256": hashlib.sha256(data).hexdigest()})
-            index += 1
+            parts.append({"key": key, "sha256": sha256})
     manifest = {"format": "lanekit-vfs-snapshot/1", "entries": entries, "parts": parts}
     await trio.to_thread.run_sync(
         objects.put, f"{prefix}/manifest.json", json.dumps(manifest).encode()
@@ -192,18 +191,29 @@ async def snapshot_objects(fs: Filesystem, objects: Any, prefix: str) -> dict[st
     return manifest
 
 
-async def restore_objects(fs: Filesystem, objects: Any, prefix: str) -> int:
-    import trio
+def _next_part(spool: IO[bytes]) -> tuple[bytes, str] | None:
+    """The next part of a spooled tar, compressed, and its sha256 (in a worker thread:
+    8 MiB of hashing and compression would stall everything else on the trio loop)."""
+    data = spool.read(PART)
+    if not data:
+        return None
+    return lz4.frame.compress(data), hashlib.sha256(data).hexdigest()
 
+
+def _spool_part(spool: IO[bytes], body: bytes, part: dict[str, str]) -> None:
+    data = lz4.frame.decompress(body)
+    if hashlib.sha256(data).hexdigest() != part["sha256"]:
+        raise FSError(f"snapshot part {part['key']} is corrupt")
+    spool.write(data)
+
+
+async def restore_objects(fs: Filesystem, objects: Any, prefix: str) -> int:
     manifest = json.loads(
         (await trio.to_thread.run_sync(objects.get, f"{prefix}/manifest.json")).data
     )
-    with tempfile.TemporaryFile() as spool:
+    with await trio.to_thread.run_sync(tempfile.TemporaryFile) as spool:
         for part in manifest["parts"]:
             body = (await trio.to_thread.run_sync(objects.get, part["key"])).data
-            data = lz4.frame.decompress(body)
-            if hashlib.sha256(data).hexdigest() != part["sha256"]:
-                raise FSError(f"snapshot part {part['key']} is corrupt")
-            spool.write(data)
-        spool.seek(0)
+            await trio.to_thread.run_sync(_spool_part, spool, body, part)
+        await trio.to_thread.run_sync(spool.seek, 0)
         return await restore_tar(fs, spool)
