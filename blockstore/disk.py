@@ -190,17 +190,24 @@ class Disk:
             if exc[0] is None:
                 await self.close()
         finally:
-            await self._stop_compactor()
+            # A caller cancelled (Ctrl-C, a timeout) must still stop the tasks and release
+            # the lease: unshielded, the first await raised Cancelled and left both, and
+            # the nursery entered by __aenter__ unexited (trio's scope stack corrupt).
+            with trio.CancelScope(shield=True):
+                await self._stop_compactor()
             self._nursery.cancel_scope.cancel()
-            await self._nursery_cm.__aexit__(None, None, None)
-            self._nursery = None
-            if exc[0] is None:
-                await self._release()
-            else:
-                try:
-                    await self._release()
-                except Exception as e:
-                    log.warning("could not release the lease (it will expire): %s", e)
+            try:
+                await self._nursery_cm.__aexit__(None, None, None)
+            finally:
+                self._nursery = None
+                with trio.CancelScope(shield=True):
+                    if exc[0] is None:
+                        await self._release()
+                    else:
+                        try:
+                            await self._release()
+                        except Exception as e:
+                            log.warning("could not release the lease (it will expire): %s", e)
 
     async def close(self) -> None:
         """Flush and release the lease; the disk can no longer be used."""

@@ -442,3 +442,21 @@ async def test_a_spilled_block_read_while_its_slot_is_freed_and_given_out_again(
             go_on.set()
         assert got[0] in (first, third), "the read returned another block's bytes"
         assert await disk.read(0, 2 * BS) == third + second
+
+
+async def test_a_cancelled_writer_still_stops_its_tasks_and_releases_its_lease() -> None:
+    """Ctrl-C during a boot, a caller's timeout: the disk's exit runs cancelled. It
+    must still end its background tasks and release the lease (the next writer need not
+    wait for the lease to expire), and leave trio's scopes whole."""
+    from blockstore.lease import lease_is_live, read_lease
+
+    objects = MemoryObjectStore()
+    create_disk(objects, "d", 16 * BS, block_size=BS)
+    with trio.move_on_after(0.2) as timed_out:
+        async with open_disk((objects, "d")) as disk:
+            await disk.write(0, b"x" * BS)
+            await trio.sleep(30)
+    assert timed_out.cancelled_caught
+    assert not lease_is_live(read_lease(objects, "d")[0])
+    async with open_disk((objects, "d")) as disk:  # no force needed
+        assert len(await disk.read(0, BS)) == BS
