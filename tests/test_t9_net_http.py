@@ -490,3 +490,40 @@ async def test_a_guest_that_does_not_trust_the_ca_gets_nothing(origin: tuple[int
     assert await rig.exchange(HttpGrant(("tls.test",)), get(), trust=other_ca) == b""
     [event] = rig.events
     assert event.verdict == "error" and "TLS handshake with the guest failed" in event.reason
+
+
+async def test_strange_bytes_from_the_guest_are_answered_not_fatal(origin: tuple[int, str]) -> None:
+    """Header bytes HTTP allows (obs-text) go upstream as sent; a Host port that only
+    looks like digits ("²") is a mismatch; neither ends the interceptor."""
+    rig = Rig(origin)
+    grant = HttpGrant(("tls.test",))
+    raw = b"GET /headers HTTP/1.1\r\nHost: tls.test\r\nX-Name: caf\xe9\r\nConnection: close\r\n\r\n"
+    status, body = status_and_body(await rig.exchange(grant, raw))
+    assert status == 200
+    assert json.loads(body)["x-name"] == "caf\xe9"  # the origin reads it as Latin-1
+    odd = "GET /headers HTTP/1.1\r\nHost: tls.test:\u00b2\r\nConnection: close\r\n\r\n"
+    status, _ = status_and_body(await rig.exchange(grant, odd.encode("latin-1")))
+    assert status == 421
+
+
+async def test_a_header_http_refuses_never_goes_out_and_no_answer_quotes_a_secret(
+    origin: tuple[int, str],
+) -> None:
+    """A secret whose value HTTP does not allow in a header is refused when configured
+    (h11 refused it at send time, quoting the header, secret and all, in the 502 the
+    guest read); a hook's invalid value is a 403 that quotes no secret."""
+    for value in (" leading", "trailing ", "euro \u20ac", "bell \x07"):
+        with pytest.raises(NetworkConfigError, match="printable"):
+            Secret("API_TOKEN", value, hosts=("tls.test",))
+    rig = Rig(origin, (Secret("API_TOKEN", "s3cr3t-value", hosts=("tls.test",)),))
+    env = rig.book.guest_env()
+
+    def hook(request: HttpRequest) -> None:
+        request.headers.set("X-Bad", "ends in a space ")
+
+    grant = HttpGrant(("tls.test",), on_request=hook)
+    auth = f"Authorization: Bearer {env['API_TOKEN']}"
+    response = await rig.exchange(grant, get("/headers", "tls.test", auth))
+    assert status_and_body(response)[0] == 403
+    assert b"s3cr3t" not in response
+    assert all("s3cr3t" not in json.dumps(e.detail) + str(e.reason) for e in rig.events)

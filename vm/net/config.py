@@ -195,13 +195,18 @@ class Rule:
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(r"([\x21-\x7e\x80-\xff]([\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
+"""RFC 9110's field-value, as h11 checks it before sending (an empty value allowed)."""
 
 
 def check_header(name: str, value: str | None) -> None:
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise NetworkConfigError(f"HTTP header name {name!r} is not a valid token")
-    if value is not None and (not isinstance(value, str) or any(c in value for c in "\r\n\0")):
-        raise NetworkConfigError(f"HTTP header {name}: the value must be one line of text")
+    if value is not None and (not isinstance(value, str) or not _FIELD_VALUE.fullmatch(value)):
+        raise NetworkConfigError(
+            f"HTTP header {name}: the value must be one line of printable text (Latin-1), "
+            "with no space or tab at either end"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 from dnslib import QTYPE, RCODE, RR, DNSError, DNSHeader, DNSRecord  # type: ignore[import-untyped]
 
+from . import serving
 from .addresses import Endpoint, groups_of
 from .audit import Audit
 from .config import REBINDING_GROUPS, resolver_address
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 UPSTREAM_TIMEOUT = 3.0
 MAX_TCP_QUERY = 65535
 MAX_INFLIGHT = 64
+MAX_TCP_CONNECTIONS = 64
+"""DNS-over-TCP connections served at once (each may stay 10 s): more wait to be accepted."""
 
 
 class DnsService:
@@ -51,6 +54,7 @@ class DnsService:
         self._server = server
         self._rebind = decider.config.rebind_protection
         self._inflight = trio.Semaphore(MAX_INFLIGHT)
+        self._tcp_slots = trio.Semaphore(MAX_TCP_CONNECTIONS)
 
     async def serve_udp(self, sock: trio.socket.SocketType) -> None:
         async with trio.open_nursery() as nursery:
@@ -78,10 +82,21 @@ class DnsService:
     async def serve_tcp(self, listener: trio.socket.SocketType) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await listener.accept()
+                await self._tcp_slots.acquire()  # more wait in the kernel's backlog
+                try:
+                    conn, _ = await serving.accept(listener)
+                except BaseException:
+                    self._tcp_slots.release()
+                    raise
                 nursery.start_soon(self._answer_tcp, trio.SocketStream(conn))
 
     async def _answer_tcp(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._answer_tcp_held(stream)
+        finally:
+            self._tcp_slots.release()
+
+    async def _answer_tcp_held(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
                 with trio.fail_after(10):

@@ -253,9 +253,15 @@ class _Session:
 
     async def _forward(self, request: HttpRequest) -> tuple[int, int, int]:
         upstream = await self._connect()
-        outgoing = h11.Request(
-            method=request.method, target=request.target, headers=list(request.headers)
-        )
+        try:
+            outgoing = h11.Request(
+                method=request.method.encode("ascii"),
+                target=request.target.encode("ascii"),
+                headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in request.headers],
+            )
+        except (UnicodeEncodeError, h11.LocalProtocolError):
+            # Never the exception's text: it quotes the header, an injected secret in it.
+            raise h11.LocalProtocolError("a header of the request is not valid HTTP") from None
         await self._send_upstream(outgoing)
         up = down = 0
         while True:
@@ -342,7 +348,7 @@ class _Session:
 def _split_host(host: str) -> tuple[str, int | None]:
     """``name[:port]`` from a Host header (a trailing dot on the name dropped)."""
     name, sep, port = host.rpartition(":")
-    if sep and port.isdigit():
+    if sep and port.isascii() and port.isdigit():  # int() takes "²", the policy must not
         return name.removesuffix("."), int(port)
     return host.removesuffix("."), None
 

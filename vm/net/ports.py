@@ -9,10 +9,12 @@ instead of redirecting it to the proxy. Inbound connections are audited (``inbou
 
 from __future__ import annotations
 
+import functools
 import socket
 
 import trio
 
+from . import serving
 from .audit import Audit
 from .config import Publish
 from .errors import NetworkSetupError
@@ -66,8 +68,13 @@ class PublishedPort:
         assert self._listener is not None
         async with self._listener, trio.open_nursery() as nursery:
             while True:
-                stream = await self._listener.accept()
-                nursery.start_soon(self._forward, stream)
+                stream = await serving.accept(self._listener)
+                nursery.start_soon(
+                    functools.partial(
+                        serving.guarded, "inbound connection", self._forward, stream,
+                        on_failure=stream.socket.close,
+                    )
+                )  # fmt: skip
 
     def close(self) -> None:
         if self._listener is not None:

@@ -12,6 +12,7 @@ original destination with ``SO_ORIGINAL_DST``. A userspace TCP/IP stack behind q
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Protocol
 
 import trio
 
+from . import serving
 from .addresses import Endpoint
 from .audit import Audit
 from .decide import Connection, Decider, HttpGrant, RawGrant
@@ -66,7 +68,7 @@ class RedirectedFlows:
     async def serve(self, handler: FlowHandler) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                sock, _ = await self._listener.accept()
+                sock, _ = await serving.accept(self._listener)
                 try:
                     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
                 except OSError:
@@ -74,7 +76,12 @@ class RedirectedFlows:
                     continue
                 port, packed = struct.unpack_from("!2xH4s", raw)
                 dst = Endpoint(socket.inet_ntoa(packed), port)
-                nursery.start_soon(handler, Flow(trio.SocketStream(sock), self._guest, dst))
+                flow = Flow(trio.SocketStream(sock), self._guest, dst)
+                nursery.start_soon(
+                    functools.partial(
+                        serving.guarded, f"TCP flow to {dst}", handler, flow, on_failure=flow.refuse
+                    )
+                )
 
 
 class Interceptor(Protocol):
