@@ -79,6 +79,8 @@ BAD: list[tuple[list[str], str]] = [
     (["disk", "import", "{tmp}/home/../s", "file://{tmp}/s/i@tag"], "without @tag"),
     (["vm", "run", "--image", "shell", "--wait", "nan", "--", "true"], "--wait"),
     (["lane", "logs", "ghost", "-f", "--store", "file://{tmp}/s"], "no lane"),
+    (["vfs", "mount", "--memory", "--max-inodes", "-1", "{tmp}"], "--max-inodes"),
+    (["disk", "create", "file://{tmp}/s/b", "--size", "1M", "--base", ""], "--base"),
     (
         ["lane", "create", "l0", "--image", "shell", "--store", "file://{tmp}/s", "--cpus", "-3"],
         "cpus -3",

@@ -527,3 +527,27 @@ async def test_a_header_http_refuses_never_goes_out_and_no_answer_quotes_a_secre
     assert status_and_body(response)[0] == 403
     assert b"s3cr3t" not in response
     assert all("s3cr3t" not in json.dumps(e.detail) + str(e.reason) for e in rig.events)
+
+
+async def test_absolute_targets_are_refused_and_framing_is_never_doubled(
+    origin: tuple[int, str],
+) -> None:
+    """A request line naming its own host (absolute form) is a 400: an upstream may heed it
+    over Host, and a hook reading the path would not see it. A request with both
+    Content-Length and Transfer-Encoding goes upstream chunked only (never both: a
+    server trusting the length would read the rest as another request)."""
+    rig = Rig(origin)
+    grant = HttpGrant(("tls.test",))
+    absolute = get("https://other.example/headers", "tls.test")
+    status, body = status_and_body(await rig.exchange(grant, absolute))
+    assert status == 400 and b"origin form" in body
+    doubled = (
+        b"POST /headers HTTP/1.1\r\nHost: tls.test\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    forwarded: list[list[tuple[str, str]]] = []
+    watching = HttpGrant(("tls.test",), on_request=lambda r: forwarded.append(list(r.headers)))
+    await rig.exchange(watching, doubled)  # the test origin cannot read chunked bodies
+    (headers,) = forwarded
+    names = [name.lower() for name, _ in headers]
+    assert "content-length" not in names and "transfer-encoding" in names

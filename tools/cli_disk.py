@@ -48,6 +48,8 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
             f"or make a disk of a checkpoint with `lanekit disk fork URL@TAG NEW_URL`",
             EXIT_USAGE,
         )
+    if args.base is not None and not args.base:
+        raise CLIError("--base needs the path of a raw image file", EXIT_USAGE)
     size = parse_size(args.size) if args.size else 0
     if not size and not args.base:
         raise CLIError("give --size (or --base to size the disk like its base image)", EXIT_USAGE)

@@ -288,6 +288,8 @@ def cmd_vfs_mount(args: argparse.Namespace) -> int:
     if notice := clear_dead_fuse_mount(args.mountpoint):
         print(notice, file=sys.stderr)
     fs: vfs.Filesystem
+    if args.max_inodes is not None and args.max_inodes < 1:
+        raise VMError(f"--max-inodes {args.max_inodes}: give a positive number of inodes")
     if args.memory:
         fs = vfs.MemoryFS(
             copy_from=args.seed,

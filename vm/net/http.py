@@ -226,6 +226,10 @@ class _Session:
         return True
 
     async def _check(self, method: str, target: str, headers: Headers) -> HttpRequest:
+        if not (target.startswith("/") or (method == "OPTIONS" and target == "*")):
+            # An absolute URL names its own host, which the upstream may heed over Host
+            # (and a hook reading the path would not see the path).
+            raise Refused(400, f"request target {target[:100]!r}: send a path (origin form)")
         sni = self._tls.server_name
         if sni not in self._grant.names:
             raise Refused(421, f"TLS server name {sni} is not a name this address was granted as")
@@ -233,6 +237,8 @@ class _Session:
         name, port = _split_host(host)
         if name != sni or port not in (None, self._flow.dst.port):
             raise Refused(421, f"Host {host or '(none)'} does not match the TLS server name {sni}")
+        if headers.get("transfer-encoding") is not None:
+            headers.remove("content-length")  # RFC 9112 6.3: never both, upstream
         request = HttpRequest(method, target, headers, sni, self._flow.dst, self._tls)
         request.headers.apply(self._grant.edits)
         hook = self._grant.on_request
