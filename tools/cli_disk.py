@@ -197,7 +197,7 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
     block_size = parse_size(args.block_size)
 
     async def main(update: Callable[[int, int], None]) -> None:
-        await blockstore.create(args.url, size, block_size=block_size, s3_endpoint=args.s3_endpoint)
+        await blockstore.create((objects, name), size, block_size=block_size)
         try:
             await fill(update)
         except BaseException:
@@ -206,7 +206,7 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
             raise
 
     async def fill(update: Callable[[int, int], None]) -> None:
-        async with blockstore.open_disk(args.url, s3_endpoint=args.s3_endpoint) as disk:
+        async with blockstore.open_disk((objects, name)) as disk:
             fd = os.open(src, os.O_RDONLY)
             try:
                 ranges = data_ranges(fd, source_size)
