@@ -90,6 +90,18 @@ class _ReadStream:
     until: int
 
 
+class _Round:
+    """One flush's snapshot of the dirty blocks. A flush call begun before a round took
+    its snapshot is answered by that round's success: concurrent flushes (a queue of NBD
+    FLUSH requests, several fsyncs) share one commit instead of committing one by one."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.ok = False
+
+
 @dataclass
 class DiskStats:
     bytes_read: int = 0
@@ -158,6 +170,9 @@ class Disk:
         self._inflight: dict[int, trio.Event] = {}
         self._stale: set[int] = set()
         self._flush_lock = trio.Lock()
+        self._next_round = _Round()
+        self._round: _Round | None = None
+        """The round under way, if any."""
         self._flush_wanted = trio.Event()
         self._flush_done = trio.Event()
         self._drained = trio.Event()
@@ -701,10 +716,23 @@ class Disk:
         """Return when every write before this call is durable in the committed manifest."""
         if self.read_only:
             return
+        while (under_way := self._round) is not None and not self._dirty:
+            # Every write before this call is in the snapshot being committed.
+            await under_way.done.wait()
+            if under_way.ok:
+                return
+        wanted = self._next_round
         async with self._flush_lock:
+            if wanted.ok:
+                return
+            current, self._next_round = self._next_round, _Round()
+            self._round = current
             try:
                 await self._flush_locked()
+                current.ok = True
             finally:
+                self._round = None
+                current.done.set()
                 done, self._flush_done = self._flush_done, trio.Event()
                 done.set()
             self.stats.flushes += 1

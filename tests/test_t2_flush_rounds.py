@@ -1,0 +1,96 @@
+"""Concurrent flushes share a commit, and none returns before the writes it covers are durable."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from blockstore import Disk
+from tests.test_t2_disk import DictBlockStore
+
+BS = 4096
+
+
+class GatedStore(DictBlockStore):
+    """A user block store whose flush waits for the test to open its gate, or fails."""
+
+    def __init__(self) -> None:
+        super().__init__(BS)
+        self.gate = trio.Event()
+        self.entered = trio.Event()
+        self.failures = 0
+
+    async def flush(self) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise OSError("the store is unreachable")
+        await super().flush()
+
+
+async def _flush_into(disk: Disk, done: list[str], name: str) -> None:
+    await disk.flush()
+    done.append(name)
+
+
+async def test_flushes_during_a_commit_with_nothing_new_share_it() -> None:
+    store = GatedStore()
+    async with Disk(store, 16 * BS) as disk:
+        await disk.write(0, b"a" * BS)
+        done: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_into, disk, done, "first")
+            await store.entered.wait()
+            for i in range(15):
+                nursery.start_soon(_flush_into, disk, done, f"queued {i}")
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == []  # nobody returns before the commit lands
+            store.gate.set()
+        assert len(done) == 16
+        assert store.flushes == 1
+        assert store.durable[0] == b"a" * BS
+
+
+async def test_a_write_acknowledged_during_a_commit_gets_a_commit_of_its_own() -> None:
+    store = GatedStore()
+    async with Disk(store, 16 * BS) as disk:
+        await disk.write(0, b"a" * BS)
+        done: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_into, disk, done, "first")
+            await store.entered.wait()
+            await disk.write(BS, b"b" * BS)  # after the first commit's snapshot
+            for i in range(8):
+                nursery.start_soon(_flush_into, disk, done, f"after {i}")
+            await trio.testing.wait_all_tasks_blocked()
+            store.gate.set()
+        assert len(done) == 9
+        assert store.flushes == 2  # the eight later flushes shared the second commit
+        assert store.durable[1] == b"b" * BS
+
+
+async def test_flushes_waiting_on_a_failed_commit_commit_again_or_fail() -> None:
+    store = GatedStore()
+    store.failures = 1
+    async with Disk(store, 16 * BS) as disk:
+        await disk.write(0, b"a" * BS)
+        results: list[str] = []
+
+        async def first() -> None:
+            with pytest.raises(OSError, match="unreachable"):
+                await disk.flush()
+            results.append("first failed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await store.entered.wait()
+            for i in range(4):
+                nursery.start_soon(_flush_into, disk, results, f"waiter {i}")
+            await trio.testing.wait_all_tasks_blocked()
+            store.gate.set()
+        assert results[0] == "first failed"
+        assert sorted(results[1:]) == [f"waiter {i}" for i in range(4)]
+        assert store.flushes == 1  # the waiters' one retry, shared
+        assert store.durable[0] == b"a" * BS
