@@ -627,7 +627,11 @@ class ObjectBlockStore:
 
             return send
 
-        await parallel([sender(k, b) for k, b in list(self._unsent.items())])
+        senders = [sender(k, b) for k, b in list(self._unsent.items())]
+        if len(senders) == 1:
+            await senders[0]()  # its thread starts now, not a scheduling round later
+        else:
+            await parallel(senders)
 
     # ------------------------------------------------------------ commits
 
@@ -796,6 +800,22 @@ class ObjectBlockStore:
         runs = list(self._map.runs)
         if not pending:
             return self._attempt(runs, self.head.stored_blocks, self.head.stored_bytes, pending)
+        new: list[tuple[Run, int, int]] = []
+
+        async def segment() -> None:
+            await trio.lowlevel.checkpoint()  # the packs' upload starts first
+            totals = await self._pending_totals(pending)
+            new.append((await self._new_run(columns_of(pending), 0), *totals))
+
+        # The packs go first: their upload is the longest, and the segment's preparation
+        # overlaps it.
+        await parallel([self._send_unsent, segment])
+        run, total_blocks, total_bytes = new[0]
+        return self._attempt([*runs, run], total_blocks, total_bytes, pending)
+
+    async def _pending_totals(self, pending: dict[int, list[Piece]]) -> tuple[int, int]:
+        """The disk's stored blocks and bytes once ``pending`` is committed; notes the
+        blocks worth folding."""
         await self._load_pages(self._map.unloaded(pending))
         cols = columns_of(pending)
         keys = cols.keys[np.r_[True, cols.keys[1:] != cols.keys[:-1]]]
@@ -824,13 +844,7 @@ class ObjectBlockStore:
                     self.fold_candidates.add(b)
         total_blocks = self.head.stored_blocks + int(held.sum()) - int(old_held.sum())
         total_bytes = self.head.stored_bytes + int(stored.sum()) - int(old_stored.sum())
-        new: list[Run] = []
-
-        async def segment() -> None:
-            new.append(await self._new_run(cols, 0))
-
-        await parallel([segment, self._send_unsent])
-        return self._attempt(runs + new, total_blocks, total_bytes, pending)
+        return total_blocks, total_bytes
 
     def _attempt(
         self, runs: list[Run], blocks: int, stored: int, pending: dict[int, list[Piece]]
