@@ -137,3 +137,22 @@ def test_a_lane_command_about_no_lane_leaves_no_state(tmp_path: Path, command: l
     else:
         assert done.returncode == 0, done.stderr
     assert not home.exists() or list(home.iterdir()) == [], list(home.iterdir())
+
+
+def test_the_command_exits_quickly_but_still_runs_atexit_and_flushes_output() -> None:
+    """``run`` skips only the collector's final passes: a command's exit code, its buffered
+    output and the atexit handlers (temporary directories, logging) all survive it."""
+    probe = """
+import atexit, sys
+atexit.register(lambda: print("atexit ran"))
+print("x" * 100000)
+sys.argv = ["lanekit", "disk", "info", "file:///nonexistent-lanekit-dir/d"]
+from tools.cli import run
+run()
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.endswith(b"atexit ran\n") and len(done.stdout) > 100000
+    assert done.stderr.startswith(b"lanekit: error: ")
+    script = Path(sys.executable).parent / "lanekit"
+    assert "tools.cli import run" in script.read_text()
