@@ -940,10 +940,16 @@ class ObjectBlockStore:
 
 
 def _lay(old: list[Piece], new: list[Piece]) -> list[Piece]:
-    """Pending entries with new extents over them: older extents that a new one covers
-    whole are dropped (a new list: commits recognise what they took by identity)."""
+    """Pending entries with new pieces over them: older extents that a new one covers
+    whole are dropped, and everything under a new whole block (a new list: commits
+    recognise what they took by identity)."""
     out = list(old)
     for piece in new:
+        if piece.replaces:
+            # A whole block (an extent as large as the block is stored as one): nothing
+            # before it counts. Appended after older extents, reads would skip it.
+            out = [piece]
+            continue
         end = piece.start + piece.length
         out = [
             p
