@@ -436,11 +436,15 @@ async def test_patches_refuse_symlink_escapes(agent: HostAgent, tmp_path: Path) 
         Patch.text("etc/x", "y")
     with pytest.raises(PatchError, match="normalised"):
         Patch.text(f"{root}/etc/../x", "y")
-    await apply_patches(agent.session, [Patch.text(f"{root}/etc/greeting", "hi\n")])
+    record = str(tmp_path / "applied")
+    greeting = [Patch.text(f"{root}/etc/greeting", "hi\n")]
+    assert await apply_patches(agent.session, greeting, record=record) == 1
     with pytest.raises(PatchError, match="symlink"):
-        await apply_patches(agent.session, [Patch.text(f"{root}/etc/evil/x", "pwned")])
+        evil = [Patch.text(f"{root}/etc/evil/x", "pwned")]
+        await apply_patches(agent.session, evil, record=record)
     assert list(outside.iterdir()) == []
     assert (root / "etc" / "greeting").read_text() == "hi\n"
+    assert await apply_patches(agent.session, greeting, record=record) == 0
 
 
 async def test_the_agent_dies_mid_stream(agent: HostAgent) -> None:

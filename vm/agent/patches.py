@@ -127,12 +127,18 @@ class Patch:
         return h.hexdigest()
 
 
-async def apply_patches(session: AgentSession, patches: Sequence[Patch]) -> int:
-    """Apply the patches this root filesystem has not had yet, in order; returns how many."""
+async def apply_patches(
+    session: AgentSession, patches: Sequence[Patch], *, record: str = APPLIED
+) -> int:
+    """Apply the patches this root filesystem has not had yet, in order; returns how many.
+
+    ``record`` is the guest file listing applied digests; a test whose "guest" is this
+    host passes its own, so that no run leaves (or reads) state on the host's root.
+    """
     if not patches:
         return 0
     try:
-        done = set((await _read(session, APPLIED)).decode().split())
+        done = set((await _read(session, record)).decode().split())
     except FileNotFoundError:
         done = set()
     applied = 0
@@ -149,7 +155,7 @@ async def apply_patches(session: AgentSession, patches: Sequence[Patch]) -> int:
         done.add(digest)
         applied += 1
         await session.write_file(
-            APPLIED, ["".join(f"{d}\n" for d in sorted(done)).encode()], parents=True
+            record, ["".join(f"{d}\n" for d in sorted(done)).encode()], parents=True
         )
     return applied
 
