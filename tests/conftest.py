@@ -166,8 +166,10 @@ def any_s3(request: pytest.FixtureRequest) -> S3Endpoint:
     return endpoint
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def lanekit_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's own state directory, unless it names one: no test reads or writes the
+    real ``~/.local/share/lanekit`` (a rerun on the same machine starts from nothing)."""
     home = tmp_path / "lanekit-home"
     monkeypatch.setenv("LANEKIT_HOME", str(home))
     return home

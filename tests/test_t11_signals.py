@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,9 +161,9 @@ def command(kind: str, d: Path, vm_home: Path) -> Command:
 @pytest.mark.parametrize("sequence", list(SEQUENCES))
 @pytest.mark.parametrize("kind", ["s3 serve", "disk serve", "disk mount", "vfs mount", "vm run"])
 def test_any_signals_stop_cleanly(kind: str, sequence: str, vm_home: Path) -> None:
-    d = Path(f"/tmp/lanekit-signals-{os.getpid()}-{kind.replace(' ', '-')}-{sequence}")
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
+    # Short (socket paths) and unique: a killed run's leftovers never collide with, or
+    # get counted as, a later run's.
+    d = Path(tempfile.mkdtemp(prefix=f"lanekit-signals-{kind.replace(' ', '-')}-{sequence}-"))
     try:
         cmd = command(kind, d, vm_home)
         cmd.prepare(d)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from vm.agent import AgentSession, protocol
+from vm.agent import AgentSession, protocol, runtime
 from vm.agent.fs import GuestFS
 from vm.agent.patches import Patch, PatchError, apply_patches
 from vm.agent.runtime import install_for_host_tests
@@ -420,6 +420,16 @@ async def test_files(agent: HostAgent, tmp_path: Path) -> None:
     assert (out / "b" / "c" / "f").read_bytes() == b"text"
     await fs.copy_in(out, f"{base}/back")
     assert await fs.read(f"{base}/back/b/c/f") == b"text"
+
+
+def test_the_runtime_fingerprint_covers_the_module_collector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cached initramfs is reused while the fingerprint holds: a change to the script
+    that picks the stdlib modules the agent needs must rebuild it."""
+    before = runtime.fingerprint()
+    monkeypatch.setattr(runtime, "_COLLECT", runtime._COLLECT + "\n# one more module\n")
+    assert runtime.fingerprint() != before
 
 
 async def _ready(session: AgentSession) -> AgentSession:

@@ -80,8 +80,9 @@ def agent_sources() -> dict[str, bytes]:
 
 
 def fingerprint() -> bytes:
-    """Changes whenever the agent's sources or the host interpreter change."""
-    digest = hashlib.sha256()
+    """Changes whenever the agent's sources, the script that collects the stdlib modules
+    it imports, or the host interpreter change."""
+    digest = hashlib.sha256(hashlib.sha256(_COLLECT.encode()).digest())
     for name, source in sorted(agent_sources().items()):
         digest.update(name.encode() + b"\0" + hashlib.sha256(source).digest())
     st = PYTHON.resolve().stat()
