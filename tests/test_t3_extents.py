@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 
@@ -480,3 +481,44 @@ def test_merges_keep_every_lookup_and_reuse_untouched_pages() -> None:
         old = {id(p) for r in runs for p in r.pages}
         reused += sum(id(r) in old for r in refs)
     assert reused > 100, "untouched pages are kept, not rewritten"
+
+
+def test_summaries_agree_with_lookups() -> None:
+    """What a commit learns of the blocks it replaces (held, stored bytes, extents), taken
+    in one vectorised pass over the runs, is what each block's own lookup says."""
+    from blockstore.blockmap import BlockMap, Piece, Run
+    from blockstore.layout import SegmentRef
+    from blockstore.pieces import DATA, EXTENT, TOMB, ZERO, ZERO_EXTENT
+    from blockstore.segments import PackTable, PageRef, build_pages
+    from blockstore.store import _extents, _held, columns_of
+
+    rng = random.Random(11)
+    packs = PackTable()
+    pack = packs.add(uuid.uuid4().bytes, new_lineage())
+    kinds = (DATA, EXTENT, EXTENT, ZERO_EXTENT, ZERO, TOMB)
+
+    def run(keys: list[int]) -> Run:
+        entries: dict[int, list[Piece]] = {}
+        for b in keys:
+            pieces = []
+            for i in range(rng.choice((1, 1, 2, 3))):
+                kind = rng.choice(kinds if i == 0 else (EXTENT, ZERO_EXTENT))
+                stored = rng.randrange(1, 5000) if kind in (DATA, EXTENT) else 0
+                start = rng.randrange(100) if kind in (EXTENT, ZERO_EXTENT) else 0
+                length = rng.randrange(1, 50) if kind in (EXTENT, ZERO_EXTENT) else 0
+                pieces.append(Piece(kind, pack if stored else -1, 0, stored, 0, start, length))
+            entries[b] = pieces
+        pages = build_pages(columns_of(entries), target=rng.choice((8, 64, 2048)))
+        refs = [PageRef(p.first, p.last, len(p), None, page=p) for p in pages]
+        return Run(SegmentRef(f"segments/{uuid.uuid4().hex}", None), refs, 0)
+
+    for trial in range(40):
+        runs = [run(rng.sample(range(3000), rng.choice((5, 300, 2000)))) for _ in range(4)]
+        bmap = BlockMap(runs, packs, 1 << 16)
+        keys = np.array(sorted(rng.sample(range(3200), rng.choice((1, 64, 1500)))), np.uint64)
+        held, stored, extents = bmap.summarize(keys)
+        for i, b in enumerate(keys.tolist()):
+            pieces = bmap.lookup(b)
+            want_held, want_stored = _held(pieces) if pieces else (0, 0)
+            assert (bool(held[i]), int(stored[i])) == (bool(want_held), want_stored), (trial, b)
+            assert int(extents[i]) == (_extents(pieces) if pieces else 0), (trial, b)
