@@ -56,6 +56,7 @@ MAIN_ZONE = {
     "echo.test": ["198.51.100.20"],
     "rebind.test": ["10.1.2.3"],
     "big.test": [f"203.0.113.{i}" for i in range(100, 160)],
+    "*.wild.test": ["203.0.113.10"],  # any name under it: how wildcard DNS services answer
     **{name: [ip] for name, ip in HTTPS_NAMES.items()},
 }
 OTHER_ZONE = {"elsewhere.test": ["198.51.100.99"]}
@@ -84,6 +85,8 @@ class Zone(BaseResolver):  # type: ignore[misc]
     def resolve(self, request, handler):  # type: ignore[no-untyped-def]
         reply = request.reply()
         name = str(request.q.qname).rstrip(".").lower()
+        if name not in self.zone and "." in name:
+            name = "*." + name.split(".", 1)[1]
         if name not in self.zone:
             reply.header.rcode = RCODE.NXDOMAIN
         elif request.q.qtype == QTYPE.A:

@@ -27,7 +27,7 @@ from vm.net import (
 )
 from vm.net.config import parse_allow
 from vm.net.decide import Decider, DnsGrant, DnsQuestion, RawGrant
-from vm.net.pins import Pins
+from vm.net.pins import MAX_PIN_SECONDS, Pins
 
 GUEST = Endpoint("10.0.2.15", 0)
 REPO = Path(__file__).resolve().parent.parent
@@ -235,3 +235,29 @@ def test_cli_bad_network_flags_are_one_line_errors(tmp_path: Path) -> None:
         )  # fmt: skip
         assert proc.returncode == 1, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_pins_are_bounded_per_address_in_all_and_in_time() -> None:
+    """The guest picks the names it asks for: pins stay bounded whatever it asks, the
+    oldest answers go first, and a name answered again counts as new."""
+    now = [0.0]
+    pins = Pins(min_seconds=300, clock=lambda: now[0], max_names_per_ip=8, max_pins=50)
+    pins.add(["kept.test"], ["203.0.113.1"], ttl=60)
+    for i in range(1000):
+        pins.add([f"n{i}.wild.test"], ["203.0.113.1"], ttl=60)
+        if i % 5 == 0:
+            pins.add(["kept.test"], ["203.0.113.1"], ttl=60)  # answered again: stays
+    names = pins.names_for("203.0.113.1")
+    assert len(names) == 8 and "kept.test" in names and "n999.wild.test" in names
+    assert "n0.wild.test" not in names
+    for i in range(200):
+        pins.add([f"h{i}.test"], [f"198.51.100.{i % 250}", "203.0.113.2"], ttl=60)
+    assert len(pins) == 50
+    assert pins.names_for("198.51.100.199") == ("h199.test",)
+    assert pins.names_for("198.51.100.0") == ()  # answered longest ago: evicted
+    pins.add(["forever.test"], ["203.0.113.3"], ttl=2**31)
+    now[0] = MAX_PIN_SECONDS - 1
+    assert pins.names_for("203.0.113.3") == ("forever.test",)
+    now[0] = MAX_PIN_SECONDS + 1
+    assert pins.names_for("203.0.113.3") == ()
+    assert Pins().names_for("203.0.113.9") == ()

@@ -26,6 +26,7 @@ from tests.netorigins import HELLO, assert_namespace_gone, internet_namespace
 from vm.launcher import Sandbox
 from vm.machine import SyncMachine
 from vm.net import Connection, NetworkConfig, Rule
+from vm.net.pins import MAX_NAMES_PER_IP
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -93,6 +94,7 @@ def machine(vm_home: Path, internet: str, tmp_path_factory: pytest.TempPathFacto
         rules=(
             Rule("allow", "origin.test", ports="80"),
             Rule("allow", "198.51.100.20", ports="7"),
+            Rule("allow", ".wild.test", ports="80"),
         ),
         dns=("203.0.113.53",),
         publish={PUBLISHED: 8000},
@@ -224,6 +226,29 @@ def test_published_port_reaches_a_server_in_the_guest(machine: SyncMachine) -> N
         server.kill()
         server.wait()
     assert any(e["kind"] == "inbound" and e["verdict"] == "allow" for e in audit(machine))
+
+
+def test_a_flood_of_names_for_one_address_stays_bounded(machine: SyncMachine) -> None:
+    """A guest asking for fresh names that all resolve to one address (as wildcard DNS
+    services answer) keeps at most MAX_NAMES_PER_IP pins for it, its newest answers; the
+    newest name still connects, and so does a name answered again after the flood.
+    Evicts origin.test's pin for 203.0.113.10: later tests must not rely on it."""
+    count = MAX_NAMES_PER_IP + 36
+    code, out = sh(
+        machine,
+        f"i=1; while [ $i -le {count} ]; do nslookup n$i.wild.test >/dev/null || exit 9; "
+        f"i=$((i+1)); done; wget -qO- http://n{count}.wild.test/hello",
+        timeout=120,
+    )
+    assert code == 0 and out == HELLO.decode()
+    assert machine.network is not None
+    names = machine.network.pins.names_for("203.0.113.10")
+    assert len(names) == MAX_NAMES_PER_IP
+    assert f"n{count}.wild.test" in names and "n1.wild.test" not in names
+    assert "origin.test" not in names
+    code, out = sh(machine, "wget -qO- http://origin.test/hello")
+    assert code == 0 and out == HELLO.decode()
+    assert "origin.test" in machine.network.pins.names_for("203.0.113.10")
 
 
 def test_cli_flags_and_kill_9_leave_nothing(vm_home: Path, internet: str, tmp_path: Path) -> None:
