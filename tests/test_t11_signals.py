@@ -264,3 +264,37 @@ def test_a_storm_of_stop_signals_never_hangs_their_handler(tmp_path: Path) -> No
         "lanekit: SIGINT: stopping (SIGINT again: hurrying)",
         "lanekit: SIGTERM again: hurrying",
     ], lines
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_command_without_its_own_stop_cleans_up_on_sigterm(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """``volume create`` watches no signals: SIGTERM ends it the way Ctrl-C does, running
+    its cleanups (the scratch file system image goes), not on the spot (it stayed)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    store = f"file://{tmp_path / 'store'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "volume", "create", "data", "--size", "2G",
+         "--store", store],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(scratch.iterdir()) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        assert proc.poll() is None, "the command ended before it could be interrupted"
+        proc.send_signal(signal.SIGSTOP)  # it stays in the phase that holds the scratch dir
+        proc.send_signal(signum)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert list(scratch.iterdir()) == []

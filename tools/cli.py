@@ -20,6 +20,7 @@ from .cli_lane import add_volume_parsers
 from .cli_s3 import add_parsers as add_s3_parsers
 from .cli_vm import add_parsers as add_vm_parsers
 from .config import EXIT_BUSY, EXIT_ERROR, CLIError, lanekit_home
+from .stopping import terminate_like_interrupt
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="lanekit: %(levelname)s: %(message)s",
     )
+    terminate_like_interrupt()
     try:
         try:
             code: int = args.func(args)

@@ -90,6 +90,24 @@ def run_stoppable(main: Callable[[Stopper], Awaitable[Any]], stopper: Stopper) -
     return trio.run(wrapper)
 
 
+def terminate_like_interrupt() -> None:
+    """SIGTERM stops a command that watches no signals of its own the way Ctrl-C does:
+    its ``finally`` blocks and context managers run (scratch directories, child
+    processes), where the default action ends the process on the spot. Commands that
+    watch signals (``run_stoppable``, ``SignalCount``) replace this for their lifetime."""
+
+    def handler(signum: int, frame: Any) -> None:
+        interrupt = signal.getsignal(signal.SIGINT)
+        if callable(interrupt):
+            # Python's own raises; trio's (inside trio.run) raises where that is safe, or
+            # delivers it to the main task at the next checkpoint.
+            interrupt(signal.SIGINT, frame)
+            return
+        raise KeyboardInterrupt  # SIGINT ignored (a background job): SIGTERM still stops
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class SignalCount:
     """Stop signals for a command that is not trio code (``s3 serve``), counted by a plain
     Python handler. Such a handler must not set a threading.Event: Event.set takes the lock
