@@ -198,3 +198,53 @@ def test_demo_is_idempotent(lanekit_home: Path) -> None:
         out = lanekit("demo")
         assert "stored_blocks" in out
     assert (lanekit_home / "disks" / "disks" / "demo" / "head").is_file()
+
+
+def _serve(url: str, sock: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "disk", "serve", url, "--nbd", f"unix:{sock}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.readline()  # it says where it serves once it is up
+    return proc
+
+
+def _answers(sock: Path) -> bool:
+    probe = subprocess.run(
+        ["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"], capture_output=True, timeout=30
+    )
+    return probe.returncode == 0
+
+
+def test_a_socket_path_in_use_is_refused_and_never_taken(tmp_path: Path) -> None:
+    """A second server on a live server's socket path fails in one line (it unlinked the
+    live socket and took the path); a path left by a killed server is taken; a server
+    stopping removes only the socket it made."""
+    for name in ("a", "b"):
+        lanekit("disk", "create", f"file://{tmp_path}/s/{name}", "--size", "1M")
+    sock = tmp_path / "nbd.sock"
+    first = _serve(f"file://{tmp_path}/s/a", sock)
+    second: subprocess.Popen[str] | None = None
+    try:
+        assert _answers(sock)
+        refused = lanekit("disk", "serve", f"file://{tmp_path}/s/b", "--nbd", f"unix:{sock}",
+                          ok=False)  # fmt: skip
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and "another server is listening" in refused.stderr
+        assert _answers(sock)
+        first.kill()
+        first.wait()
+        assert sock.exists()  # left by the killed server: the next one takes it
+        first = _serve(f"file://{tmp_path}/s/a", sock)
+        assert _answers(sock)
+        sock.unlink()  # someone takes the path away; another server binds it
+        second = _serve(f"file://{tmp_path}/s/b", sock)
+        first.terminate()
+        first.wait(30)
+        assert sock.exists() and _answers(sock), "the stopping server removed another's socket"
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

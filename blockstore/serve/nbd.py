@@ -8,6 +8,7 @@ only after the device's durable flush. The spec is ``doc/proto.md`` of NetworkBl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -743,11 +744,7 @@ async def _open_listener(spec: str) -> trio.SocketListener:
     host, where = parse_address(spec)
     if host == "unix":
         path = str(where)
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
+        await _take_socket_path(path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(path)
         os.chmod(path, 0o600)
@@ -755,6 +752,39 @@ async def _open_listener(spec: str) -> trio.SocketListener:
         return trio.SocketListener(sock)
     listeners = await trio.open_tcp_listeners(int(where), host=host)
     return listeners[0]
+
+
+async def _take_socket_path(path: str) -> None:
+    """Remove a socket file left by a server that is gone; refuse one a server answers on
+    (taking it would cut that server's clients off from every new connection)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return  # bind fails with a clear "address in use"
+    except FileNotFoundError:
+        return
+    probe = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    with probe:
+        try:
+            with trio.fail_after(5):
+                await probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except (OSError, trio.TooSlowError):
+            pass  # a server, busy or not ours to judge: leave it
+    raise OSError(
+        errno.EADDRINUSE,
+        "another server is listening there: stop it, or choose another socket path",
+    )
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 async def serve_device(
@@ -766,8 +796,11 @@ async def serve_device(
     on_ready: Callable[[str], Awaitable[None] | None] | None = None,
     task_status: trio.TaskStatus[NBDServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; unix socket files are removed on the way out."""
+    """Serve until cancelled; a unix socket file is removed on the way out, if it is
+    still the one this server made."""
     listener = await open_listener(address)
+    kind, where = parse_address(address)
+    ours = _identity(str(where)) if kind == "unix" else None
     server = NBDServer(device, name=name, limits=limits)
     try:
         async with trio.open_nursery() as nursery:
@@ -778,9 +811,7 @@ async def serve_device(
                 if result is not None:
                     await result
     finally:
-        kind, where = parse_address(address)
-        if kind == "unix":
-            try:
+        # Only the socket this server bound: another may have taken the path since.
+        if ours is not None and _identity(str(where)) == ours:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(where))
-            except FileNotFoundError:
-                pass
