@@ -203,7 +203,12 @@ class FileMount(Proc):
         self.dev = sh("losetup", "-f", "--show", "--direct-io=on", str(self.file)).strip()
 
     def stop(self) -> dict[str, float]:
-        sh("losetup", "-d", self.dev)
+        # Stopped twice (by the measurement, then on the way out): the loop device's number
+        # may belong to someone else by the second time.
+        dev, self.dev = self.dev, ""
+        if not dev:
+            return {}
+        sh("losetup", "-d", dev)
         result: dict[str, float] = {}
         mountpoint = str(self.file.parent)
         if self.name.startswith("s3backer") and self.proc is not None:
