@@ -206,9 +206,8 @@ class FileMount(Proc):
         # Stopped twice (by the measurement, then on the way out): the loop device's number
         # may belong to someone else by the second time.
         dev, self.dev = self.dev, ""
-        if not dev:
-            return {}
-        sh("losetup", "-d", dev)
+        if dev:
+            sh("losetup", "-d", dev)
         result: dict[str, float] = {}
         mountpoint = str(self.file.parent)
         if self.name.startswith("s3backer") and self.proc is not None:
