@@ -59,15 +59,17 @@ def blocking(
     errors: list[BaseException] = []
     token: list[trio.lowlevel.TrioToken] = []
     done: list[trio.Event] = []
+    entering = trio.CancelScope()
 
     async def main() -> None:
         token.append(trio.lowlevel.current_trio_token())
         done.append(trio.Event())
         try:
-            async with enter() as value:
-                entered.append(value)
-                ready.set()
-                await done[0].wait()
+            with entering:
+                async with enter() as value:
+                    entered.append(value)
+                    ready.set()
+                    await done[0].wait()
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -75,7 +77,17 @@ def blocking(
 
     thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
     thread.start()
-    ready.wait()
+    try:
+        ready.wait()
+    except BaseException:
+        # A Ctrl-C while entering (a sandbox booting): stop entering and exit what was
+        # entered, rather than leave it running on the helper thread with no handle.
+        while not token and thread.is_alive():
+            thread.join(0.01)
+        with contextlib.suppress(trio.RunFinishedError, IndexError):
+            trio.from_thread.run_sync(entering.cancel, trio_token=token[0])
+        thread.join()
+        raise
     if not entered:
         thread.join()
         raise errors[0]

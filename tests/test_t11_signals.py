@@ -298,3 +298,52 @@ def test_a_command_without_its_own_stop_cleans_up_on_sigterm(
     assert proc.returncode == 130, err
     assert b"Traceback" not in err
     assert list(scratch.iterdir()) == []
+
+
+REPO = Path(__file__).resolve().parent.parent
+BOOT_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from vm.launcher import Sandbox
+try:
+    with Sandbox("shell", home=Path(sys.argv[1]), memory_mib=256, disk=sys.argv[2]).run():
+        print("booted", flush=True)
+        time.sleep(600)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)  # and the program goes on
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_blocking_boot_stops_the_sandbox(vm_home: Path) -> None:
+    """``Sandbox.run()`` (the blocking form) interrupted while the VM boots, in a program
+    that catches the KeyboardInterrupt and goes on: by the time it is caught the boot is
+    cancelled, what it started is stopped and the disk's lease released; it was left
+    running on a helper thread with no handle."""
+    d = Path(tempfile.mkdtemp(prefix="lanekit-signals-boot-"))
+    url = disk_url(d, "lane")
+    env = {**os.environ, "LANEKIT_HOME": str(vm_home), "XDG_RUNTIME_DIR": str(d)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOOT_THEN_WAIT, str(vm_home), url], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in processes_naming(str(d)) if "qemu" in p]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"interrupted\n"
+        # The program goes on, and nothing of its sandbox does.
+        assert not [p for p in processes_naming(str(d)) if "qemu" in p or "virtiofsd" in p]
+        assert blockstore.disk_info(*blockstore.resolve(url)[:2])["lease_holder"] is None
+        assert proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for line in processes_naming(str(d)):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
