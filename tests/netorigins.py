@@ -57,6 +57,9 @@ MAIN_ZONE = {
     "rebind.test": ["10.1.2.3"],
     "big.test": [f"203.0.113.{i}" for i in range(100, 160)],
     "*.wild.test": ["203.0.113.10"],  # any name under it: how wildcard DNS services answer
+    "loop.wild.test": ["127.0.0.1"],
+    "meta.wild.test": ["169.254.169.254"],
+    "priv.wild.test": ["10.1.2.4"],
     **{name: [ip] for name, ip in HTTPS_NAMES.items()},
 }
 OTHER_ZONE = {"elsewhere.test": ["198.51.100.99"]}

@@ -93,6 +93,12 @@ def test_rebinding_is_lifted_only_by_a_rule_naming_the_answer() -> None:
     assert decider.vouched("db.internal", "10.1.2.3")
     assert not decider.vouched("other.test", "10.1.2.3")
     assert config.rebind_protection and not NetworkConfig(preset="allow-all").rebind_protection
+    suffix = Decider(NetworkConfig(preset="public-only", rules=(Rule("allow", ".corp.test"),)))
+    assert suffix.vouched("db.corp.test", "10.1.2.3")
+    for ip in ("127.0.0.1", "169.254.169.254", "169.254.1.1", "::1"):
+        assert not suffix.vouched("x.corp.test", ip), ip
+    exact = Decider(NetworkConfig(preset="deny", rules=(Rule("allow", "local.corp.test"),)))
+    assert exact.vouched("local.corp.test", "127.0.0.1")  # the user named this very host
 
 
 def test_pins_last_at_least_their_minimum() -> None:

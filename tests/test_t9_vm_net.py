@@ -251,6 +251,20 @@ def test_a_flood_of_names_for_one_address_stays_bounded(machine: SyncMachine) ->
     assert "origin.test" in machine.network.pins.names_for("203.0.113.10")
 
 
+def test_a_suffix_rule_never_vouches_for_loopback_or_metadata(machine: SyncMachine) -> None:
+    """The shared sandbox allows .wild.test: a name under it answered with a private
+    address resolves (the suffix vouches for it), one answered with loopback or the
+    metadata address does not (whoever controls one name under a shared zone could point
+    it at the host's services)."""
+    code, out = sh(machine, "nslookup priv.wild.test")
+    assert code == 0 and "10.1.2.4" in out
+    for name, ip in (("loop.wild.test", "127.0.0.1"), ("meta.wild.test", "169.254.169.254")):
+        code, out = sh(machine, f"nslookup {name}")
+        assert code != 0 and ip not in out
+        assert any(e["hostname"] == name and e["reason"] == "DNS rebinding protection"
+                   for e in audit(machine))  # fmt: skip
+
+
 def test_cli_flags_and_kill_9_leave_nothing(vm_home: Path, internet: str, tmp_path: Path) -> None:
     """`lanekit vm run` with --allow/--dns/--egress-netns/--net-log reaches the origin;
     killed with SIGKILL, its qemu dies and the namespace goes with it."""

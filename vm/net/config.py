@@ -30,6 +30,11 @@ REBINDING_GROUPS = frozenset(
 )
 """DNS answers in these classes are rebinding attempts unless a rule allows them."""
 
+NEVER_VOUCHED_BY_SUFFIX = frozenset({"loopback", "link-local", "metadata"})
+"""Answers a suffix rule cannot vouch for: whoever controls any name under the suffix
+(one subdomain of a shared zone) could point it at the host's own services or the cloud's
+metadata endpoint. A rule naming the exact host, or the address, still can."""
+
 VIOLATION_ACTIONS = ("block", "block-and-log", "block-and-terminate")
 """What a secret's placeholder on its way to another host brings about (after microsandbox's
 ``ViolationAction``): the request is refused in every case; ``block-and-log`` also records a
@@ -188,6 +193,8 @@ class Rule:
         """An allow rule that names this answer (its name or its address) explicitly, which
         lifts DNS rebinding protection for it."""
         if self.action != "allow" or self.kind == "any":
+            return False
+        if self.kind == "suffix" and groups_of(ip) & NEVER_VOUCHED_BY_SUFFIX:
             return False
         if self.kind in ("domain", "suffix"):
             return host_matches(self.destination, name)
