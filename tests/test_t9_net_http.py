@@ -47,7 +47,7 @@ from vm.net.http import HttpInterceptor
 from vm.net.namespace import Egress
 from vm.net.proxy import Flow
 from vm.net.request import SecretBook
-from vm.net.tls import upstream_context
+from vm.net.tls import Incomplete, client_hello_server_name, upstream_context
 
 GUEST = Endpoint("10.0.2.15", 0)
 REPO = Path(__file__).resolve().parent.parent
@@ -551,3 +551,66 @@ async def test_absolute_targets_are_refused_and_framing_is_never_doubled(
     (headers,) = forwarded
     names = [name.lower() for name, _ in headers]
     assert "content-length" not in names and "transfer-encoding" in names
+
+
+def client_hello(server_name: str | None) -> bytes:
+    """The ClientHello OpenSSL sends (post-quantum key shares and all, as the guest's)."""
+    context = ssl.create_default_context()
+    context.check_hostname = server_name is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_the_server_name_of_a_client_hello() -> None:
+    import random
+
+    hello = client_hello("api.example.test")
+    assert client_hello_server_name(hello) == "api.example.test"
+    assert client_hello_server_name(hello + b"more bytes after it") == "api.example.test"
+    assert client_hello_server_name(client_hello(None)) is None
+    for cut in range(len(hello)):
+        with pytest.raises(Incomplete):
+            client_hello_server_name(hello[:cut])
+    with pytest.raises(ValueError):
+        client_hello_server_name(b"SSH-2.0-client\r\n")
+    rng = random.Random(5)
+    for _ in range(3000):  # damaged: a name, None, or a ValueError, never anything else
+        data = bytearray(hello)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            result = client_hello_server_name(bytes(data))
+        except ValueError:
+            continue
+        assert result is None or isinstance(result, str)
+
+
+async def test_secret_only_interception_lets_another_site_on_the_address_through_raw(
+    origin: tuple[int, str],
+) -> None:
+    """An address shared by a secret's host and other sites (a CDN): a flow whose TLS asks
+    for another name is handed back untouched, to go through raw (it was intercepted and
+    refused with 421); one asking for the secret's host is intercepted as before."""
+    rig = Rig(origin)
+    grant = HttpGrant(("tls.test", "cdn.test"), raw_fallback=True)
+    hello = client_hello("neighbour.test")
+    a, b = trio.socket.socketpair()
+    await a.send(hello[:100])  # the rest arrives a moment later
+    flow = Flow(trio.SocketStream(b), GUEST, Endpoint("127.0.0.1", rig.port))
+    async with trio.open_nursery() as nursery:
+
+        async def rest() -> None:
+            await trio.sleep(0.05)
+            await a.send(hello[100:])
+
+        nursery.start_soon(rest)
+        assert not await rig.interceptor.handle(flow, grant, "r")
+    assert await b.recv(len(hello) + 10) == hello  # nothing was taken off the socket
+    assert rig.events == []
+    a.close()
+    b.close()
+    status, _ = status_and_body(await rig.exchange(grant, get(), sni="tls.test"))
+    assert status == 200

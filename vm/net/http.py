@@ -24,7 +24,7 @@ from .errors import NetworkConfigError
 from .namespace import Egress
 from .proxy import CONNECT_TIMEOUT, Flow
 from .request import Headers, HttpRequest, SecretBook, TlsFacts
-from .tls import ALPN
+from .tls import ALPN, TLS_RECORD_HANDSHAKE, Incomplete, client_hello_server_name
 
 if TYPE_CHECKING:
     from .ca import SandboxCA
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 HANDSHAKE_TIMEOUT = 30.0
 FIRST_BYTE_WAIT = 2.0
 RECEIVE_CHUNK = 256 * 1024
-TLS_RECORD_HANDSHAKE = 0x16
+MAX_CLIENT_HELLO = 16 * 1024 + 5
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,12 @@ class HttpInterceptor:
                 f"{reason}; intercepted flows must be TLS",
             )  # fmt: skip
             return True
+        if grant.raw_fallback:
+            # Intercepted only to put secrets in: a flow to another site on the same
+            # address (a CDN's) asks for another name, and goes through raw.
+            name = await _peek_server_name(sock)
+            if name is not None and name.lower().rstrip(".") not in grant.names:
+                return False
         guest = trio.SSLStream(flow.stream, self._server, server_side=True)
         chosen = [grant.names[0] if grant.names else str(flow.dst.ip)]
         _server_name.set(chosen)
@@ -145,6 +151,24 @@ class HttpInterceptor:
         finally:
             await session.close()
         return True
+
+
+async def _peek_server_name(sock: trio.socket.SocketType) -> str | None:
+    """The server name of the guest's ClientHello, read without taking it off the socket;
+    None when it names none, cannot be read (split, malformed) or is slow to arrive: the
+    flow is then intercepted, as when it names a secret's host."""
+    with trio.move_on_after(FIRST_BYTE_WAIT):
+        while True:
+            data = await sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
+            try:
+                return client_hello_server_name(data)
+            except Incomplete:
+                if not data or len(data) >= MAX_CLIENT_HELLO:
+                    return None
+            except ValueError:
+                return None
+            await trio.sleep(0.005)  # the rest of the record is on its way
+    return None
 
 
 class _Session:
