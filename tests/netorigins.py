@@ -7,7 +7,8 @@ else, so nothing sent through it can leave this machine. Its origins:
 - HTTP on 203.0.113.10:80: ``/hello`` (a fixed body) and ``/bytes/N`` (N pseudo-random bytes,
   the same for the same N);
 - a TCP echo on 198.51.100.20:7;
-- HTTPS on 203.0.113.30:443 (``tls.test``) and 203.0.113.31:443 (``other.test``), with a
+- HTTPS on 203.0.113.30:443 (``tls.test``), 203.0.113.31:443 (``other.test``) and
+  203.0.113.32:443 (``cdn.test`` and ``neighbour.test``, one address), with a
   certificate of the test internet's own CA (written to the path given after
   ``--ca-file``): ``/headers`` answers the request's headers as JSON, ``authorization``
   as the SHA-256 of its value (so a test can check a secret without the guest seeing it),
@@ -46,10 +47,15 @@ from dnslib import QTYPE, RCODE, RR, A  # type: ignore[import-untyped]
 from dnslib.server import BaseResolver, DNSLogger, DNSServer  # type: ignore[import-untyped]
 
 ADDRESSES = (
-    "203.0.113.10", "203.0.113.30", "203.0.113.31", "203.0.113.53", "198.51.100.20",
-    "198.51.100.53", "198.51.100.99",
+    "203.0.113.10", "203.0.113.30", "203.0.113.31", "203.0.113.32", "203.0.113.53",
+    "198.51.100.20", "198.51.100.53", "198.51.100.99",
 )  # fmt: skip
-HTTPS_NAMES = {"tls.test": "203.0.113.30", "other.test": "203.0.113.31"}
+HTTPS_NAMES = {
+    "tls.test": "203.0.113.30",
+    "other.test": "203.0.113.31",
+    "cdn.test": "203.0.113.32",  # two sites on one address, as on a CDN
+    "neighbour.test": "203.0.113.32",
+}
 HELLO = b"hello from the test internet\n"
 MAIN_ZONE = {
     "origin.test": ["203.0.113.10"],
@@ -214,7 +220,7 @@ def main() -> None:
     ca_pem, server_pem = make_test_ca(list(HTTPS_NAMES))
     if "--ca-file" in sys.argv:
         Path(sys.argv[sys.argv.index("--ca-file") + 1]).write_bytes(ca_pem)
-    servers += [https_server((ip, 443), server_pem) for ip in HTTPS_NAMES.values()]
+    servers += [https_server((ip, 443), server_pem) for ip in sorted(set(HTTPS_NAMES.values()))]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     for address, zone in (("203.0.113.53", MAIN_ZONE), ("198.51.100.53", OTHER_ZONE)):

@@ -79,6 +79,8 @@ def machine(vm_home: Path, ca_file: Path, internet: str,
         rules=(
             Rule("allow", "other.test", ports="443", http={"headers": {"X-Rule": "rule"}}),
             Rule("allow", "origin.test", ports="80"),
+            Rule("allow", "cdn.test", ports="443"),
+            Rule("allow", "neighbour.test", ports="443"),
         ),
         dns=("203.0.113.53",),
         egress_netns=internet,
@@ -87,6 +89,7 @@ def machine(vm_home: Path, ca_file: Path, internet: str,
         secrets=(
             Secret("API_TOKEN", TOKEN, hosts=["tls.test"]),
             Secret("QUIET_TOKEN", "quiet-value", hosts=["tls.test"], on_violation="block"),
+            Secret("CDN_TOKEN", "cdn-value", hosts=["cdn.test"]),
         ),
         callback=decide,
     )
@@ -96,6 +99,18 @@ def machine(vm_home: Path, ca_file: Path, internet: str,
         m.write_file("/tmp/client.py", CLIENT)
         yield m
     assert_gone(inode, qemu_pid)
+
+
+PEEK = r"""
+import base64, socket, ssl, sys
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # we look, not trust
+tls = context.wrap_socket(socket.create_connection((sys.argv[1], 443), timeout=20),
+                          server_hostname=sys.argv[1])
+print(base64.b64encode(tls.getpeercert(binary_form=True)).decode())
+tls.sendall(f"GET /headers HTTP/1.1\r\nHost: {sys.argv[1]}\r\nConnection: close\r\n\r\n".encode())
+print(tls.recv(200).split(b"\r\n")[0].decode())
+"""
 
 
 def fetch(machine: SyncMachine, *args: object) -> tuple[int, str]:
@@ -260,3 +275,31 @@ def test_host_or_sni_mismatch_is_421_and_a_denied_request_403(machine: SyncMachi
     assert (status, body) == (403, "policy: no forbidden pages\n")
     statuses = [e["detail"].get("status") for e in audit(machine) if e["kind"] == "http"]  # type: ignore[union-attr]
     assert 421 in statuses and 403 in statuses
+
+
+def test_another_site_on_a_secret_hosts_address_goes_through_raw(machine: SyncMachine) -> None:
+    """cdn.test (CDN_TOKEN's host) and neighbour.test share one address, both allowed:
+    a connection to neighbour.test is not intercepted (the guest sees the site's own
+    certificate, and its answer), where it got the sandbox's leaf and a 421; cdn.test
+    still is (the secret can be put in)."""
+    import base64
+
+    from cryptography import x509
+
+    assert machine.network is not None and machine.network.ca is not None
+    sandbox_ca = x509.load_pem_x509_certificate(machine.network.ca.certificate_pem).subject
+    machine.write_file("/tmp/peek.py", PEEK)
+
+    def peek(name: str) -> tuple[x509.Name, str]:
+        result = machine.exec(["python3", "/tmp/peek.py", name], timeout=60)
+        assert result.exit_code == 0, result.stderr.decode()
+        der, status = result.stdout.decode().splitlines()[:2]
+        return x509.load_der_x509_certificate(base64.b64decode(der)).issuer, status
+
+    issuer, status = peek("cdn.test")  # pins cdn.test to the shared address first
+    assert issuer == sandbox_ca and status == "HTTP/1.1 200 OK"
+    assert "cdn.test" in machine.network.pins.names_for("203.0.113.32")
+    issuer, status = peek("neighbour.test")
+    assert issuer != sandbox_ca, "intercepted: another site on a secret host's address"
+    assert status == "HTTP/1.1 200 OK"
+    assert set(machine.network.pins.names_for("203.0.113.32")) == {"cdn.test", "neighbour.test"}
