@@ -23,7 +23,8 @@ from typing import Any
 
 import blockstore
 from blockstore import ObjectStore
-from blockstore.lease import lease_is_live, read_lease
+from blockstore.layout import lease_key
+from blockstore.lease import holder_is_dead, lease_is_live, read_lease
 from blockstore.objectstore import put_new
 
 from ..net import NetworkConfig
@@ -183,6 +184,27 @@ def root_lease(objects: ObjectStore, name: str) -> dict[str, Any] | None:
     if lease is None:
         return None
     return {**lease, "live": lease_is_live(lease)}
+
+
+def release_dead_lease(objects: ObjectStore, disk: str, process: str) -> int | None:
+    """Release the lease on ``disk`` if the dead process ``process`` (``PID:START``) of
+    this host still holds it: a supervisor that was killed cannot release it itself, and
+    its lane would show crashed. The epoch released, or None (another holder's lease, or
+    none held)."""
+    lease, etag = read_lease(objects, disk)
+    if (
+        lease is None
+        or lease["state"] != "held"
+        or lease["holder"].get("process") != process
+        or not holder_is_dead(lease["holder"])
+    ):
+        return None
+    released = json.dumps(dict(lease, state="released")).encode()
+    try:
+        objects.put(lease_key(disk), released, if_match=etag)
+    except blockstore.PreconditionFailed:  # taken over meanwhile: not ours to release
+        return None
+    return int(lease["epoch"])
 
 
 def _ended_key(name: str) -> str:

@@ -22,13 +22,15 @@ from typing import Any
 import blockstore
 from blockstore import ObjectStore
 from blockstore.disks import delete_disk
+from blockstore.identity import process_identity
+from blockstore.lease import holder_is_dead
 
 from ..errors import VMError
 from ..machine import AgentMachine, check_resources
 from ..net import NetworkConfig
 from ..registry import ImageEntry
 from ..state import lanekit_home, state_paths
-from ..volumes import check_guest_path, read_volume, volume_info
+from ..volumes import check_guest_path, disk_name, read_volume, volume_info
 from . import checkpoints as checkpointing
 from . import runlock
 from .cache import LaneCache
@@ -41,10 +43,12 @@ from .definition import (
     list_lane_names,
     read_definition,
     read_ended,
+    release_dead_lease,
     root_disk_name,
     root_lease,
     storable_network,
     write_definition,
+    write_ended,
 )
 from .errors import LaneBusy, LaneError, LaneNotFound, check_lane_name
 from .paused import discard, read_paused
@@ -57,6 +61,7 @@ from .process import (
     Tee,
     connect_running,
     control_request,
+    end_process,
     live_supervisor,
     log_tail,
     read_fenced,
@@ -69,6 +74,9 @@ STOP_TIMEOUT = 120.0
 PAUSE_TIMEOUT = 600.0
 EXIT_POLL = 0.02
 """Seconds between looks for a stopping supervisor's exit (a look reads a small file)."""
+KILL_AFTER = 30.0
+"""Seconds a supervisor that cannot be asked to stop (it serves no control socket until
+its guest runs, or it does not answer) gets to end after SIGTERM before it is killed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +377,8 @@ class Lane:
         runs already, here or (without ``force``) elsewhere, or does not come up (with the
         supervisor's log); LaneBusy if another host (or start here) won the start."""
         log_path = self.run_dir / "supervisor.log"
-        answer = spawn_supervisor(self._supervisor_args(cold, force), log_path, self.home, timeout)
+        args = self._supervisor_args(cold, force)
+        answer = spawn_supervisor(args, log_path, self.home, timeout, self._abandon_start)
         if answer.startswith(BUSY):
             raise LaneBusy(answer.removeprefix(BUSY))
         if answer.startswith("error: "):  # the supervisor said why: that is the whole story
@@ -380,6 +389,13 @@ class Lane:
                 f"lane {self.name!r} did not start: {answer or 'its supervisor died'}\n{tail}"
             )
         return self.status()
+
+    def _abandon_start(self, pid: int) -> None:
+        """A start that stopped waiting for its answer (interrupted, or none in time): its
+        supervisor is stopped, not left booting a lane nobody waits for."""
+        process = process_identity(pid)
+        if process is not None:
+            self._end_supervisor(pid, process, KILL_AFTER)
 
     def _supervisor_args(self, cold: bool, force: bool) -> builtins.list[str]:
         """Check that the lane may start here; the supervisor's arguments."""
@@ -477,7 +493,9 @@ class Lane:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> LaneStatus:
         """Stop the lane cleanly (the guest syncs and powers off, the disk is flushed and
-        released); returns once its supervisor is gone."""
+        released); returns once its supervisor is gone. A lane still starting here has its
+        start cancelled; one that crashed here (its supervisor died) has its disks'
+        leases released: either way it ends stopped."""
         return self._end("stop", timeout)
 
     def pause(self, timeout: float = PAUSE_TIMEOUT) -> LaneStatus:
@@ -488,6 +506,10 @@ class Lane:
 
     def _end(self, op: str, timeout: float) -> LaneStatus:
         status = self.status()
+        if op == "stop" and status.state == "crashed":
+            return self._stop_crashed(status)
+        if op == "stop" and status.state == "starting" and status.pid is not None:
+            return self._stop_unasked(status.pid, timeout)
         if status.state != "running":
             raise LaneError(f"lane {self.name!r} is not running")
         if not status.here:
@@ -495,7 +517,12 @@ class Lane:
                 f"lane {self.name!r} runs on host {status.host} (pid {status.pid}): stop it there"
             )
         pid = status.pid
-        reply, sock = self._control(op, timeout)
+        try:
+            reply, sock = self._control(op, timeout)
+        except LaneError:  # its guest still boots (no control socket yet), or it hangs
+            if op != "stop" or pid is None:
+                raise
+            return self._stop_unasked(pid, timeout)
         sock.close()
         if "error" in reply:
             raise LaneError(f"lane {self.name!r}: {reply['error']}")
@@ -512,6 +539,43 @@ class Lane:
             )
         return status
 
+    def _stop_unasked(self, pid: int, timeout: float) -> LaneStatus:
+        """Stop this host's supervisor ``pid`` of the lane without its control socket."""
+        record = live_supervisor(self.run_dir)
+        if record is not None and int(record["pid"]) == pid:
+            self._end_supervisor(pid, str(record["process"]), min(timeout, KILL_AFTER))
+        return self.status()
+
+    def _end_supervisor(self, pid: int, process: str, grace: float) -> None:
+        """SIGTERM stops the supervisor cleanly (or cancels its start); one that has not
+        ended within ``grace`` seconds is killed (what it started dies with it) and the
+        leases its dead process holds are released here, so the lane is stopped, not
+        crashed."""
+        if end_process(pid, process, grace):
+            self._release_dead(process, f"its supervisor (pid {pid}) did not end within "
+                               f"{grace:.0f} s of SIGTERM and was killed")  # fmt: skip
+
+    def _stop_crashed(self, status: LaneStatus) -> LaneStatus:
+        """A crashed lane whose holder died on this host: its leases are released (nothing
+        can write through them any more). One held from another host cannot be judged here."""
+        lease = root_lease(self.objects, self.name)
+        holder = lease["holder"] if lease else {}
+        if not holder_is_dead(holder):
+            raise LaneError(
+                f"lane {self.name!r} crashed on host {status.host} (pid {status.pid}): "
+                "`lanekit lane start` takes it over"
+            )
+        self._release_dead(str(holder["process"]), f"stopped after a crash: {status.reason}")
+        return self.status()
+
+    def _release_dead(self, process: str, reason: str) -> None:
+        disks = [disk_name(v.name) for v in self.definition.volumes]
+        for disk in disks:
+            release_dead_lease(self.objects, disk, process)
+        epoch = release_dead_lease(self.objects, root_disk_name(self.name), process)
+        if epoch is not None:
+            write_ended(self.objects, self.name, epoch, reason)
+
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[AgentMachine]:
         """The running lane's machine (exec, exec_stream, fs), through its supervisor on
@@ -523,8 +587,9 @@ class Lane:
         """Delete a stopped lane: its definition, root disk and checkpoints (blocks go at
         ``disk gc``; its volumes stay). Returns the lanes forked from it: they lose nothing
         (a fork's disks reference what they share with it, and ``disk gc`` keeps that)."""
-        if self.status().state in ("running", "starting"):
-            raise LaneError(f"lane {self.name!r} is running: stop it first")
+        state = self.status().state
+        if state in ("running", "starting"):
+            raise LaneError(f"lane {self.name!r} is {state}: stop it first")
         forks = checkpointing.forks_of(self.objects, self.name, list_lane_names(self.objects))
         discard(self.objects, self.name, {})  # every snapshot, and what a crash left
         checkpointing.remove_all(self.objects, self.definition)

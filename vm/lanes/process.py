@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ IDENTITY = "supervisor.json"
 AGENT_SOCKET = "agent.sock"
 CONTROL_SOCKET = "control.sock"
 """The supervisor's requests: status, stop, pause, checkpoint."""
+KILL_WAIT = 30.0
+"""Seconds a killed process gets to be gone (a process in the kernel ends its call first)."""
 
 
 def run_dir(home: Path, name: str) -> Path:
@@ -103,27 +107,43 @@ async def connect_running(
             nursery.cancel_scope.cancel()
 
 
-def spawn_supervisor(args: list[str], log_path: Path, home: Path, timeout: float) -> str:
+def spawn_supervisor(
+    args: list[str],
+    log_path: Path,
+    home: Path,
+    timeout: float,
+    abandon: Callable[[int], None] | None = None,
+) -> str:
     """Start a supervisor with ``args``, the way ``python -m vm.lanes.supervisor ARGS``
     would, in a session of its own (it outlives us), logging to ``log_path``: forked by
     this home's warm zygote (see :mod:`.zygote`) or, if none can, spawned. Its answer on
-    the ready pipe ("ready", "error: ...", or why there was none)."""
+    the ready pipe ("ready", "error: ...", or why there was none). ``abandon(pid)`` is
+    called when the wait ends without an answer (interrupted, or none within
+    ``timeout``): nobody waits for that supervisor any more, so it must not boot on."""
     env = {**os.environ, "LANEKIT_HOME": str(home)}
     read_end, write_end = os.pipe()
     try:
         with open(log_path, "ab") as log:
             try:
-                zygote.fork_supervisor(home, args, env, log.fileno(), write_end)
+                pid = zygote.fork_supervisor(home, args, env, log.fileno(), write_end)
             except zygote.ZygoteUnavailable:
-                subprocess.Popen(
+                pid = subprocess.Popen(
                     [sys.executable, "-m", "vm.lanes.supervisor", *args,
                      "--ready-fd", str(write_end)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
                     start_new_session=True, env=env,
-                )  # fmt: skip
+                ).pid  # fmt: skip
         os.close(write_end)
         write_end = -1  # another thread may be given its number next
-        return zygote.read_line(read_end, timeout)
+        try:
+            answer = zygote.read_line(read_end, timeout)
+        except BaseException:  # Ctrl-C while it boots
+            if abandon is not None and pid is not None:
+                abandon(pid)
+            raise
+        if answer.startswith("no answer") and abandon is not None and pid is not None:
+            abandon(pid)
+        return answer
     finally:
         os.close(read_end)
         if write_end >= 0:
@@ -143,13 +163,41 @@ def control_request(
     except OSError as exc:
         sock.close()
         raise LaneError(f"lane {name!r}: its supervisor does not answer ({exc})") from None
-    sock.sendall(json.dumps({**fields, "op": op}).encode() + b"\n")
-    reply = sock.makefile("rb").readline()
+    try:
+        sock.sendall(json.dumps({**fields, "op": op}).encode() + b"\n")
+        reply = sock.makefile("rb").readline()
+    except OSError as exc:  # a timeout: it took the request and never answered
+        sock.close()
+        raise LaneError(f"lane {name!r}: its supervisor does not answer ({exc})") from None
     try:
         return json.loads(reply), sock
     except ValueError:
         sock.close()
         raise LaneError(f"lane {name!r}: its supervisor answered {reply!r}") from None
+
+
+def end_process(pid: int, process: str, grace: float) -> bool:
+    """SIGTERM to ``pid`` if it is still the process ``process`` (``PID:START``: pids are
+    reused), SIGKILL if it has not ended within ``grace`` seconds; whether it had to be
+    killed. Signalled and watched through a pidfd, so never another process that took the
+    pid. LaneError if even SIGKILL does not end it."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if process_identity(pid) != process:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)  # readable once the process has ended
+        for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_WAIT)):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signum)
+            if poller.poll(wait * 1000):
+                return signum == signal.SIGKILL
+        raise LaneError(f"process {pid} did not end even when killed")
+    finally:
+        os.close(fd)
 
 
 class LaneMachine(AgentMachine):

@@ -19,7 +19,8 @@ ends. ``LANEKIT_LEASE_TTL`` (seconds) sets the TTL of the leases it takes.
 
 Signals follow ``tools/stopping.py``: the first SIGTERM/SIGINT (or a ``stop`` request) is
 a clean stop (the guest syncs and powers off, the disk is flushed and its lease released);
-a second one kills the guest at once and still flushes and releases the disk.
+a second one kills the guest at once and still flushes and releases the disk. One that
+comes before the lane runs cancels its start (the guest killed, the leases released).
 """
 
 from __future__ import annotations
@@ -110,12 +111,19 @@ class _Supervisor:
         self.reason = ""
         """Why the run ends (the first stop request's reason)."""
         self.exclusive = trio.Lock()
+        self.starting: trio.CancelScope | None = None
+        """Until the lane runs: a stop cancels its start (the disk's lease is released), or
+        a stop while the guest boots would wait for the boot."""
 
     def request_stop(self, why: str) -> None:
         self.stops += 1
         if self.stops == 1:
             self.reason = why
-            say(f"{why}: stopping cleanly (guest sync and poweroff; again: kill the guest)")
+            if self.starting is not None:
+                say(f"{why}: abandoning the start")
+                self.starting.cancel()
+            else:
+                say(f"{why}: stopping cleanly (guest sync and poweroff; again: kill the guest)")
             self.stop.set()
         else:
             say(f"{why} again: killing the guest now; what it had not synced is lost")
@@ -382,6 +390,7 @@ async def supervise(
     supervisor = _Supervisor(name, run)
     reported = False
     async with trio.open_nursery() as outer:
+        supervisor.starting = outer.cancel_scope
         outer.start_soon(supervisor.watch_signals)
         try:
             objects = await trio.to_thread.run_sync(
@@ -428,6 +437,7 @@ async def supervise(
                     servers.start_soon(_keep_console, machine, run)
                     if definition.max_duration is not None:
                         servers.start_soon(supervisor.limit_duration, definition.max_duration)
+                    supervisor.starting = None
                     _report(ready_fd, "ready")
                     reported = True
                     say(f"lane {name} is running (pid {os.getpid()})")
@@ -473,6 +483,10 @@ async def supervise(
                 with contextlib.suppress(FileNotFoundError):
                     (run / sock).unlink()
         outer.cancel_scope.cancel()
+    if not reported:  # a stop cancelled the start
+        say(f"lane {name} stopped while starting ({supervisor.reason})")
+        _report(ready_fd, f"error: stopped while starting ({supervisor.reason})")
+        return 1
     return GUEST_KILLED if supervisor.stops > 1 else 0
 
 
