@@ -614,3 +614,27 @@ async def test_secret_only_interception_lets_another_site_on_the_address_through
     b.close()
     status, _ = status_and_body(await rig.exchange(grant, get(), sni="tls.test"))
     assert status == 200
+
+
+async def test_a_guest_that_resets_its_connection_is_recorded_not_an_internal_error(
+    origin: tuple[int, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+    import struct
+
+    rig = Rig(origin)
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = trio.socket.socket()
+    await client.connect(listener.getsockname())
+    accepted, _ = await listener.accept()
+    listener.close()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset, not a close
+    flow = Flow(trio.SocketStream(accepted), GUEST, Endpoint("127.0.0.1", rig.port))
+    with trio.fail_after(10):
+        assert await rig.interceptor.handle(flow, HttpGrant(("tls.test",)), "r")
+    assert [e.verdict for e in rig.events] == ["error"]
+    assert "the guest's connection failed" in rig.events[0].reason
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -113,8 +113,16 @@ class HttpInterceptor:
         first = b""
         # A protocol whose server speaks first sends nothing: give up waiting soon when
         # such a flow may go through raw.
-        with trio.move_on_after(FIRST_BYTE_WAIT if grant.raw_fallback else HANDSHAKE_TIMEOUT):
-            first = await sock.recv(1, socket.MSG_PEEK)
+        try:
+            with trio.move_on_after(FIRST_BYTE_WAIT if grant.raw_fallback else HANDSHAKE_TIMEOUT):
+                first = await sock.recv(1, socket.MSG_PEEK)
+        except OSError as exc:  # the guest reset the connection: its own doing
+            flow.refuse()
+            self._audit.record(
+                "http", src, dst, grant.names[0] if grant.names else None, "error",
+                f"{reason}; the guest's connection failed: {exc.strerror or exc}",
+            )  # fmt: skip
+            return True
         if not first or first[0] != TLS_RECORD_HANDSHAKE:
             if grant.raw_fallback:
                 return False
@@ -159,7 +167,10 @@ async def _peek_server_name(sock: trio.socket.SocketType) -> str | None:
     flow is then intercepted, as when it names a secret's host."""
     with trio.move_on_after(FIRST_BYTE_WAIT):
         while True:
-            data = await sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
+            try:
+                data = await sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
+            except OSError:
+                return None  # the handshake that follows fails, and says so
             try:
                 return client_hello_server_name(data)
             except Incomplete:
