@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import VMError
+from .proc import spawn
 
 ACCELERATORS = ("kvm", "tcg")
 ENV_FORCE = "LANEKIT_ACCEL"
@@ -44,11 +45,18 @@ def kvm_boots(kernel: Path, timeout: float = 20.0) -> bool:
             "-serial", f"file:{log}",
         ]  # fmt: skip
         try:
-            subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            pass
+            # Dies with this process (PDEATHSIG): a killed command leaves no probe behind.
+            probe = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError:
             return False
+        try:
+            probe.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if probe.poll() is None:
+                probe.kill()
+                probe.wait()
         try:
             text = log.read_text(errors="replace")
         except FileNotFoundError:
