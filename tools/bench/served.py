@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vm.proc import spawn
+
 from ..config import parse_size
 from ..s3server import ACCESS_KEY, SECRET_KEY, S3Server
 from .harness import Report
@@ -97,7 +99,8 @@ class Proc(Service):
         sock = getattr(self, "sock", None)
         if isinstance(sock, Path) and sock.exists():
             sock.unlink()
-        self.proc = subprocess.Popen(
+        # Dies with the benchmark (PDEATHSIG), however the benchmark dies.
+        self.proc = spawn(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )  # fmt: skip

@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from vm.proc import spawn
+
 from .harness import Report
 
 TMPFS = "tmpfs (kernel, the ceiling)"
@@ -65,7 +67,7 @@ def _wait_mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def _served(argv: list[str], mountpoint: Path) -> Iterator[Path]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # dies with us
     try:
         _wait_mounted(mountpoint, proc)
         yield mountpoint
