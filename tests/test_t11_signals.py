@@ -283,11 +283,13 @@ def test_a_command_without_its_own_stop_cleans_up_on_sigterm(
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not any(scratch.iterdir()) and proc.poll() is None:
+        # Signalled once its image exists: inside the with-block that removes it. (Between
+        # mkdtemp and that block no Python code can clean up after any signal.)
+        while not any(scratch.glob("*/fs.img")) and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.002)
         assert proc.poll() is None, "the command ended before it could be interrupted"
-        proc.send_signal(signal.SIGSTOP)  # it stays in the phase that holds the scratch dir
+        proc.send_signal(signal.SIGSTOP)  # it stays in the phase that holds the image
         proc.send_signal(signum)
         proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=60)
