@@ -68,6 +68,18 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]
     thread.join()
 
 
+async def tcp_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A TCP connection over loopback: (the guest's end, the proxy's end)."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = trio.socket.socket()
+    await client.connect(listener.getsockname())
+    accepted, _ = await listener.accept()
+    listener.close()
+    return client, accepted
+
+
 class Rig:
     """An interceptor, and a guest-like TLS client that trusts only the sandbox CA."""
 
@@ -93,13 +105,7 @@ class Rig:
     async def exchange(self, grant: HttpGrant, *requests: bytes, sni: str = "tls.test",
                        tls: bool = True, trust: bytes | None = None) -> bytes:  # fmt: skip
         """Send ``requests`` on one connection from the guest's side; all it got back."""
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = trio.socket.socket()
-        await client.connect(listener.getsockname())
-        accepted, _ = await listener.accept()
-        listener.close()
+        client, accepted = await tcp_pair()
         flow = Flow(trio.SocketStream(accepted), GUEST, Endpoint("127.0.0.1", self.port))
         received = b""
         with trio.fail_after(20):
@@ -623,13 +629,7 @@ async def test_a_guest_that_resets_its_connection_is_recorded_not_an_internal_er
     import struct
 
     rig = Rig(origin)
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = trio.socket.socket()
-    await client.connect(listener.getsockname())
-    accepted, _ = await listener.accept()
-    listener.close()
+    client, accepted = await tcp_pair()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # a reset, not a close
     flow = Flow(trio.SocketStream(accepted), GUEST, Endpoint("127.0.0.1", rig.port))

@@ -108,7 +108,7 @@ class HttpInterceptor:
     async def handle(self, flow: Flow, grant: HttpGrant, reason: str) -> bool:
         """Serve the flow intercepted; False (nothing read) if it is not TLS and the grant
         lets such a flow go through raw."""
-        src, dst = str(flow.src.ip), str(flow.dst)
+        named = grant.names[0] if grant.names else None
         sock = flow.stream.socket
         first = b""
         # A protocol whose server speaks first sends nothing: give up waiting soon when
@@ -117,21 +117,13 @@ class HttpInterceptor:
             with trio.move_on_after(FIRST_BYTE_WAIT if grant.raw_fallback else HANDSHAKE_TIMEOUT):
                 first = await sock.recv(1, socket.MSG_PEEK)
         except OSError as exc:  # the guest reset the connection: its own doing
-            flow.refuse()
-            self._audit.record(
-                "http", src, dst, grant.names[0] if grant.names else None, "error",
-                f"{reason}; the guest's connection failed: {exc.strerror or exc}",
-            )  # fmt: skip
-            return True
+            why = f"{reason}; the guest's connection failed: {exc.strerror or exc}"
+            return self._refuse(flow, named, "error", why)
         if not first or first[0] != TLS_RECORD_HANDSHAKE:
             if grant.raw_fallback:
                 return False
-            flow.refuse()
-            self._audit.record(
-                "http", src, dst, grant.names[0] if grant.names else None, "deny",
-                f"{reason}; intercepted flows must be TLS",
-            )  # fmt: skip
-            return True
+            why = f"{reason}; intercepted flows must be TLS"
+            return self._refuse(flow, named, "deny", why)
         if grant.raw_fallback:
             # Intercepted only to put secrets in: a flow to another site on the same
             # address (a CDN's) asks for another name, and goes through raw.
@@ -139,25 +131,27 @@ class HttpInterceptor:
             if name is not None and name.lower().rstrip(".") not in grant.names:
                 return False
         guest = trio.SSLStream(flow.stream, self._server, server_side=True)
-        chosen = [grant.names[0] if grant.names else str(flow.dst.ip)]
+        chosen = [named or str(flow.dst.ip)]
         _server_name.set(chosen)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await guest.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
-            flow.refuse()
-            self._audit.record(
-                "http", src, dst, chosen[0], "error",
-                f"{reason}; TLS handshake with the guest failed: {cause}"[:300],
-            )  # fmt: skip
-            return True
+            why = f"{reason}; TLS handshake with the guest failed: {cause}"[:300]
+            return self._refuse(flow, chosen[0], "error", why)
         tls = TlsFacts(chosen[0], guest.version(), guest.selected_alpn_protocol())
         session = _Session(self, flow, grant, reason, guest, tls)
         try:
             await session.run()
         finally:
             await session.close()
+        return True
+
+    def _refuse(self, flow: Flow, hostname: str | None, verdict: str, why: str) -> bool:
+        """Refuse the guest's connection, recorded; True: the flow is served (refused)."""
+        flow.refuse()
+        self._audit.record("http", str(flow.src.ip), str(flow.dst), hostname, verdict, why)
         return True
 
 
